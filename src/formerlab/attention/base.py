@@ -1,0 +1,142 @@
+"""The attention-kernel contract shared by every mechanism.
+
+A kernel is called on per-head tensors ``q, k, v`` of shape (B, H, N, D) as
+``kernel(q, k, v, key_padding_mask=None, causal=False, need_weights=False)``:
+
+* ``key_padding_mask``: bool (B, N), True = real token. Outputs at padded query
+  positions are zero, and padded keys get no weight.
+* ``causal``: position i sees keys j <= i only. A kernel that cannot do this raises
+  ``ValueError`` naming the causal kernels instead of ignoring the flag.
+* ``need_weights``: also return the (B, H, N, N) attention matrix (exact or the
+  mechanism's approximation) as ``(out, weights)``.
+
+Output dtype equals the input dtype. ``last_info`` holds the diagnostics of the last
+call for mechanisms that iterate (None otherwise).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def check_attention_inputs(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
+) -> None:
+    """Validate shapes and dtypes of a kernel call; raise ``ValueError`` naming the culprit."""
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{arg} must be a 4-d tensor (B, H, N, D); got {shape}")
+        if not t.is_floating_point():
+            raise ValueError(f"{arg} must be floating point; got dtype {t.dtype}")
+    if q.shape[:3] != k.shape[:3] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            "q, k, v must agree in (B, H, N); got "
+            f"q={tuple(q.shape)}, k={tuple(k.shape)}, v={tuple(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must have the same feature size D; got {q.shape[-1]} and {k.shape[-1]}"
+        )
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(
+            f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if key_padding_mask is not None:
+        b, _, n, _ = q.shape
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, n):
+            raise ValueError(
+                "key_padding_mask must be a bool tensor of shape (B, N) = "
+                f"({b}, {n}) with True = real token; got dtype {key_padding_mask.dtype}, "
+                f"shape {tuple(key_padding_mask.shape)}"
+            )
+
+
+def allowed_keys(
+    key_padding_mask: Tensor | None, causal: bool, n: int, device: torch.device
+) -> Tensor | None:
+    """Bool mask (B or 1, 1, N, N) of which key each query may see, or None if all.
+
+    Queries that would see no key at all (padded queries, or left padding under a causal
+    mask) are given every key instead: their output is zeroed afterwards, and this keeps
+    softmax free of NaN in the forward *and* backward pass.
+    """
+    mask = None
+    if causal:
+        mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]
+    if key_padding_mask is not None:
+        keys = key_padding_mask[:, None, None, :]
+        mask = keys if mask is None else mask & keys
+    if mask is None:
+        return None
+    empty = ~mask.any(dim=-1, keepdim=True)
+    return mask | empty
+
+
+def zero_padded_queries(out: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    """Zero the outputs at padded query positions (the contract for every kernel)."""
+    if key_padding_mask is None:
+        return out
+    return out * key_padding_mask[:, None, :, None].to(out.dtype)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype for numerically delicate work: float64 stays, everything else -> float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class AttentionKernel(nn.Module):
+    """Base class: validates a call, dispatches to ``attend``, enforces the contract.
+
+    Subclasses set ``supports_causal`` and implement ``attend(q, k, v, key_padding_mask,
+    causal, need_weights) -> (out, weights or None)``.
+    """
+
+    name: str = "kernel"
+    supports_causal: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_info: Any = None
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        key_padding_mask: Tensor | None,
+        causal: bool,
+        need_weights: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        key_padding_mask: Tensor | None = None,
+        causal: bool = False,
+        need_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        check_attention_inputs(q, k, v, key_padding_mask)
+        if causal and not self.supports_causal:
+            from formerlab.attention.registry import available
+
+            raise ValueError(
+                f"attention kernel {self.name!r} does not support causal=True; "
+                f"use one of the causal kernels: {available(causal=True)}"
+            )
+        out, weights = self.attend(q, k, v, key_padding_mask, bool(causal), need_weights)
+        out = zero_padded_queries(out, key_padding_mask).to(q.dtype)
+        if need_weights:
+            if weights is None:
+                raise ValueError(f"attention kernel {self.name!r} cannot return weights")
+            return out, weights
+        return out
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, causal={self.supports_causal}"

@@ -1,0 +1,7 @@
+"""Models built from MetaFormer blocks with pluggable token mixers."""
+
+from formerlab.models.block import MLP, BlockStack, MetaFormerBlock
+from formerlab.models.classifier import EncoderClassifier, masked_mean
+from formerlab.models.decoder import DecoderLM
+
+__all__ = ["MLP", "BlockStack", "DecoderLM", "EncoderClassifier", "MetaFormerBlock", "masked_mean"]

@@ -1,0 +1,1 @@
+"""formerlab.solvers"""
