@@ -18,6 +18,68 @@ app.add_typer(bench_app, name="bench")
 console = Console()
 
 
+def fail(error: Exception, code: int = 2) -> typer.Exit:
+    """Print a user error without a traceback; use as ``raise fail(err)``."""
+    console.print(f"[bold red]error:[/] {error}", highlight=False)
+    return typer.Exit(code)
+
+
+@app.command()
+def train(
+    config: str = typer.Argument(None, help="YAML config (defaults if omitted; not with --resume)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.steps=100."),
+    resume: str = typer.Option(None, "--resume", help="Continue the run in RUN_DIR exactly."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+) -> None:
+    """Train a model from a config; prints where the run, checkpoint and MLflow record are."""
+    from formerlab.experiments import run_training
+    from formerlab.train import ConfigError, TrainingError, load_config
+
+    if config is not None and resume is not None:
+        raise fail(ValueError("give CONFIG or --resume RUN_DIR, not both"))
+    try:
+        cfg = None if resume else load_config(config, set_)
+        if resume and set_:
+            raise ConfigError("--set cannot change a resumed run; its stored config is used")
+        result, record = run_training(cfg, resume=resume, progress=progress, console=console)
+    except (ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
+        raise fail(error) from None
+    metrics = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+    console.print(f"[bold]validation[/] at step {result.step}: {metrics}")
+    if result.sample:
+        console.rule("sample")
+        console.print(result.sample, highlight=False, markup=False)
+        console.rule()
+    console.print(f"run:        {result.run_dir}")
+    console.print(f"checkpoint: {result.run_dir / 'checkpoint'}")
+    console.print(f"mlflow:     {record or 'disabled (tracking: none)'}")
+
+
+@app.command()
+def generate(
+    run_dir: str = typer.Argument(..., help="A run folder made by `formerlab train`."),
+    prompt: str = typer.Option("\n", "--prompt", help="Text to continue."),
+    tokens: int = typer.Option(200, "--tokens", min=1, help="How many tokens to sample."),
+    temperature: float = typer.Option(0.8, min=1e-6, help="Sampling temperature."),
+    top_k: int = typer.Option(None, "--top-k", min=1, help="Sample among the k likeliest."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+) -> None:
+    """Sample text from a trained language model."""
+    import torch
+
+    from formerlab.train import load_run
+
+    try:
+        model, task, _ = load_run(run_dir)
+        if task.kind != "decoder":
+            raise ValueError(f"run {run_dir!r} is a {task.kind} model for {task.name!r}, not a language model")
+        ids = torch.tensor([task.encode(prompt)])
+    except (FileNotFoundError, ValueError, NotImplementedError) as error:
+        raise fail(error) from None
+    out = model.generate(ids, tokens, temperature, top_k, torch.Generator().manual_seed(seed))
+    console.print(task.decode(out[0].tolist()), highlight=False, markup=False)
+
+
 @attention_app.command("list")
 def attention_list() -> None:
     """List attention kernels: name, causal support, cost, description."""
@@ -28,6 +90,95 @@ def attention_list() -> None:
         table.add_column(column)
     for entry in attention.describe():
         table.add_row(entry.name, "yes" if entry.causal else "no", entry.complexity, entry.description)
+    console.print(table)
+
+
+mixers_app = typer.Typer(help="Token mixers.", no_args_is_help=True)
+app.add_typer(mixers_app, name="mixers")
+
+
+@mixers_app.command("list")
+def mixers_list() -> None:
+    """List token mixers: name, causal support, cost, description."""
+    from formerlab import mixers
+
+    table = Table(title="token mixers")
+    for column in ("name", "causal", "complexity", "description"):
+        table.add_column(column)
+    for entry in mixers.describe():
+        table.add_row(entry.name, "yes" if entry.causal else "no", entry.complexity, entry.description)
+    console.print(table)
+
+
+@app.command()
+def params(
+    config: str = typer.Argument(None, help="YAML config (defaults if omitted)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set model.dim=256."),
+) -> None:
+    """Parameter count of every token mixer at the config's width / heads / kernel."""
+    from formerlab.mixers.params import parameter_table
+    from formerlab.train import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, set_)
+    except (ConfigError, ValueError) as error:
+        raise fail(error) from None
+    m = cfg.model
+    rows = parameter_table(m.dim, m.heads, m.kernel, m.kernel_options, {m.mixer: m.mixer_options})
+    table = Table(title=f"token-mixer parameters (one block's mixer) at dim={m.dim}, "
+                  f"heads={m.heads}, kernel={m.kernel}")
+    for column in ("mixer", "options", "parameters", "vs attention"):
+        table.add_column(column, justify="right" if column in ("parameters", "vs attention") else "left")
+    configured = next((r for r in rows if r.mixer == m.mixer), None)  # listed first
+    if configured is not None and configured.error:
+        raise fail(ValueError(f"model.mixer={m.mixer!r}: {configured.error}"))
+    for row in rows:
+        mark = " (configured)" if row is configured else ""
+        count = f"{row.params:,}" if row.params is not None else f"n/a: {row.error}"
+        ratio = f"{row.ratio:.3f}" if row.ratio is not None else "–"
+        table.add_row(row.mixer + mark, row.label(), count, ratio)
+    console.print(table)
+
+
+@bench_app.command("metric")
+def bench_metric(
+    sizes: list[int] = typer.Option([64, 128, 256, 512, 1024], "--size", help="Sequence lengths N (repeat the option)."),
+    batch: int = typer.Option(2, min=1),
+    heads: int = typer.Option(4, min=1),
+    head_dim: int = typer.Option(32, min=1, help="k, the per-head projection size."),
+    causal: bool = typer.Option(False, help="Causal masking in every method."),
+    warmup: int = typer.Option(1, min=0),
+    repeats: int = typer.Option(3, min=1),
+    threads: int = typer.Option(None, min=1, help="torch threads per case (default: torch's)."),
+    device: str = typer.Option("cpu"),
+    max_materialised_gib: float = typer.Option(6.0, help="Skip the materialised form above this estimate."),
+    markdown: bool = typer.Option(False, help="Print a markdown table instead of a rich one."),
+) -> None:
+    """Metric attention vs standard attention vs the materialising O(N²k²) form (fwd + bwd)."""
+    from formerlab.bench.metric import markdown_table, run_benchmark, summary_rows
+
+    def progress(result) -> None:
+        status = result.skipped or f"{result.time_s * 1e3:.1f} ms"
+        console.print(f"  N={result.n:<5} {result.method:<13} {status}", highlight=False)
+
+    try:
+        results = run_benchmark(
+            sizes=tuple(sizes), batch=batch, heads=heads, head_dim=head_dim, causal=causal,
+            warmup=warmup, repeats=repeats, threads=threads, device=device,
+            max_materialised_gib=max_materialised_gib, progress=progress,
+        )
+    except ValueError as error:
+        raise fail(error) from None
+    rows = summary_rows(results)
+    if markdown:
+        console.print(markdown_table(rows), highlight=False, markup=False)
+        return
+    table = Table(title=f"metric attention, forward + backward, B={batch}, heads={heads}, "
+                  f"k={head_dim}, {'causal' if causal else 'bidirectional'} (ms / MiB)")
+    for column in rows[0]:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*row.values())
     console.print(table)
 
 

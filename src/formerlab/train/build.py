@@ -1,0 +1,75 @@
+"""From a validated config to the task and the model that fits it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from formerlab import attention, data, mixers
+from formerlab.data import Task
+from formerlab.models import DecoderLM, EncoderClassifier
+from formerlab.train.config import ModelConfig, RunConfig
+
+
+def build_task(cfg: RunConfig) -> Task:
+    """The configured task (loads or generates its data)."""
+    return data.build(cfg.task.name, **cfg.task.options)
+
+
+def mixer_options(model_cfg: ModelConfig) -> dict[str, Any]:
+    """Options for ``mixers.build``: the mixer's own, plus the kernel for mixers that take one."""
+    options = dict(model_cfg.mixer_options)
+    entry = mixers.MIXERS.entry(model_cfg.mixer)
+    if entry.accepts_any_option() or "kernel" in entry.options():
+        options.setdefault("kernel", model_cfg.kernel)
+        options.update(model_cfg.kernel_options)
+    return options
+
+
+def check_causal_support(model_cfg: ModelConfig, task: Task) -> None:
+    """A decoder task needs a causal mixer/kernel: fail before training, naming alternatives."""
+    if task.kind != "decoder":
+        return
+    options = mixer_options(model_cfg)
+    kernel = options.get("kernel")
+    if kernel is not None and kernel not in attention.available(causal=True):
+        raise ValueError(
+            f"model.kernel={kernel!r} cannot run causally, which task {task.name!r} (a decoder "
+            f"task) needs; causal kernels: {attention.available(causal=True)}"
+        )
+    if model_cfg.mixer not in mixers.available(causal=True):
+        raise ValueError(
+            f"model.mixer={model_cfg.mixer!r} cannot run causally, which task {task.name!r} "
+            f"needs; causal mixers: {mixers.available(causal=True)}"
+        )
+
+
+def build_model(cfg: RunConfig, task: Task) -> nn.Module:
+    """``DecoderLM`` for decoder tasks, ``EncoderClassifier`` for encoder tasks."""
+    m = cfg.model
+    check_causal_support(m, task)
+    max_len = m.max_len or task.max_len
+    if max_len < task.max_len:
+        raise ValueError(
+            f"model.max_len={m.max_len} is shorter than task {task.name!r}'s sequences "
+            f"({task.max_len}); raise it or leave it unset"
+        )
+    options = mixer_options(m)
+    body = None
+    if m.deq is not None:
+        from formerlab.models.deq import DEQStack
+
+        body = DEQStack(
+            dim=m.dim, heads=m.heads, mixer=m.mixer, mixer_options=options,
+            mlp_ratio=m.mlp_ratio, dropout=m.dropout, **m.deq,
+        )
+    common = dict(
+        dim=m.dim, depth=m.depth, heads=m.heads, max_len=max_len, mixer=m.mixer,
+        mixer_options=options, mlp_ratio=m.mlp_ratio, dropout=m.dropout, body=body,
+    )
+    if task.kind == "decoder":
+        return DecoderLM(task.vocab_size, **common)
+    if task.num_classes is None:
+        raise ValueError(f"encoder task {task.name!r} does not declare num_classes")
+    return EncoderClassifier(task.vocab_size, task.num_classes, **common)

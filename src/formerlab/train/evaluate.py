@@ -1,0 +1,55 @@
+"""Loss and metrics of a model on a fixed evaluation set of a task."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from formerlab.data import IGNORE_INDEX, Batch, Task
+
+
+def task_loss(logits: Tensor, batch: Batch, task: Task) -> Tensor:
+    """Mean cross-entropy: per sequence for encoders, per target token for decoders."""
+    if task.kind == "encoder":
+        return nn.functional.cross_entropy(logits.float(), batch.targets)
+    return nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        batch.targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def autocast(device: str, bf16: bool):
+    """bf16 autocast on the run's device, or a no-op."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    task: Task,
+    split: str = "val",
+    batch_size: int = 32,
+    batches: int = 20,
+    device: str = "cpu",
+    bf16: bool = False,
+    seed: int = 1234,
+) -> dict[str, float]:
+    """Metrics of ``model`` on ``task``'s fixed evaluation set (same batches every call)."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    try:
+        for batch in task.eval_batches(split, batch_size, batches, seed=seed):
+            batch = batch.to(device)
+            with autocast(device, bf16):
+                logits = model(batch.inputs, key_padding_mask=batch.key_padding_mask)
+            for key, value in task.metrics(logits, batch).items():
+                totals[key] = totals.get(key, 0.0) + value
+    finally:
+        model.train(was_training)
+    return task.summarize(totals)

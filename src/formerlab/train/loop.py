@@ -1,0 +1,295 @@
+"""The training loop: read it top to bottom.
+
+``train(cfg)`` builds the task and model, then repeats: draw a batch, forward, loss
+(+ any auxiliary losses the model registers), backward, clip, AdamW step with warm-up +
+cosine learning rate; every ``eval_every`` steps it evaluates and writes a checkpoint.
+Everything random draws from seeded generators whose states are checkpointed, so a run
+resumed with ``resume=RUN_DIR`` reproduces the uninterrupted run's losses exactly (CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from formerlab.data import Task
+from formerlab.train.build import build_model, build_task
+from formerlab.train.checkpoint import (
+    TrainerState,
+    checkpoint_folder,
+    load_trainer_state,
+    read_config,
+    save_checkpoint,
+)
+from formerlab.train.config import RunConfig, config_hash
+from formerlab.train.evaluate import autocast, evaluate, task_loss
+from formerlab.train.tracker import Tracker
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, time budget exceeded)."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run leaves behind."""
+
+    run_dir: Path
+    step: int
+    metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    sample: str | None = None
+    parameters: int = 0
+    tokens_per_s: float = 0.0
+    peak_memory_mb: float = 0.0
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+def learning_rate(step: int, cfg: RunConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at the last step."""
+    t = cfg.train
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms, biases or embeddings' positions)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "positions" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "positions" not in n)]
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
+
+
+def model_diagnostics(model: nn.Module) -> dict[str, float]:
+    """Average of every submodule's ``diagnostics()`` (pinv/solver iterations, ...)."""
+    sums: dict[str, list[float]] = {}
+    for module in model.modules():
+        report = getattr(module, "diagnostics", None)
+        if module is not model and callable(report):
+            for key, value in (report() or {}).items():
+                sums.setdefault(key, []).append(float(value))
+    return {key: sum(values) / len(values) for key, values in sums.items()}
+
+
+def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the ``aux_loss`` tensors submodules set during the forward (e.g. Jacobian reg.)."""
+    losses = [
+        m.aux_loss for m in model.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)
+    ]
+    return torch.stack([loss.float() for loss in losses]).sum() if losses else None
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.runs_dir) / f"{cfg.name}-{stamp}-{config_hash(cfg)[:6]}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        run_dir, n = Path(f"{base}-{n}"), n + 1
+    return run_dir
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak device memory (CUDA) or the process's peak resident memory (CPU), in MiB."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def generate_sample(model: nn.Module, task: Task, cfg: RunConfig) -> str | None:
+    """Sample text from a language model whose task has a text vocabulary."""
+    if task.kind != "decoder" or cfg.sample.tokens == 0:
+        return None
+    try:
+        prompt = task.encode(cfg.sample.prompt)
+    except NotImplementedError:
+        return None
+    device = cfg.train.device
+    ids = torch.tensor([prompt or [0]], device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        ids, cfg.sample.tokens, cfg.sample.temperature, cfg.sample.top_k, generator=generator
+    )
+    model.train(was_training)
+    return task.decode(out[0].tolist())
+
+
+def train(
+    cfg: RunConfig | None = None,
+    run_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    tracker: Tracker | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> TrainResult:
+    """Train ``cfg`` (or continue the run in ``resume``) and return a ``TrainResult``.
+
+    ``stop_after`` stops after that many total steps with a checkpoint, as if interrupted
+    (used to test resumption). ``tracker`` receives params, metrics and artifacts.
+    """
+    console = console or Console()
+    tracker = tracker or Tracker()
+    if resume is not None:
+        cfg = read_config(resume)
+        run_dir = Path(resume)
+    elif cfg is None:
+        raise ValueError("train() needs a config (cfg=...) or a run to resume (resume=RUN_DIR)")
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+
+    # --- task, model, optimizer (seeded), or their state from the checkpoint -------------
+    torch.manual_seed(cfg.seed)
+    task = build_task(cfg)
+    model = build_model(cfg, task).to(t.device)
+    optimizer = make_optimizer(model, cfg)
+    data_rng = torch.Generator().manual_seed(cfg.seed + 1)
+    step, history, evals = 0, [], []
+    if resume is not None:
+        state = load_trainer_state(run_dir, model, optimizer)
+        step, history = state.step, state.history
+        evals = [h for h in history if "eval" in h]
+        history = [h for h in history if "eval" not in h]
+        torch.set_rng_state(state.torch_rng)
+        data_rng.set_state(state.data_rng)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(_yaml(cfg))
+    parameters = sum(p.numel() for p in model.parameters())
+    params = {**_flatten(cfg.model_dump(mode="json")), "parameters": parameters}
+    tracker.start(cfg.name, run_dir, params)
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            run_dir, cfg, model, optimizer,
+            TrainerState(step, history + evals, torch.get_rng_state(), data_rng.get_state()),
+        )
+
+    # --- the loop ------------------------------------------------------------------------
+    model.train()
+    started, tokens = time.perf_counter(), 0
+    last = stop_after if stop_after is not None else t.steps
+    status = "FAILED"
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+        console=console, disable=not progress, transient=False,
+    )
+    try:
+        with bar:
+            job = bar.add_task(cfg.name, total=t.steps, completed=step, info="")
+            while step < min(last, t.steps):
+                lr = learning_rate(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = task.batch("train", t.batch_size, data_rng).to(t.device)
+                with autocast(t.device, t.bf16):
+                    logits = model(batch.inputs, key_padding_mask=batch.key_padding_mask)
+                loss = task_loss(logits, batch, task)
+                extra = auxiliary_loss(model)
+                total = loss if extra is None else loss + extra
+                if not torch.isfinite(total):
+                    raise TrainingError(
+                        f"loss became {total.item()} at step {step}; stopping. The last good "
+                        f"checkpoint is {_last_checkpoint(run_dir)}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                if t.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                step += 1
+                tokens += batch.inputs.numel()
+                history.append({"step": step, "loss": loss.item(), "lr": lr})
+
+                elapsed = time.perf_counter() - started
+                if step % t.log_every == 0 or step == t.steps:
+                    recent = [h["loss"] for h in history[-t.log_every :]]
+                    metrics = {"train/loss": sum(recent) / len(recent), "train/lr": lr,
+                               "train/tokens_per_s": tokens / elapsed}
+                    metrics.update({f"diag/{k}": v for k, v in model_diagnostics(model).items()})
+                    if extra is not None:
+                        metrics["train/aux_loss"] = extra.item()
+                    tracker.log_metrics(metrics, step)
+                    bar.update(job, completed=step, info=(
+                        f"loss {metrics['train/loss']:.3f}  lr {lr:.2e}  "
+                        f"{metrics['train/tokens_per_s']:,.0f} tok/s"))
+                if step % t.eval_every == 0 or step == t.steps:
+                    scores = evaluate(model, task, "val", t.batch_size, t.eval_batches, t.device, t.bf16)
+                    evals.append({"step": step, "eval": scores})
+                    tracker.log_metrics({f"val/{k}": v for k, v in scores.items()}, step)
+                if (t.checkpoint_every and step % t.checkpoint_every == 0) or step % t.eval_every == 0:
+                    checkpoint()
+                if t.time_budget_s is not None and elapsed > t.time_budget_s:
+                    raise TrainingError(
+                        f"time budget train.time_budget_s={t.time_budget_s} exceeded at step {step}"
+                    )
+            checkpoint()
+        status = "FINISHED" if step >= t.steps else "KILLED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        checkpoint()
+        raise
+    finally:
+        tracker.finish(status) if status != "FINISHED" else None
+
+    # --- wrap up: final metrics, a sample, artifacts ---------------------------------------
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    metrics = evals[-1]["eval"] if evals else {}
+    sample = generate_sample(model, task, cfg) if step >= t.steps else None
+    if sample is not None:
+        (run_dir / "sample.txt").write_text(sample)
+        tracker.log_artifact(run_dir / "sample.txt")
+    tracker.log_artifact(run_dir / "config.yaml")
+    result = TrainResult(
+        run_dir=run_dir, step=step, metrics=metrics, history=history, evals=evals,
+        sample=sample, parameters=parameters, tokens_per_s=tokens / elapsed,
+        peak_memory_mb=peak_memory_mb(t.device), diagnostics=model_diagnostics(model),
+    )
+    if status == "FINISHED":
+        tracker.log_metrics({"run/tokens_per_s": result.tokens_per_s,
+                             "run/peak_memory_mb": result.peak_memory_mb}, step)
+        tracker.finish(status)
+    return result
+
+
+def _last_checkpoint(run_dir: Path) -> str:
+    try:
+        return str(checkpoint_folder(run_dir))
+    except FileNotFoundError:
+        return "none (no checkpoint was written before the failure)"
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _yaml(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
