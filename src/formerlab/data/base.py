@@ -1,7 +1,8 @@
 """The Task interface every dataset implements, and the batch it yields.
 
 A task knows its vocabulary, how to draw batches for a split, which model kind it needs
-(``"decoder"``: next-token targets, ``"encoder"``: one class per sequence), which metrics
+(``"decoder"``: next-token targets, ``"encoder"``: one class per sequence, ``"tagger"``:
+one class per position, predicted bidirectionally), which metrics
 it reports and what a chance/majority predictor scores on them.
 """
 
@@ -22,8 +23,8 @@ SPLITS = ("train", "val")
 
 @dataclass
 class Batch:
-    """One batch. ``targets`` is (B, N) for decoders (``IGNORE_INDEX`` = no loss) and
-    (B,) for encoders; ``key_padding_mask`` is bool (B, N), True = real token, or None."""
+    """One batch. ``targets`` is (B, N) for decoders and taggers (``IGNORE_INDEX`` = no
+    loss there) and (B,) for encoders; ``key_padding_mask`` is bool (B, N), True = real token, or None."""
 
     inputs: Tensor
     targets: Tensor
@@ -38,7 +39,7 @@ class Task:
     """Base class for tasks; subclasses set the attributes and implement ``batch``."""
 
     name: str = "task"
-    kind: str = "decoder"  # "decoder" or "encoder"
+    kind: str = "decoder"  # "decoder", "encoder" or "tagger"
     vocab: list[str]
     num_classes: int | None = None
     max_len: int = 0  # longest input sequence the task produces
@@ -87,7 +88,7 @@ class Task:
 
     def baseline(self) -> dict[str, float]:
         """What a chance predictor scores: uniform loss and accuracy over the outputs."""
-        outputs = self.num_classes if self.kind == "encoder" else self.vocab_size
+        outputs = self.vocab_size if self.kind == "decoder" else self.num_classes
         return {"loss": math.log(outputs), "accuracy": 1.0 / outputs}
 
     def encode(self, text: str) -> list[int]:

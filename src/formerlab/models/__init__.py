@@ -3,5 +3,6 @@
 from formerlab.models.block import MLP, BlockStack, MetaFormerBlock
 from formerlab.models.classifier import EncoderClassifier, masked_mean
 from formerlab.models.decoder import DecoderLM
+from formerlab.models.tagger import TokenTagger
 
-__all__ = ["MLP", "BlockStack", "DecoderLM", "EncoderClassifier", "MetaFormerBlock", "masked_mean"]
+__all__ = ["MLP", "BlockStack", "DecoderLM", "EncoderClassifier", "MetaFormerBlock", "TokenTagger", "masked_mean"]

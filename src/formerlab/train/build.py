@@ -8,7 +8,7 @@ from torch import nn
 
 from formerlab import attention, data, mixers
 from formerlab.data import Task
-from formerlab.models import DecoderLM, EncoderClassifier
+from formerlab.models import DecoderLM, EncoderClassifier, TokenTagger
 from formerlab.train.config import ModelConfig, RunConfig
 
 
@@ -46,7 +46,8 @@ def check_causal_support(model_cfg: ModelConfig, task: Task) -> None:
 
 
 def build_model(cfg: RunConfig, task: Task) -> nn.Module:
-    """``DecoderLM`` for decoder tasks, ``EncoderClassifier`` for encoder tasks."""
+    """``DecoderLM`` for decoder tasks, ``EncoderClassifier`` for encoder tasks,
+    ``TokenTagger`` for tagger tasks (one bidirectional prediction per position)."""
     m = cfg.model
     check_causal_support(m, task)
     max_len = m.max_len or task.max_len
@@ -71,5 +72,7 @@ def build_model(cfg: RunConfig, task: Task) -> nn.Module:
     if task.kind == "decoder":
         return DecoderLM(task.vocab_size, **common)
     if task.num_classes is None:
-        raise ValueError(f"encoder task {task.name!r} does not declare num_classes")
+        raise ValueError(f"{task.kind} task {task.name!r} does not declare num_classes")
+    if task.kind == "tagger":
+        return TokenTagger(task.vocab_size, task.num_classes, **common)
     return EncoderClassifier(task.vocab_size, task.num_classes, **common)
