@@ -9,7 +9,7 @@ export FORMERLAB_DATA
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo demo-shakespeare test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: install
+	$(BIN)/formerlab train configs/demo-shakespeare.yaml
+
+demo-shakespeare: install
 	$(BIN)/formerlab train configs/demo-shakespeare.yaml
 
 lint: install

@@ -153,6 +153,9 @@ def bench_metric(
     device: str = typer.Option("cpu"),
     max_materialised_gib: float = typer.Option(6.0, help="Skip the materialised form above this estimate."),
     markdown: bool = typer.Option(False, help="Print a markdown table instead of a rich one."),
+    methods: list[str] = typer.Option(
+        ["attention", "metric", "materialised"], "--method", help="Methods to run (repeat the option)."
+    ),
 ) -> None:
     """Metric attention vs standard attention vs the materialising O(N²k²) form (fwd + bwd)."""
     from formerlab.bench.metric import markdown_table, run_benchmark, summary_rows
@@ -165,13 +168,13 @@ def bench_metric(
         results = run_benchmark(
             sizes=tuple(sizes), batch=batch, heads=heads, head_dim=head_dim, causal=causal,
             warmup=warmup, repeats=repeats, threads=threads, device=device,
-            max_materialised_gib=max_materialised_gib, progress=progress,
+            max_materialised_gib=max_materialised_gib, methods=tuple(methods), progress=progress,
         )
     except ValueError as error:
         raise fail(error) from None
     rows = summary_rows(results)
     if markdown:
-        console.print(markdown_table(rows), highlight=False, markup=False)
+        typer.echo(markdown_table(rows))  # plain: rich would wrap the long lines
         return
     table = Table(title=f"metric attention, forward + backward, B={batch}, heads={heads}, "
                   f"k={head_dim}, {'causal' if causal else 'bidirectional'} (ms / MiB)")
@@ -180,6 +183,133 @@ def bench_metric(
     for row in rows:
         table.add_row(*row.values())
     console.print(table)
+
+
+@app.command()
+def ablate(
+    sweep: str = typer.Argument(..., help="Sweep YAML: a base config plus axes (see configs/quick-ablation.yaml)."),
+    out: str = typer.Option(None, "--out", help="Sweep folder (default runs/<name>-<time>; with --resume the newest)."),
+    backend: str = typer.Option("local", "--backend", help="local (this process / worker processes) or ray."),
+    workers: int = typer.Option(None, "--workers", min=1, help="Worker processes (local, default 1 = in-process) or Ray CPUs (default all)."),
+    address: str = typer.Option(None, "--address", help="Ray cluster address (e.g. auto or ray://host:10001); default: a local Ray."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the sweep in --out, skipping completed trials."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Run an ablation sweep: every trial validated first, then trained and tracked."""
+    from formerlab.experiments.sweep import run_sweep
+    from formerlab.train import ConfigError
+
+    try:
+        outcome = run_sweep(sweep, out=out, backend=backend, workers=workers, address=address,
+                            resume=resume, progress=progress, console=console)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        raise fail(error) from None
+    except KeyboardInterrupt:
+        console.print(f"[bold]interrupted[/]; continue with: formerlab ablate {sweep} --resume"
+                      + (f" --out {out}" if out else ""))
+        raise typer.Exit(130) from None
+    console.print(
+        f"trials: {len(outcome.trials)}: {outcome.completed} completed, {outcome.failed} failed "
+        f"({len(outcome.ran)} run now, {len(outcome.skipped)} skipped as already completed) "
+        f"in {outcome.wall_s:.0f} s", soft_wrap=True,
+    )
+    console.print(f"sweep:  {outcome.sweep_dir}", soft_wrap=True)
+    if outcome.parent_run_id:
+        console.print(f"mlflow: parent run {outcome.parent_run_id} ({outcome.tracking_uri})", soft_wrap=True)
+    console.print(f"report: formerlab report {outcome.sweep_dir}", soft_wrap=True)
+
+
+@app.command()
+def report(
+    sweep_dir: str = typer.Argument(..., help="A sweep folder made by `formerlab ablate`."),
+) -> None:
+    """Write report.md and plots for a sweep; print its tables."""
+    from formerlab.experiments.report import print_tables, write_report
+
+    try:
+        written = write_report(sweep_dir)
+    except (FileNotFoundError, ValueError) as error:
+        raise fail(error) from None
+    print_tables(written, console)
+    console.print(f"report: {written.path}", soft_wrap=True)
+    for path in written.plots:
+        console.print(f"plot:   {path}", soft_wrap=True)
+
+
+viz_app = typer.Typer(help="Pictures of trained models.", no_args_is_help=True)
+app.add_typer(viz_app, name="viz")
+
+
+@viz_app.command("attention")
+def viz_attention(
+    run_dir: str = typer.Argument(..., help="A trained run (or a sweep's trial folder)."),
+    text: str = typer.Option(..., "--text", help="Input text (tokens separated by spaces for tasks without a text encoder)."),
+    layer: int = typer.Option(0, "--layer", min=0, help="Which block's attention."),
+    head: int = typer.Option(0, "--head", min=0, help="Which head."),
+    kernels: list[str] = typer.Option([], "--kernel", help="Another kernel to draw, e.g. performer or nystrom:num_landmarks=4 (repeat)."),
+    landmarks: int = typer.Option(None, "--landmarks", min=1, help="Nyström landmarks (default: the run's, else N/4)."),
+    out: str = typer.Option(None, "--out", help="PNG path (default RUN_DIR/attention-layerL-headH.png)."),
+) -> None:
+    """Exact softmax vs Nyström (6 iterations, to tolerance, exact pinv) vs other kernels on
+    the same q/k of a trained model, side by side, relative error in each title."""
+    from formerlab.experiments.viz import attention_figure
+
+    try:
+        path, panels = attention_figure(run_dir, text, layer, head, kernels, landmarks, out)
+    except (FileNotFoundError, ValueError) as error:
+        raise fail(error) from None
+    for panel in panels[1:]:
+        console.print(f"  {panel.title:<48} relative error {panel.error:.3e}", highlight=False)
+    console.print(f"attention maps: {path}", soft_wrap=True)
+
+
+@bench_app.command("causal")
+def bench_causal(
+    sizes: list[int] = typer.Option([1024, 4096, 16384, 32768], "--size", help="Sequence lengths N (repeat the option)."),
+    methods: list[str] = typer.Option(
+        ["softmax", "causal_nystrom", "linear", "performer"], "--method", help="Kernels to run (repeat the option)."
+    ),
+    batch: int = typer.Option(1, min=1),
+    heads: int = typer.Option(4, min=1),
+    head_dim: int = typer.Option(64, min=1),
+    warmup: int = typer.Option(1, min=0),
+    repeats: int = typer.Option(3, min=1),
+    threads: int = typer.Option(None, min=1, help="torch threads per case (default: torch's)."),
+    device: str = typer.Option("cpu"),
+    max_exact_n: int = typer.Option(16384, min=1, help="Skip exact softmax above this N (it grows as N²)."),
+    markdown: bool = typer.Option(False, help="Print a markdown table instead of a rich one."),
+) -> None:
+    """Causal kernels vs exact causal softmax (SDPA): forward + backward time, peak memory."""
+    from formerlab.bench.causal import markdown_table, memory_growth, run_benchmark, summary_rows
+
+    def progress(result) -> None:
+        status = result.skipped or f"{result.time_s * 1e3:.0f} ms"
+        console.print(f"  N={result.n:<6} {result.method:<15} {status}", highlight=False)
+
+    try:
+        results = run_benchmark(
+            sizes=tuple(sizes), methods=tuple(methods), batch=batch, heads=heads,
+            head_dim=head_dim, warmup=warmup, repeats=repeats, threads=threads, device=device,
+            max_exact_n=max_exact_n, progress=progress,
+        )
+    except ValueError as error:
+        raise fail(error) from None
+    rows = summary_rows(results)
+    if markdown:
+        console.print(markdown_table(rows), highlight=False, markup=False)
+    else:
+        table = Table(title=f"causal attention, forward + backward, B={batch}, H={heads}, "
+                      f"D={head_dim} (ms / peak MiB)")
+        for column in rows[0]:
+            table.add_column(column, justify="right")
+        for row in rows:
+            table.add_row(*row.values())
+        console.print(table)
+    for method in methods:
+        points = memory_growth(results, method)
+        if points:
+            per_token = ", ".join(f"N={n}: {b / 1024:.1f}" for n, b in points)
+            console.print(f"peak KiB per token, {method}: {per_token}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

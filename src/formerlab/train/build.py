@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from formerlab import attention, data, mixers
@@ -17,21 +15,11 @@ def build_task(cfg: RunConfig) -> Task:
     return data.build(cfg.task.name, **cfg.task.options)
 
 
-def mixer_options(model_cfg: ModelConfig) -> dict[str, Any]:
-    """Options for ``mixers.build``: the mixer's own, plus the kernel for mixers that take one."""
-    options = dict(model_cfg.mixer_options)
-    entry = mixers.MIXERS.entry(model_cfg.mixer)
-    if entry.accepts_any_option() or "kernel" in entry.options():
-        options.setdefault("kernel", model_cfg.kernel)
-        options.update(model_cfg.kernel_options)
-    return options
-
-
 def check_causal_support(model_cfg: ModelConfig, task: Task) -> None:
     """A decoder task needs a causal mixer/kernel: fail before training, naming alternatives."""
     if task.kind != "decoder":
         return
-    options = mixer_options(model_cfg)
+    options = model_cfg.build_options()
     kernel = options.get("kernel")
     if kernel is not None and kernel not in attention.available(causal=True):
         raise ValueError(
@@ -56,7 +44,7 @@ def build_model(cfg: RunConfig, task: Task) -> nn.Module:
             f"model.max_len={m.max_len} is shorter than task {task.name!r}'s sequences "
             f"({task.max_len}); raise it or leave it unset"
         )
-    options = mixer_options(m)
+    options = m.build_options()
     body = None
     if m.deq is not None:
         from formerlab.models.deq import DEQStack

@@ -77,10 +77,23 @@ class ModelConfig(StrictModel):
         attention.KERNELS.entry(value)
         return value
 
+    def build_options(self) -> dict[str, Any]:
+        """Options for ``mixers.build``: the mixer's own, plus the kernel and its options
+        for mixers that take a kernel."""
+        options = dict(self.mixer_options)
+        entry = mixers.MIXERS.entry(self.mixer)
+        if entry.accepts_any_option() or "kernel" in entry.options():
+            options.setdefault("kernel", self.kernel)
+            options.update(self.kernel_options)
+        return options
+
     @model_validator(mode="after")
     def _known_options(self) -> ModelConfig:
         mixers.MIXERS.check_options(self.mixer, self.mixer_options)
         attention.KERNELS.check_options(self.kernel, self.kernel_options)
+        # Build one mixer now (cheap) so that option errors of mixers taking **options,
+        # and of their kernels, surface before any work rather than at model build.
+        mixers.build(self.mixer, dim=self.dim, heads=self.heads, **self.build_options())
         return self
 
 

@@ -1,0 +1,79 @@
+"""Pooling token mixer: the attention-free PoolFormer baseline.
+
+PoolFormer (Yu et al., 2022, "MetaFormer Is Actually What You Need for Vision", eq. 4)
+mixes tokens by average pooling minus the identity,
+
+    out_i = mean_{j ∈ W(i)} x_j − x_i,
+
+(the block's residual already adds x_i back; padding is not counted in the mean). Here on
+sequences: W(i) is a window of ``pool_size`` positions centred on i, or with
+``causal=True`` the window [i − pool_size + 1, i] of past positions only. Padded tokens
+(``key_padding_mask`` False) are left out of every window sum and every count, so they
+never leak into real tokens, and outputs at padded positions are zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from formerlab.attention.base import compute_dtype
+from formerlab.errors import check_positive_int
+from formerlab.mixers.base import TokenMixer
+from formerlab.mixers.registry import register
+
+
+def window_sum(x: Tensor, size: int, left: int) -> Tensor:
+    """Σ_{j=i-left}^{i-left+size-1} x_j along dim 1 of (B, N, C), out of range counting as 0."""
+    right = size - 1 - left
+    cols = F.pad(x.transpose(1, 2), (left, right))  # (B, C, N + size - 1)
+    # avg_pool1d over zero padding times size = the sum; exact for any size, O(N·size).
+    return (F.avg_pool1d(cols, size, stride=1) * size).transpose(1, 2)
+
+
+class Pooling(TokenMixer):
+    """Average pooling minus identity over a ``pool_size`` window (causal: past only).
+
+    Has no parameters; ``heads`` is accepted by the registry factory and ignored.
+    For even ``pool_size`` the centred window reaches one position further right than left.
+    """
+
+    name = "pooling"
+
+    def __init__(self, dim: int, pool_size: int = 3) -> None:
+        super().__init__(dim)
+        self.pool_size = check_positive_int("pool_size", pool_size)
+
+    @property
+    def supports_causal(self) -> bool:
+        return True
+
+    def mix(self, x: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+        size = self.pool_size
+        left = size - 1 if causal else (size - 1) // 2
+        work = x.to(compute_dtype(x.dtype))
+        if key_padding_mask is None:
+            real = work.new_ones(work.shape[0], work.shape[1], 1)
+        else:
+            real = key_padding_mask.to(work.dtype).unsqueeze(-1)
+        total = window_sum(work * real, size, left)
+        # Every real query counts itself, so count >= 1 there; the clamp only guards padded
+        # queries whose window may hold no real token (their output is zeroed below).
+        count = window_sum(real, size, left).round().clamp_min(1.0)
+        out = (total / count - work) * real
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, pool_size={self.pool_size}"
+
+
+@register(
+    "pooling",
+    causal=True,
+    complexity="O(N·pool_size) time, no parameters",
+    description="PoolFormer token mixer: average pool minus identity (causal: past window)",
+)
+def _build_pooling(dim: int, heads: Any = None, pool_size: int = 3) -> Pooling:
+    return Pooling(dim, pool_size=pool_size)

@@ -1,0 +1,116 @@
+"""Quadratic-form attention: a general, per-head bilinear score in a low-rank factored form.
+
+Dot-product attention scores are a bilinear form rᵢⱼ = xᵢᵀ Uₙ xⱼ with Uₙ = Q̂ₙᵀ K̂ₙ
+(Vaswani et al., 2017). Metric-tensor attention (``formerlab.mixers.metric``) constrains
+Uₙ = PₙᵀMₙPₙ with Mₙ symmetric and reuses p = Pₙx as values. This mixer is the
+unconstrained member of that family, for ablations: the same shared projection
+p = Pₙ x (dimension k), but a **general** (not symmetric) core Cₙ,
+
+    Uₙ = Pₙᵀ Cₙ Pₙ,   rᵢⱼ = pᵢᵀ Cₙ pⱼ,   out = softmax(r) (Vₙ x),
+
+with values through their own projection Vₙ. ``rank=None`` stores Cₙ as a full k × k matrix
+(k² parameters per head); ``rank=r`` factors it as Cₙ = AₙBₙᵀ with Aₙ, Bₙ ∈ R^{k×r}
+(2kr parameters per head), so rank(Uₙ) <= r. Either way it is one kernel call on
+(q = pCₙ or pAₙ, k = p or pBₙ, v = Vₙx), so every registered kernel, ``causal=True`` and
+key padding masks work. Scores are scaled by the kernel's own convention (1/√D for the
+softmax kernel, with D = k for the full core and D = r for the factored one).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from formerlab.errors import check_positive_int
+from formerlab.mixers.base import TokenMixer
+from formerlab.mixers.metric import build_kernel, resolve_head_dim
+from formerlab.mixers.registry import register
+from formerlab.mixers.self_attention import merge_heads, split_heads
+
+
+class QuadraticAttention(TokenMixer):
+    """General bilinear-form attention: rᵢⱼ = pᵢᵀCₙpⱼ, values from their own projection.
+
+    Args:
+        dim: model width C.
+        heads: number of heads H.
+        head_dim: size k of the shared projection p and of the values (default dim // heads).
+        rank: ``None`` for a full k × k core Cₙ, or r for the factored Cₙ = AₙBₙᵀ.
+        kernel: registered attention-kernel name; ``kernel_options`` go to it.
+        proj_bias: bias on the projections P and V.
+
+    The core starts at the identity (full) or at the rank-r truncated identity
+    Aₙ = Bₙ = I[:, :r] (factored), i.e. at tied query/key attention; training is free
+    to make it non-symmetric.
+    """
+
+    name = "quadratic"
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 4,
+        head_dim: int | None = None,
+        rank: int | None = None,
+        kernel: str = "softmax",
+        proj_bias: bool = False,
+        **kernel_options: Any,
+    ) -> None:
+        super().__init__(dim)
+        self.head_dim = k = resolve_head_dim(dim, heads, head_dim)
+        self.heads = heads
+        if rank is not None:
+            check_positive_int("rank", rank)
+            if rank > k:
+                raise ValueError(
+                    f"rank={rank} is not allowed; expected an integer in [1, head_dim={k}]"
+                )
+        self.rank = rank
+        self.proj = nn.Linear(dim, heads * k, bias=proj_bias)
+        self.value = nn.Linear(dim, heads * k, bias=proj_bias)
+        self.out = nn.Linear(heads * k, dim)
+        self.kernel = build_kernel(
+            "quadratic", ["head_dim", "rank", "kernel", "proj_bias"], kernel, kernel_options
+        )
+        if rank is None:
+            self.core = nn.Parameter(torch.eye(k).repeat(heads, 1, 1))
+        else:
+            start = torch.eye(k)[:, :rank].repeat(heads, 1, 1)
+            self.left = nn.Parameter(start.clone())
+            self.right = nn.Parameter(start.clone())
+
+    @property
+    def supports_causal(self) -> bool:
+        return self.kernel.supports_causal
+
+    def core_matrix(self) -> Tensor:
+        """Cₙ for every head, shape (H, k, k) (rank <= ``rank`` when factored)."""
+        if self.rank is None:
+            return self.core
+        return self.left @ self.right.transpose(-1, -2)
+
+    def mix(self, x: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+        p = split_heads(self.proj(x), self.heads)
+        v = split_heads(self.value(x), self.heads)
+        if self.rank is None:
+            q, key = p @ self.core.to(p.dtype), p
+        else:  # never form the k × k core: the kernel works in the rank-r space
+            q, key = p @ self.left.to(p.dtype), p @ self.right.to(p.dtype)
+        out = self.kernel(q, key, v, key_padding_mask=key_padding_mask, causal=causal)
+        return self.out(merge_heads(out))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, rank={self.rank}"
+
+
+@register(
+    "quadratic",
+    causal=True,
+    complexity="O(N²·k) time with the softmax kernel (one kernel call)",
+    description="general bilinear-form attention pᵢᵀCpⱼ, C full or low-rank (option: rank=), "
+    "values via their own projection",
+)
+def _build_quadratic(dim: int, heads: int = 4, **options: Any) -> QuadraticAttention:
+    return QuadraticAttention(dim, heads, **options)
