@@ -312,5 +312,31 @@ def bench_causal(
             console.print(f"peak KiB per token, {method}: {per_token}", highlight=False)
 
 
+@bench_app.command("deq")
+def bench_deq(
+    dim: int = typer.Option(256, min=1),
+    seq: int = typer.Option(128, min=1),
+    batch: int = typer.Option(8, min=1),
+    gains: list[float] = typer.Option([1.0, 2.0, 3.0], "--gain", help="Block weight gains (repeat the option); >1 = harder problems."),
+    depths: list[int] = typer.Option([2, 4, 8, 12], "--depth", help="Explicit stack depths to compare memory with (repeat)."),
+    tol: float = typer.Option(1e-3, help="Relative residual to reach."),
+    max_iter: int = typer.Option(100, min=1),
+    repeats: int = typer.Option(3, min=1),
+    torchdeq: bool = typer.Option(True, help="Compare with the torchdeq package if installed."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """DEQ solvers (ours vs torchdeq) on DEQ-Transformer fixed points; DEQ vs explicit training memory."""
+    from formerlab.bench.deq import run
+
+    try:
+        run(
+            dim=dim, seq=seq, batch=batch, gains=tuple(gains), depths=tuple(depths), tol=tol,
+            max_iter=max_iter, repeats=repeats, compare_torchdeq=torchdeq, device=device,
+            echo=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True),
+        )
+    except ValueError as error:
+        raise fail(error) from None
+
+
 def main() -> None:  # pragma: no cover - console-script entry
     app()

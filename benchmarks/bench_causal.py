@@ -1,0 +1,63 @@
+"""Decoder-safe kernels vs exact causal attention: forward + backward, time and peak memory.
+
+    .venv/bin/python benchmarks/bench_causal.py                        # N = 1k, 4k, 16k, 32k
+    .venv/bin/python benchmarks/bench_causal.py --sizes 1024 4096 --repeats 5
+    .venv/bin/python benchmarks/bench_causal.py --max-exact-n 32768    # exact at 32k too (slow)
+
+B=1, H=4, D=64 by default; one fresh subprocess per case (time = median, peak memory =
+peak resident set growth on CPU / max_memory_allocated on GPU). Prints a markdown table
+with speed-ups over exact causal ``softmax`` (SDPA) and the per-token memory of each
+method (constant = linear growth in N). The same as ``formerlab bench causal``; the logic
+lives in ``formerlab.bench.causal``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from formerlab.bench.causal import (
+    METHODS,
+    SIZES,
+    markdown_table,
+    memory_growth,
+    run_benchmark,
+    summary_rows,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-exact-n", type=int, default=16384)
+    args = parser.parse_args()
+
+    def progress(result):
+        status = result.skipped or f"{result.time_s * 1e3:.0f} ms"
+        print(f"  N={result.n:<6} {result.method:<15} {status}", flush=True)
+
+    results = run_benchmark(
+        sizes=tuple(args.sizes), methods=tuple(args.methods), batch=args.batch,
+        heads=args.heads, head_dim=args.head_dim, warmup=args.warmup, repeats=args.repeats,
+        threads=args.threads, device=args.device, max_exact_n=args.max_exact_n,
+        progress=progress,
+    )  # fmt: skip
+    print()
+    print(markdown_table(summary_rows(results)))
+    print()
+    for method in args.methods:
+        points = memory_growth(results, method)
+        if points:
+            per_token = ", ".join(f"N={n}: {b / 1024:.1f} KiB" for n, b in points)
+            print(f"peak memory per token, {method}: {per_token}")
+
+
+if __name__ == "__main__":
+    main()

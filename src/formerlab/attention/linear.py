@@ -1,0 +1,130 @@
+"""Linear (feature-map) attention: φ(q)·(φ(K)ᵀV) / φ(q)·Σφ(k).
+
+Katharopoulos et al., 2020, "Transformers are RNNs: Fast Autoregressive Transformers
+with Linear Attention" (eq. 4-6): replacing exp(q·k) by a kernel φ(q)·φ(k) with a
+non-negative feature map lets the sum over keys be computed once, O(N·D²) instead of
+O(N²·D). Their default map is φ(x) = elu(x) + 1 (positive, so the normaliser is > 0).
+
+Causal masking uses the chunk-wise prefix sums of :mod:`formerlab.linalg.prefix`, so
+memory stays O(N·D + (N/C)·D²) per head — O(N·D) for chunk C ≈ D — never O(N·D²).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from formerlab.attention.base import AttentionKernel, compute_dtype
+from formerlab.attention.registry import register
+from formerlab.errors import check_choice, check_positive_int
+from formerlab.linalg.prefix import DEFAULT_CHUNK, causal_dot_product, noncausal_dot_product
+
+FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
+    # Katharopoulos et al. (2020): elu(x) + 1 > 0 everywhere, smooth
+    "elu": lambda x: F.elu(x) + 1.0,
+    # non-negative but may be all-zero for a token (then the normaliser guard applies)
+    "relu": F.relu,
+    # smooth and positive, grows linearly like elu+1
+    "softplus": F.softplus,
+}
+
+
+def safe_denominator(den: Tensor) -> Tensor:
+    """``den`` where it is a normal positive number, else 1 (its numerator is then ~0).
+
+    Replacing (rather than clamping) keeps the gradient num/den² finite for queries whose
+    features vanish.
+    """
+    return torch.where(den > torch.finfo(den.dtype).tiny, den, torch.ones_like(den))
+
+
+def linear_sums(
+    phi_q: Tensor,
+    phi_k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """Normalised feature-map attention from features φq, φk (B, H, N, F) and v (B, H, N, E).
+
+    Padded keys get zero features (no weight). With non-negative features the output is
+    a convex combination of values whenever the normaliser is > 0, so the normaliser is
+    only guarded against exact zero (a query whose features are all zero gets output 0,
+    never NaN); an absolute ``eps`` would distort features that are legitimately tiny
+    (e.g. Performer's). Works in the dtype of the inputs; callers pass float32/float64.
+    """
+    if key_padding_mask is not None:
+        phi_k = phi_k * key_padding_mask[:, None, :, None].to(phi_k.dtype)
+    # one extra value column of ones yields the normaliser from the same product
+    ones = torch.ones_like(v[..., :1])
+    v1 = torch.cat([v, ones], dim=-1)
+    if causal:
+        sums = causal_dot_product(phi_q, phi_k, v1, chunk_size)
+    else:
+        sums = noncausal_dot_product(phi_q, phi_k, v1)
+    num, den = sums[..., :-1], sums[..., -1:]
+    return num / safe_denominator(den)
+
+
+def linear_weights(
+    phi_q: Tensor, phi_k: Tensor, key_padding_mask: Tensor | None, causal: bool
+) -> Tensor:
+    """The explicit (B, H, N, N) attention matrix of feature-map attention (small N only)."""
+    scores = phi_q @ phi_k.transpose(-1, -2)
+    n = scores.shape[-1]
+    if causal:
+        scores = scores * torch.ones(n, n, device=scores.device, dtype=scores.dtype).tril()
+    if key_padding_mask is not None:
+        scores = scores * key_padding_mask[:, None, None, :].to(scores.dtype)
+    return scores / safe_denominator(scores.sum(-1, keepdim=True))
+
+
+class LinearAttention(AttentionKernel):
+    """φ(q)·(φ(K)ᵀV) / φ(q)·Σφ(k) with a selectable feature map (default elu+1).
+
+    ``feature_map``: one of ``FEATURE_MAPS`` (``"elu"``, ``"relu"``, ``"softplus"``) or a
+    callable mapping (…, D) to non-negative (…, F). ``chunk_size``: chunk of the causal
+    prefix sums (memory/speed trade-off, result independent of it).
+    """
+
+    name = "linear"
+    supports_causal = True
+
+    def __init__(
+        self,
+        feature_map: str | Callable[[Tensor], Tensor] = "elu",
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> None:
+        super().__init__()
+        if not callable(feature_map):
+            check_choice("feature_map", feature_map, FEATURE_MAPS)
+        self.feature_map = feature_map
+        self.phi = feature_map if callable(feature_map) else FEATURE_MAPS[feature_map]
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+
+    def attend(self, q, k, v, key_padding_mask, causal, need_weights):
+        work = compute_dtype(q.dtype)
+        phi_q, phi_k = self.phi(q.to(work)), self.phi(k.to(work))
+        out = linear_sums(phi_q, phi_k, v.to(work), key_padding_mask, causal, self.chunk_size)
+        weights = None
+        if need_weights:
+            weights = linear_weights(phi_q, phi_k, key_padding_mask, causal).to(q.dtype)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        fmap = self.feature_map if isinstance(self.feature_map, str) else "custom"
+        return f"feature_map={fmap!r}, chunk_size={self.chunk_size}"
+
+
+@register(
+    "linear",
+    causal=True,
+    complexity="O(N·D²) time; O(N·D) memory (causal: chunk-wise prefix sums, chunk C≈D)",
+    description="feature-map linear attention, φ=elu+1 by default (Katharopoulos et al., 2020)",
+)
+def _build_linear(feature_map: str = "elu", chunk_size: int = DEFAULT_CHUNK) -> LinearAttention:
+    return LinearAttention(feature_map=feature_map, chunk_size=chunk_size)

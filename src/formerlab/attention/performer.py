@@ -1,0 +1,215 @@
+"""Performer / FAVOR+ attention: positive orthogonal random features for the softmax kernel.
+
+Choromanski et al., 2021, "Rethinking Attention with Performers" (ICLR), Lemma 1:
+for w ~ N(0, I_D),
+
+    exp(x·y) = E_w[ exp(wᵀx - |x|²/2) · exp(wᵀy - |y|²/2) ],
+
+so with m random vectors the softmax kernel exp(q·k/√D) (x = k/D^¼, y = q/D^¼) is
+estimated by φ(q)·φ(k) with *positive* features (no negative normaliser). Drawing the
+w in blocks of D mutually orthogonal rows with chi(D)-distributed norms (their
+section 2.4, "orthogonal random features") lowers the variance further. Attention is
+then linear attention with these features: O(N·m·D) time; causal masking uses the
+chunk-wise prefix sums of :mod:`formerlab.linalg.prefix` (memory linear in N).
+
+Numerical stabilisation. ``exp(wᵀx - |x|²/2)`` can overflow. Any factor shared by all
+keys of a query cancels in the ratio, but a shift that depends on *other keys* (e.g. the
+max over the sequence, as usually done) would make a causal output depend on future
+keys through rounding. The causal path therefore shifts key feature r by a
+data-independent constant α_r and gives query feature r the factor e^{α_r} back (the
+products are unchanged). Completing the square, wᵀx - |x|²/2 <= |w|²/2 for every x, so
+α_r = max(0, |wᵣ|²/2 - 60) bounds every key exponent by 60: no overflow, even summed
+over 10⁵ keys in float32. For usual head sizes (D <~ 100, |w|² ≈ D) α = 0 and the
+features are those of the paper; each feature depends on its own token only, so causal
+outputs are exactly leak-free. Queries are shifted by their own max (cancels). Keys of
+very large norm (|k|/D^¼ >~ 12), or D >~ 256, lose features to underflow (a less
+accurate estimate); if all of a query's features vanish, the normaliser is guarded and
+the output is 0 rather than NaN. Each query is then rescaled so that its normaliser is
+about 1 (``normaliser_shift``: a causal cumulative sum, detached, cancels), which keeps
+gradients finite when normalisers are tiny. The non-causal path additionally shifts keys
+by their shared max, which is safe there.
+
+Random features: ``num_features`` (m), ``seed`` (the projection is a deterministic
+function of seed, draw index and D, so checkpoints restore it from the ``draws``
+buffer), ``redraw_interval`` (0 = fixed features; k > 0 = draw new features every k
+forward calls in training mode, as recommended by the paper to avoid overfitting to
+one draw).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from formerlab.attention.base import AttentionKernel, compute_dtype
+from formerlab.attention.linear import linear_sums, linear_weights
+from formerlab.attention.registry import register
+from formerlab.errors import check_positive_float, check_positive_int
+from formerlab.linalg.prefix import DEFAULT_CHUNK
+
+# largest key-feature exponent of the causal path (e^60 summed over 1e5 keys < float32 max)
+_MAX_EXP = 60.0
+
+
+def orthogonal_gaussian(
+    num_features: int, dim: int, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """(num_features, dim) rows: blocks of ``dim`` orthonormal directions scaled by chi(dim) norms.
+
+    Each block is the Q factor of a Gaussian matrix (sign-corrected so it is Haar
+    distributed); row norms are those of independent Gaussian vectors, so every row is
+    marginally N(0, I) while rows within a block are exactly orthogonal (Choromanski
+    et al., 2021, sec. 2.4).
+    """
+    blocks = []
+    for _ in range(math.ceil(num_features / dim)):
+        g = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+        q, r = torch.linalg.qr(g)
+        q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)
+        blocks.append(q.T)
+    directions = torch.cat(blocks)[:num_features]
+    norms = torch.randn(num_features, dim, generator=generator, dtype=torch.float64).norm(dim=-1)
+    return (directions * norms[:, None]).to(dtype)
+
+
+def favor_features(
+    x: Tensor,
+    w: Tensor,
+    is_query: bool,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = True,
+) -> Tensor:
+    """Positive random features of scaled inputs ``x`` (B, H, N, D) for projection ``w`` (m, D).
+
+    Returns (B, H, N, m) features whose products φ(q)·φ(k) estimate exp(q·k) up to a
+    factor per query (which cancels in attention). See the module doc for the shifts.
+    """
+    proj = x @ w.T
+    half_sq = 0.5 * (x * x).sum(-1, keepdim=True)
+    # data-independent per-feature key shift: key exponents <= _MAX_EXP (module doc)
+    alpha = (0.5 * (w * w).sum(-1) - _MAX_EXP).clamp_min(0.0)
+    if is_query:
+        logits = proj - half_sq + alpha
+        shift = logits.amax(dim=-1, keepdim=True).detach()
+        return torch.exp(logits - shift)
+    logits = proj - half_sq - alpha
+    if not causal:
+        # non-causal: one shift shared by all (real) keys of a sequence is safe and
+        # keeps large-norm keys away from underflow
+        masked = logits
+        if key_padding_mask is not None:
+            masked = logits.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
+        shift = masked.amax(dim=(-2, -1), keepdim=True).detach()
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        logits = logits - shift
+    return torch.exp(logits)
+
+
+def normaliser_shift(
+    phi_q: Tensor, phi_k: Tensor, key_padding_mask: Tensor | None, causal: bool
+) -> Tensor:
+    """Per-query factor (B, H, N, 1) that brings each normaliser φ(q_i)·Σ_{j (<= i)} φ(k_j)
+    close to 1 (at most e⁶⁰ up, as query features are <= 1).
+
+    It cancels in the ratio and is built from keys a query may see (a causal cumulative
+    sum), so it is leak-free; detached, as a constant factor has zero derivative. Without
+    it, tiny normalisers (large D or large inputs) give finite outputs but overflowing
+    gradients (∂out/∂den = -out/den).
+    """
+    with torch.no_grad():
+        if key_padding_mask is not None:
+            phi_k = phi_k * key_padding_mask[:, None, :, None].to(phi_k.dtype)
+        z = phi_k.cumsum(-2) if causal else phi_k.sum(-2, keepdim=True)
+        den = (phi_q * z).sum(-1, keepdim=True)
+        log_den = torch.log(torch.where(den > 0, den, torch.ones_like(den)))
+        return torch.exp(-log_den.clamp_min(-_MAX_EXP))
+
+
+class PerformerAttention(AttentionKernel):
+    """FAVOR+ attention with positive orthogonal random features (Choromanski et al., 2021).
+
+    ``num_features``: m random features. ``redraw_interval``: 0 = never redraw; k > 0 =
+    redraw every k forward calls while training. ``seed``: seeds the draws (same seed,
+    same features). ``scale``: logit scale (default 1/√D). ``chunk_size``: as in ``linear``.
+    """
+
+    name = "performer"
+    supports_causal = True
+
+    def __init__(
+        self,
+        num_features: int = 256,
+        redraw_interval: int = 0,
+        seed: int = 0,
+        scale: float | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> None:
+        super().__init__()
+        self.num_features = check_positive_int("num_features", num_features)
+        self.redraw_interval = check_positive_int("redraw_interval", redraw_interval, minimum=0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed={seed!r} is not allowed; expected an integer")
+        self.seed = seed
+        self.scale = None if scale is None else check_positive_float("scale", scale)
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        # persistent: a checkpoint restores which draw is in use; features are rebuilt
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self._cache: tuple[tuple, Tensor] | None = None
+
+    def projection(self, dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The (num_features, dim) projection of the current draw (cached)."""
+        key = (int(self.draws), dim, device, dtype)
+        if self._cache is None or self._cache[0] != key:
+            # a distinct stream per (seed, draw): reproducible and independent draws
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.draws))
+            w = orthogonal_gaussian(self.num_features, dim, gen).to(device=device, dtype=dtype)
+            self._cache = (key, w)
+        return self._cache[1]
+
+    def redraw(self) -> None:
+        """Switch to the next random draw of features."""
+        self.draws += 1
+
+    def attend(self, q, k, v, key_padding_mask, causal, need_weights):
+        if self.training and self.redraw_interval:
+            if int(self.calls) and int(self.calls) % self.redraw_interval == 0:
+                self.redraw()
+            self.calls += 1
+        work = compute_dtype(q.dtype)
+        d = q.shape[-1]
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(d)
+        root = math.sqrt(scale)  # split the scale between q and k: x·y = scale·q·k
+        w = self.projection(d, q.device, work)
+        phi_q = favor_features(q.to(work) * root, w, is_query=True)
+        phi_k = favor_features(k.to(work) * root, w, False, key_padding_mask, causal)
+        phi_q = phi_q * normaliser_shift(phi_q, phi_k, key_padding_mask, causal)
+        out = linear_sums(phi_q, phi_k, v.to(work), key_padding_mask, causal, self.chunk_size)
+        weights = None
+        if need_weights:
+            weights = linear_weights(phi_q, phi_k, key_padding_mask, causal).to(q.dtype)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_features={self.num_features}, redraw_interval={self.redraw_interval}, "
+            f"seed={self.seed}"
+        )
+
+
+@register(
+    "performer",
+    causal=True,
+    complexity="O(N·m·D) time, O(N·m) memory (m random features; causal: prefix sums)",
+    description="FAVOR+ positive orthogonal random features (Choromanski et al., 2021)",
+)
+def _build_performer(
+    num_features: int = 256,
+    redraw_interval: int = 0,
+    seed: int = 0,
+    scale: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> PerformerAttention:
+    return PerformerAttention(num_features, redraw_interval, seed, scale, chunk_size)

@@ -1,0 +1,258 @@
+"""Speed and memory of the decoder-safe (causal) kernels against exact causal attention.
+
+Forward + backward through ``kernel(q, k, v, causal=True)`` on per-head tensors
+(B, H, N, D) with gradients for q, k and v, for
+
+* ``softmax``: exact causal attention (``F.scaled_dot_product_attention(is_causal=True)``,
+  the fused kernel — the strongest exact baseline PyTorch has);
+* ``causal_nystrom``: segment landmarks (default segment size ⌈√N⌉, O(N^1.5·D));
+* ``linear``: elu+1 feature maps with chunk-wise prefix sums (O(N·D²));
+* ``performer``: FAVOR+ with ``num_features`` random features (O(N·m·D)).
+
+Every case runs in a fresh subprocess so that its peak memory is its own: on a GPU
+``torch.cuda.max_memory_allocated`` over the timed passes, on a CPU the growth of the
+process's peak resident set (VmHWM) over the timed passes (Linux; ``None`` elsewhere).
+Times are medians over ``repeats`` passes after ``warmup``. Ratios are formed between
+cases of the same run, the comparable quantity on a shared machine. Exact attention is
+skipped above ``max_exact_n`` (its time grows as N² — say so next to the numbers).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from formerlab.errors import check_choice, check_positive_int
+
+METHODS = ("softmax", "causal_nystrom", "linear", "performer")
+SIZES = (1024, 4096, 16384, 32768)
+
+
+@dataclass
+class Case:
+    """One configuration to measure."""
+
+    method: str
+    n: int
+    batch: int = 1
+    heads: int = 4
+    head_dim: int = 64
+    options: dict[str, Any] = field(default_factory=dict)
+    warmup: int = 1
+    repeats: int = 3
+    threads: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    """What one case measured; ``skipped`` holds the reason when it was not measured."""
+
+    method: str
+    n: int
+    time_s: float | None = None
+    peak_bytes: int | None = None
+    skipped: str | None = None
+    info: dict[str, float] = field(default_factory=dict)
+
+
+def _status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _prepare_peak_reading() -> int | None:
+    """Hand freed heap back to the OS and reset VmHWM; return the current RSS (KiB)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # resets the peak resident set to the current one
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_case(case: Case) -> Result:
+    """Measure one case in this process (the body of the subprocess worker)."""
+    from formerlab import attention
+
+    if case.threads is not None:
+        torch.set_num_threads(case.threads)
+    torch.manual_seed(case.seed)
+    kernel = attention.build(case.method, **case.options).to(case.device)
+    shape = (case.batch, case.heads, case.n, case.head_dim)
+    q, k, v = (torch.randn(shape, device=case.device, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(shape, device=case.device)
+
+    def step() -> None:
+        out = kernel(q, k, v, causal=True)
+        out.backward(grad_out)
+        q.grad = k.grad = v.grad = None
+
+    for _ in range(case.warmup):
+        step()
+    cuda = case.device.startswith("cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    base_kib = _prepare_peak_reading()
+    times = []
+    for _ in range(case.repeats):
+        _sync(case.device)
+        start = time.perf_counter()
+        step()
+        _sync(case.device)
+        times.append(time.perf_counter() - start)
+    if cuda:
+        peak: int | None = torch.cuda.max_memory_allocated() - base
+    else:
+        hwm = _status_kib("VmHWM")
+        peak = None if hwm is None or base_kib is None else max(hwm - base_kib, 0) * 1024
+    info = kernel.last_info if isinstance(kernel.last_info, dict) else {}
+    return Result(case.method, case.n, statistics.median(times), peak, info=dict(info))
+
+
+def run_in_subprocess(case: Case, timeout_s: float = 1800.0) -> Result:
+    """Run ``case`` in a fresh Python process (its own peak memory)."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "formerlab.bench.causal", json.dumps(asdict(case))],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        return Result(case.method, case.n, skipped=f"timeout after {timeout_s:g} s")
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return Result(case.method, case.n, skipped="failed: " + " | ".join(tail))
+    return Result(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def run_benchmark(
+    sizes: tuple[int, ...] = SIZES,
+    methods: tuple[str, ...] = METHODS,
+    batch: int = 1,
+    heads: int = 4,
+    head_dim: int = 64,
+    warmup: int = 1,
+    repeats: int = 3,
+    threads: int | None = None,
+    device: str = "cpu",
+    max_exact_n: int | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+    progress: Callable[[Result], None] | None = None,
+) -> list[Result]:
+    """Measure every method at every size (causal forward + backward); one result each.
+
+    ``options``: per-method kernel options (e.g. ``{"performer": {"num_features": 128}}``).
+    ``max_exact_n``: skip exact ``softmax`` above this N (None = never skip).
+    ``progress(result)`` is called after each case.
+    """
+    for arg, value in (("batch", batch), ("heads", heads), ("head_dim", head_dim)):
+        check_positive_int(arg, value)
+    check_positive_int("warmup", warmup, minimum=0)
+    check_positive_int("repeats", repeats)
+    for n in sizes:
+        check_positive_int("sizes", n)
+    for method in methods:
+        check_choice("methods", method, METHODS)
+    if max_exact_n is not None:
+        check_positive_int("max_exact_n", max_exact_n)
+    options = options or {}
+    results = []
+    for n in sizes:
+        for method in methods:
+            if method == "softmax" and max_exact_n is not None and n > max_exact_n:
+                result = Result(method, n, skipped=f"skipped: N > max_exact_n={max_exact_n}")
+            else:
+                case = Case(
+                    method, n, batch, heads, head_dim, dict(options.get(method, {})),
+                    warmup, repeats, threads, device,
+                )  # fmt: skip
+                result = run_in_subprocess(case)
+            results.append(result)
+            if progress is not None:
+                progress(result)
+    return results
+
+
+def _measured(r: Result | None, name: str) -> float | None:
+    return None if r is None or r.skipped else getattr(r, name)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "–" if a is None or b is None or a <= 0 else f"{b / a:.1f}×"
+
+
+def summary_rows(results: list[Result], methods: tuple[str, ...] = METHODS) -> list[dict[str, str]]:
+    """One row per size: time and peak memory per method, and speed-ups over exact softmax."""
+    by = {(r.method, r.n): r for r in results}
+    present = [m for m in methods if any(r.method == m for r in results)]
+    rows = []
+    for n in sorted({r.n for r in results}):
+        row = {"N": str(n)}
+        exact_t = _measured(by.get(("softmax", n)), "time_s")
+        for m in present:
+            r = by.get((m, n))
+            t = _measured(r, "time_s")
+            row[f"{m} ms"] = (r.skipped or "").split(":")[0] if t is None else f"{t * 1e3:.0f}"
+        for m in present:
+            if m != "softmax" and "softmax" in present:
+                row[f"{m} speed-up"] = _ratio(_measured(by.get((m, n)), "time_s"), exact_t)
+        for m in present:
+            peak = _measured(by.get((m, n)), "peak_bytes")
+            row[f"{m} MiB"] = "–" if peak is None else f"{peak / 2**20:.0f}"
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    """The rows as a GitHub markdown table."""
+    if not rows:
+        return ""
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row.get(h, "") for h in header) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def memory_growth(results: list[Result], method: str) -> list[tuple[int, float]]:
+    """(N, peak bytes per token) for ``method``: constant when memory grows linearly in N."""
+    points = [
+        (r.n, r.peak_bytes / r.n)
+        for r in results
+        if r.method == method and not r.skipped and r.peak_bytes
+    ]
+    return sorted(points)
+
+
+if __name__ == "__main__":  # subprocess worker: one JSON case in, one JSON result out
+    print(json.dumps(asdict(run_case(Case(**json.loads(sys.argv[1]))))))

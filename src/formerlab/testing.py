@@ -1,0 +1,242 @@
+"""Reusable property checks for tests: the future-leak checker for causal callables.
+
+A causal sequence map ``y = f(x)`` must satisfy, for every position ``t``:
+
+* **values**: outputs at positions ``<= t`` do not change when any input at ``> t`` changes;
+* **gradients**: the gradient of outputs at ``<= t`` with respect to inputs at ``> t`` is
+  *exactly* zero (not merely small: a tiny non-zero gradient is a leak that training
+  will amplify).
+
+:func:`check_future_leak` measures both for a few positions and returns a
+:class:`LeakReport`; :func:`assert_no_future_leak` raises ``AssertionError`` with the
+worst offending position. Both are generic: ``fn`` is any deterministic callable whose
+tensor inputs and output carry the sequence on some dimension — per-head kernels on
+(B, H, N, D) (``seq_dim=2``), token mixers and models on (B, N, C) (``seq_dim=1``),
+token ids (B, N) of a language model, ... Put modules in ``eval()`` mode (dropout would
+make any check fail) and close over non-sequence arguments::
+
+    kernel = attention.build("linear")
+    assert_no_future_leak(lambda q, k, v: kernel(q, k, v, causal=True), [q, k, v], seq_dim=2)
+
+    mixer.eval()
+    assert_no_future_leak(lambda x: mixer(x, causal=True), [x], seq_dim=1)
+
+    lm.eval()  # integer ids: values are checked, gradients need float inputs
+    assert_no_future_leak(lm, [ids], seq_dim=1, check_grad=False)
+
+Inputs are perturbed as follows: floating tensors get Gaussian noise (scaled by
+``noise_scale`` times the input's standard deviation, at least ``noise_scale``) at
+positions ``> t``; integer tensors get fresh random values in ``[0, max + 1)``; bool
+tensors (masks) are left alone unless ``perturb_masks=True``, in which case their future
+entries are flipped. Non-tensor inputs pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LeakReport:
+    """What :func:`check_future_leak` measured.
+
+    ``value_leak[t]``: max |Δ output at <= t| when inputs at > t were perturbed.
+    ``grad_leak[t]``: max |∂ (outputs at <= t) / ∂ (inputs at > t)| (a random projection
+    of the outputs is differentiated, so no cancellation hides a dependence).
+    """
+
+    positions: list[int]
+    value_leak: dict[int, float] = field(default_factory=dict)
+    grad_leak: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def max_value_leak(self) -> float:
+        return max(self.value_leak.values(), default=0.0)
+
+    @property
+    def max_grad_leak(self) -> float:
+        return max(self.grad_leak.values(), default=0.0)
+
+
+def _seq_dims(inputs: Sequence[Any], seq_dim: int | Sequence[int]) -> list[int]:
+    if isinstance(seq_dim, int):
+        return [seq_dim] * len(inputs)
+    dims = list(seq_dim)
+    if len(dims) != len(inputs):
+        raise ValueError(
+            f"seq_dim has {len(dims)} entries but there are {len(inputs)} inputs; "
+            "give one int for all inputs or one per input"
+        )
+    return dims
+
+
+def _seq_len(inputs: Sequence[Any], dims: list[int]) -> int:
+    lengths = {x.shape[d] for x, d in zip(inputs, dims) if isinstance(x, Tensor)}
+    if len(lengths) != 1:
+        raise ValueError(
+            f"tensor inputs must share one sequence length along seq_dim; got lengths {sorted(lengths)}"
+        )
+    return lengths.pop()
+
+
+def _future(x: Tensor, dim: int, t: int) -> Tensor:
+    """Bool mask broadcastable to ``x``: True at sequence positions > t along ``dim``."""
+    n = x.shape[dim]
+    shape = [1] * x.dim()
+    shape[dim] = n
+    return (torch.arange(n, device=x.device) > t).view(shape)
+
+
+def _perturb(
+    x: Any, dim: int, t: int, generator: torch.Generator, noise_scale: float, masks: bool
+) -> Any:
+    if not isinstance(x, Tensor):
+        return x
+    future = _future(x, dim, t)
+    if x.dtype == torch.bool:
+        return torch.where(future, ~x, x) if masks else x
+    if x.is_floating_point():
+        base = x.detach().to(torch.float64)
+        scale = noise_scale * max(float(base.std()) if base.numel() > 1 else 1.0, 1.0)
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float64) * scale
+        return torch.where(future, (base + noise.to(x.device)).to(x.dtype), x.detach())
+    high = int(x.max()) + 1
+    fresh = torch.randint(0, max(high, 2), x.shape, generator=generator).to(x.dtype)
+    return torch.where(future, fresh.to(x.device), x)
+
+
+def _outputs(fn: Callable[..., Any], args: Sequence[Any]) -> Tensor:
+    out = fn(*args)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, Tensor):
+        raise ValueError(
+            f"fn must return a tensor (or a tuple whose first item is one); got {type(out).__name__}"
+        )
+    return out
+
+
+def check_future_leak(
+    fn: Callable[..., Any],
+    inputs: Sequence[Any],
+    *,
+    seq_dim: int | Sequence[int] = 1,
+    out_seq_dim: int | None = None,
+    positions: Iterable[int] | None = None,
+    check_grad: bool = True,
+    noise_scale: float = 1.0,
+    perturb_masks: bool = False,
+    seed: int = 0,
+) -> LeakReport:
+    """Measure how much outputs at ``<= t`` depend on inputs at ``> t``; see the module doc.
+
+    ``seq_dim``: sequence dimension of the inputs (one int, or one per input).
+    ``out_seq_dim``: sequence dimension of the output (default: the first input's).
+    ``positions``: the ``t`` to test (default: 0, 1, N//2 and N-2, all valid ones).
+    ``check_grad``: also differentiate (needs floating inputs; integer/bool ones are
+    treated as constants). Returns a :class:`LeakReport`.
+    """
+    inputs = list(inputs)
+    dims = _seq_dims(inputs, seq_dim)
+    n = _seq_len(inputs, dims)
+    if n < 2:
+        raise ValueError(f"need a sequence of length >= 2 to test for leaks; got N={n}")
+    out_dim = dims[0] if out_seq_dim is None else out_seq_dim
+    if positions is None:
+        positions = sorted({0, 1, n // 2, n - 2})
+    positions = [int(t) for t in positions]
+    bad = [t for t in positions if not 0 <= t < n - 1]
+    if bad:
+        raise ValueError(f"positions {bad} are not allowed; expected 0 <= t < N-1 = {n - 1}")
+    generator = torch.Generator().manual_seed(seed)
+    report = LeakReport(positions=positions)
+
+    with torch.no_grad():
+        base = _outputs(fn, inputs)
+    for t in positions:
+        perturbed = [
+            _perturb(x, d, t, generator, noise_scale, perturb_masks) for x, d in zip(inputs, dims)
+        ]
+        with torch.no_grad():
+            out = _outputs(fn, perturbed)
+        past_new = out.narrow(out_dim, 0, t + 1).double()
+        past_old = base.narrow(out_dim, 0, t + 1).double()
+        if not torch.isfinite(past_new).all() or not torch.isfinite(past_old).all():
+            report.value_leak[t] = float("inf")
+        else:
+            report.value_leak[t] = float((past_new - past_old).abs().max())
+
+        if not check_grad:
+            continue
+        leaves = [
+            x.detach().clone().requires_grad_(True)
+            if isinstance(x, Tensor) and x.is_floating_point()
+            else x
+            for x in inputs
+        ]
+        wrt = [(x, d) for x, d in zip(leaves, dims) if isinstance(x, Tensor) and x.requires_grad]
+        if not wrt:
+            raise ValueError("check_grad=True needs at least one floating-point tensor input")
+        out = _outputs(fn, leaves)
+        past = out.narrow(out_dim, 0, t + 1)
+        weights = torch.randn(past.shape, generator=generator, dtype=torch.float64)
+        loss = (past.double() * weights.to(past.device)).sum()
+        grads = torch.autograd.grad(loss, [x for x, _ in wrt], allow_unused=True)
+        worst = 0.0
+        for (_, d), g in zip(wrt, grads):
+            if g is None:
+                continue
+            future = g.narrow(d, t + 1, n - t - 1)
+            if not torch.isfinite(future).all():
+                worst = float("inf")
+            elif future.numel():
+                worst = max(worst, float(future.abs().max()))
+        report.grad_leak[t] = worst
+    return report
+
+
+def assert_no_future_leak(
+    fn: Callable[..., Any],
+    inputs: Sequence[Any],
+    *,
+    seq_dim: int | Sequence[int] = 1,
+    out_seq_dim: int | None = None,
+    positions: Iterable[int] | None = None,
+    atol: float = 1e-6,
+    check_grad: bool = True,
+    noise_scale: float = 1.0,
+    perturb_masks: bool = False,
+    seed: int = 0,
+) -> LeakReport:
+    """Raise ``AssertionError`` unless ``fn`` is causal along the sequence.
+
+    Values at ``<= t`` may move by at most ``atol`` when inputs at ``> t`` change; the
+    gradient of outputs at ``<= t`` with respect to inputs at ``> t`` must be exactly
+    zero. Arguments as in :func:`check_future_leak`; returns its report when it passes.
+    """
+    report = check_future_leak(
+        fn,
+        inputs,
+        seq_dim=seq_dim,
+        out_seq_dim=out_seq_dim,
+        positions=positions,
+        check_grad=check_grad,
+        noise_scale=noise_scale,
+        perturb_masks=perturb_masks,
+        seed=seed,
+    )
+    problems = []
+    for t, leak in report.value_leak.items():
+        if not leak <= atol:
+            problems.append(f"t={t}: outputs at <= t moved by {leak:.3g} (> atol={atol:g})")
+    for t, leak in report.grad_leak.items():
+        if leak != 0.0:
+            problems.append(f"t={t}: gradient w.r.t. inputs at > t is {leak:.3g} (must be 0)")
+    if problems:
+        raise AssertionError("future leak detected:\n  " + "\n  ".join(problems))
+    return report
