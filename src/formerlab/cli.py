@@ -80,17 +80,22 @@ def generate(
     console.print(task.decode(out[0].tolist()), highlight=False, markup=False)
 
 
+def registry_table(title: str, entries) -> Table:
+    """A table of registry entries: name, causal support, cost, description."""
+    table = Table(title=title)
+    for column in ("name", "causal", "complexity", "description"):
+        table.add_column(column)
+    for entry in entries:
+        table.add_row(entry.name, "yes" if entry.causal else "no", entry.complexity, entry.description)
+    return table
+
+
 @attention_app.command("list")
 def attention_list() -> None:
     """List attention kernels: name, causal support, cost, description."""
     from formerlab import attention
 
-    table = Table(title="attention kernels")
-    for column in ("name", "causal", "complexity", "description"):
-        table.add_column(column)
-    for entry in attention.describe():
-        table.add_row(entry.name, "yes" if entry.causal else "no", entry.complexity, entry.description)
-    console.print(table)
+    console.print(registry_table("attention kernels", attention.describe()))
 
 
 mixers_app = typer.Typer(help="Token mixers.", no_args_is_help=True)
@@ -102,11 +107,23 @@ def mixers_list() -> None:
     """List token mixers: name, causal support, cost, description."""
     from formerlab import mixers
 
-    table = Table(title="token mixers")
-    for column in ("name", "causal", "complexity", "description"):
+    console.print(registry_table("token mixers", mixers.describe()))
+
+
+solvers_app = typer.Typer(help="Fixed-point / root solvers.", no_args_is_help=True)
+app.add_typer(solvers_app, name="solvers")
+
+
+@solvers_app.command("list")
+def solvers_list() -> None:
+    """List solvers and whether they solve general root problems (solve_root)."""
+    from formerlab import solvers
+
+    table = Table(title="solvers")
+    for column in ("name", "general root problems", "description"):
         table.add_column(column)
-    for entry in mixers.describe():
-        table.add_row(entry.name, "yes" if entry.causal else "no", entry.complexity, entry.description)
+    for entry in solvers.describe():
+        table.add_row(entry.name, "yes" if entry.extra.get("root") else "fixed-point only", entry.description)
     console.print(table)
 
 
@@ -193,6 +210,7 @@ def ablate(
     workers: int = typer.Option(None, "--workers", min=1, help="Worker processes (local, default 1 = in-process) or Ray CPUs (default all)."),
     address: str = typer.Option(None, "--address", help="Ray cluster address (e.g. auto or ray://host:10001); default: a local Ray."),
     resume: bool = typer.Option(False, "--resume", help="Continue the sweep in --out, skipping completed trials."),
+    set_: list[str] = typer.Option([], "--set", help="Override a base key for every trial: --set train.device=cuda."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Run an ablation sweep: every trial validated first, then trained and tracked."""
@@ -201,7 +219,7 @@ def ablate(
 
     try:
         outcome = run_sweep(sweep, out=out, backend=backend, workers=workers, address=address,
-                            resume=resume, progress=progress, console=console)
+                            resume=resume, progress=progress, console=console, overrides=set_)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         raise fail(error) from None
     except KeyboardInterrupt:
@@ -336,6 +354,134 @@ def bench_deq(
         )
     except ValueError as error:
         raise fail(error) from None
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command("pinv-study")
+def pinv_study(
+    sizes: list[int] = typer.Option(None, "--sizes", help="Matrix sizes (repeat the option); default 2 … 512."),
+    kind: str = typer.Option("random", "--kind", help="random (mixed scales 1e-3…1e3) or softmax matrices."),
+    tol: float = typer.Option(None, "--tol", help="Residual tolerance (default: 1e-12 float64, 1e-5 float32)."),
+    max_iter: int = typer.Option(100, "--max-iter", min=1),
+    batch: int = typer.Option(4, "--batch", min=1, help="Matrices per size."),
+    dtype: str = typer.Option("float64", "--dtype", help="float64 or float32."),
+    seed: int = typer.Option(0, "--seed"),
+    markdown: bool = typer.Option(False, help="Print markdown instead of a rich table."),
+) -> None:
+    """Iterative pseudoinverse: convergence per init (global, razavi, frobenius, spectral,
+    auto) and order (2, 3, 7) per matrix size, and the error after the paper's 6 iterations."""
+    from formerlab.bench import pinv_study as study
+
+    try:
+        rows = study.run_pinv_study(
+            sizes=tuple(sizes) if sizes else study.DEFAULT_SIZES, kind=kind, tol=tol,
+            max_iter=max_iter, batch=batch, dtype=dtype, seed=seed,
+            progress=lambda msg: console.print(f"  {msg}", highlight=False),
+        )
+    except ValueError as error:
+        raise fail(error) from None
+    if markdown:
+        typer.echo(study.markdown(rows))
+        return
+    _print_table(f"pinv-study: {kind} matrices, {dtype}", *study.table(rows))
+    for init, (mm, ok, err) in sorted(study.auto_evidence(rows).items()):
+        console.print(f"{init}: {mm} matmuls in total, {ok} cases fully converged, worst error {err:.1e}")
+
+
+@app.command("approx")
+def approx(
+    n: int = typer.Option(1024, "--n", min=2, help="Sequence length of the synthetic q, k, v."),
+    landmarks: int = typer.Option(64, "--landmarks", min=1, help="m, for kernels that take num_landmarks."),
+    checkpoint: str = typer.Option(None, "--checkpoint", help="RUN_DIR: take q, k, v from a trained model."),
+    causal: bool = typer.Option(False, "--causal", help="Compare the causal kernels with exact causal softmax."),
+    scales: list[float] = typer.Option([1.0, 2.0], "--scale", help="std of q and k (repeat the option)."),
+    data: list[str] = typer.Option(["smooth", "random"], "--data", help="smooth and/or random (repeat)."),
+    width: float = typer.Option(8.0, "--width", help="Smoothing width (tokens) of the smooth data."),
+    heads: int = typer.Option(4, "--heads", min=1),
+    head_dim: int = typer.Option(64, "--head-dim", min=1),
+    batch: int = typer.Option(1, "--batch", min=1, help="Sequences (of the checkpoint's validation data too)."),
+    curve_iters: int = typer.Option(20, "--curve-iters", min=1, help="Iterations of the error curve."),
+    weights: bool = typer.Option(True, help="Also compare the N×N matrices (memory N²)."),
+    seed: int = typer.Option(0, "--seed"),
+    markdown: bool = typer.Option(False, help="Print markdown instead of a rich table."),
+) -> None:
+    """Approximation error of every registered approximate kernel against exact softmax,
+    and Nyström's error by pseudoinverse iteration (semi-convergence)."""
+    from formerlab.bench import approx as study
+
+    try:
+        report = study.run_approx(
+            n=n, landmarks=landmarks, head_dim=head_dim, heads=heads, batch=batch,
+            scales=tuple(scales), data=tuple(data), smooth_width=width, checkpoint=checkpoint,
+            causal=causal, weights=weights, curve_iters=curve_iters, seed=seed,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise fail(error) from None
+    if markdown:
+        typer.echo(study.markdown(report))
+        return
+    s = report.settings
+    _print_table(
+        f"approximation error vs exact {'causal ' if causal else ''}softmax: N={s['n']}, "
+        f"m={landmarks}, heads={s['heads']}, d={s['head_dim']}",
+        *study.table(report),
+    )
+    for line in study.curve_lines(report):
+        console.print(line, highlight=False)
+
+
+@bench_app.command("nystrom")
+def bench_nystrom(
+    sizes: list[int] = typer.Option([1024, 4096, 8192, 16384, 32768], "--size", help="Sequence lengths N (repeat the option)."),
+    methods: list[str] = typer.Option(
+        ["nystrom", "softmax", "nystrom-attention"], "--method", help="Methods to run (repeat the option)."
+    ),
+    batch: int = typer.Option(1, min=1),
+    heads: int = typer.Option(4, min=1),
+    head_dim: int = typer.Option(64, min=1),
+    landmarks: int = typer.Option(64, min=1),
+    conv_kernel: int = typer.Option(33, min=1),
+    warmup: int = typer.Option(1, min=0),
+    repeats: int = typer.Option(5, min=1, help="Interleaved timing rounds (time = minimum)."),
+    threads: int = typer.Option(1, min=1, help="torch threads."),
+    device: str = typer.Option("cpu"),
+    max_exact_n: int = typer.Option(16384, help="Skip exact softmax above this N."),
+    memory: bool = typer.Option(True, help="Measure peak memory (one subprocess per case)."),
+    markdown: bool = typer.Option(False, help="Print a markdown table instead of a rich one."),
+) -> None:
+    """Nyström vs exact softmax vs the nystrom-attention package: forward + backward of the
+    whole module (projections included), time and peak memory, ratios from one run."""
+    from formerlab.bench import nystrom as bench
+
+    try:
+        results = bench.run_benchmark(
+            sizes=tuple(sizes), methods=tuple(methods), batch=batch, heads=heads,
+            head_dim=head_dim, landmarks=landmarks, conv_kernel=conv_kernel, warmup=warmup,
+            repeats=repeats, threads=threads, device=device, max_exact_n=max_exact_n,
+            memory=memory, progress=lambda msg: console.print(f"  {msg}", highlight=False),
+        )
+    except ValueError as error:
+        raise fail(error) from None
+    if markdown:
+        typer.echo(bench.markdown_table(results))
+    else:
+        lines = bench.markdown_table(results).splitlines()
+        cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+        _print_table(
+            f"nystrom, forward + backward, B={batch}, heads={heads}, d={head_dim}, m={landmarks}, "
+            f"conv {conv_kernel}, {device}, {threads} thread(s): ms (peak MiB)",
+            cells[0], cells[2:],
+        )
+    per_k = ", ".join(f"N={n}: {t:.1f}" for n, t in bench.linearity(results))
+    console.print(f"nystrom ms per 1k tokens (flat = linear in N): {per_k}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -63,7 +63,9 @@ def test_float64_is_exact_and_dtype_is_kept():
     q, k, v = (torch.randn(2, 2, 9, 4, generator=g, dtype=torch.float64) for _ in range(3))
     out = attention.build("softmax")(q, k, v, causal=True)
     assert out.dtype == torch.float64
-    torch.testing.assert_close(out, reference_attention(q, k, v, causal=True)[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(
+        out, reference_attention(q, k, v, causal=True)[0], atol=1e-12, rtol=1e-12
+    )
     out16 = attention.build("softmax")(q.bfloat16(), k.bfloat16(), v.bfloat16())
     assert out16.dtype == torch.bfloat16 and torch.isfinite(out16).all()
 
@@ -89,9 +91,13 @@ def test_bad_inputs_name_the_argument():
 
 
 def test_registry_errors_list_valid_choices():
-    with pytest.raises(ValueError, match=r"unknown attention kernel 'nope'; available: \[.*'softmax'"):
+    with pytest.raises(
+        ValueError, match=r"unknown attention kernel 'nope'; available: \[.*'softmax'"
+    ):
         attention.build("nope")
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['landmarks'\].*valid options: \['scale'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown option\(s\) \['landmarks'\].*valid options: \['scale'\]"
+    ):
         attention.build("softmax", landmarks=3)
     assert "softmax" in attention.available(causal=True)
     assert set(attention.available(causal=True)) <= set(attention.available())

@@ -19,6 +19,15 @@ def test_attention_list_shows_every_kernel_and_causal_support():
     assert "yes" in result.output
 
 
+def test_mixers_and_solvers_lists():
+    from formerlab import mixers, solvers
+
+    out = runner.invoke(app, ["mixers", "list"], env={"COLUMNS": "200"}).output
+    assert all(name in out for name in mixers.available())
+    out = runner.invoke(app, ["solvers", "list"], env={"COLUMNS": "200"}).output
+    assert all(name in out for name in solvers.available()) and "fixed-point only" in out
+
+
 def test_train_then_generate(tiny, tmp_path):
     args = ["train", "--no-progress"]
     for override in tiny(10):

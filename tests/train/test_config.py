@@ -50,3 +50,11 @@ def test_decoder_task_with_non_causal_kernel_fails_before_training(tiny):
     cfg = load_config(None, tiny() + [f"model.kernel={non_causal[0]}"])
     with pytest.raises(ValueError, match="cannot run causally"):
         build_model(cfg, build_task(cfg))
+
+
+def test_mixer_and_deq_option_typos_fail_at_load_time():
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['metrik'\]"):
+        load_config(None, ["model.mixer=metric", "model.mixer_options.metrik=psd"])
+    with pytest.raises(ConfigError, match=r"unknown model\.deq option\(s\) \['solvr'\]"):
+        load_config(None, ["model.deq={solvr: anderson}"])
+    assert load_config(None, ["model.deq={solver: anderson}"]).model.deq == {"solver": "anderson"}

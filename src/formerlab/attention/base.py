@@ -42,9 +42,7 @@ def check_attention_inputs(
             f"q and k must have the same feature size D; got {q.shape[-1]} and {k.shape[-1]}"
         )
     if q.dtype != k.dtype or q.dtype != v.dtype:
-        raise ValueError(
-            f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if key_padding_mask is not None:
         b, _, n, _ = q.shape
         if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, n):

@@ -94,6 +94,14 @@ class ModelConfig(StrictModel):
         # Build one mixer now (cheap) so that option errors of mixers taking **options,
         # and of their kernels, surface before any work rather than at model build.
         mixers.build(self.mixer, dim=self.dim, heads=self.heads, **self.build_options())
+        if self.deq is not None:
+            from formerlab.models.deq import deq_option_names
+
+            unknown = sorted(set(self.deq) - set(deq_option_names()))
+            if unknown:
+                raise ValueError(
+                    f"unknown model.deq option(s) {unknown}; valid options: {deq_option_names()}"
+                )
         return self
 
 
