@@ -17,13 +17,18 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+DEMO_WORKERS ?= 2
+
+# The quick ablation (about 4-7 minutes on 2 cores), then its report: tables and plot paths.
 demo: install
-	$(BIN)/formerlab train configs/demo-shakespeare.yaml
+	out=runs/quick-ablation-$$(date +%Y%m%d-%H%M%S); \
+	$(BIN)/formerlab ablate configs/quick-ablation.yaml --workers $(DEMO_WORKERS) --out $$out && \
+	$(BIN)/formerlab report $$out
 
 demo-shakespeare: install
 	$(BIN)/formerlab train configs/demo-shakespeare.yaml
