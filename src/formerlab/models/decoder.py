@@ -2,45 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from formerlab.models.block import BlockStack
-from formerlab.models.embedding import TokenEmbedding
+from formerlab.models.embedding import SequenceModel
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(SequenceModel):
     """Causal LM over ``vocab_size`` tokens with any causal-capable token mixer.
 
+    ``DecoderLM(vocab_size, dim=128, depth=4, heads=4, max_len=256, mixer="attention",
+    mixer_options=None, mlp_ratio=4.0, dropout=0.0, body=None)``;
     ``forward(ids, key_padding_mask=None) -> logits (B, N, vocab_size)``.
     The output head shares the token-embedding matrix (tied weights).
     """
 
     def __init__(
-        self,
-        vocab_size: int,
-        dim: int = 128,
-        depth: int = 4,
-        heads: int = 4,
-        max_len: int = 256,
-        mixer: str = "attention",
-        mixer_options: dict[str, Any] | None = None,
-        mlp_ratio: float = 4.0,
-        dropout: float = 0.0,
-        body: nn.Module | None = None,
+        self, vocab_size: int, dim: int = 128, depth: int = 4, heads: int = 4,
+        max_len: int = 256, **options,
     ) -> None:
-        super().__init__()
-        self.max_len = max_len
-        self.embed = TokenEmbedding(vocab_size, dim, max_len, dropout)
-        self.body = body or BlockStack(dim, depth, heads, mixer, mixer_options, mlp_ratio, dropout)
+        super().__init__(vocab_size, dim, depth, heads, max_len, **options)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self.head.weight = self.embed.tokens.weight
 
     def forward(self, ids: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        x = self.body(self.embed(ids), key_padding_mask=key_padding_mask, causal=True)
-        return self.head(x)
+        return self.head(self.hidden(ids, key_padding_mask, causal=True))
 
     @torch.no_grad()
     def generate(

@@ -6,37 +6,21 @@ slots"), which any attention mechanism can solve, causal or not.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
-from formerlab.models.block import BlockStack
-from formerlab.models.embedding import TokenEmbedding
+from formerlab.models.embedding import SequenceModel
 
 
-class TokenTagger(nn.Module):
-    """``forward(ids, key_padding_mask=None) -> logits (B, N, num_classes)``."""
+class TokenTagger(SequenceModel):
+    """``forward(ids, key_padding_mask=None) -> logits (B, N, num_classes)``; options as
+    ``EncoderClassifier``."""
 
     def __init__(
-        self,
-        vocab_size: int,
-        num_classes: int,
-        dim: int = 128,
-        depth: int = 2,
-        heads: int = 4,
-        max_len: int = 512,
-        mixer: str = "attention",
-        mixer_options: dict[str, Any] | None = None,
-        mlp_ratio: float = 4.0,
-        dropout: float = 0.0,
-        body: nn.Module | None = None,
+        self, vocab_size: int, num_classes: int, dim: int = 128, depth: int = 2,
+        heads: int = 4, max_len: int = 512, **options,
     ) -> None:
-        super().__init__()
-        self.max_len = max_len
-        self.embed = TokenEmbedding(vocab_size, dim, max_len, dropout)
-        self.body = body or BlockStack(dim, depth, heads, mixer, mixer_options, mlp_ratio, dropout)
+        super().__init__(vocab_size, dim, depth, heads, max_len, **options)
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, ids: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        x = self.body(self.embed(ids), key_padding_mask=key_padding_mask, causal=False)
-        return self.head(x)
+        return self.head(self.hidden(ids, key_padding_mask, causal=False))
