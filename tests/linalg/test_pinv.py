@@ -1,0 +1,242 @@
+"""Iterative pseudoinverse against torch.linalg.pinv; diagnostics honesty; gradients."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from formerlab.linalg.pinv import PinvError, penrose_residual, pinv, pinv_iterates
+
+D = torch.float64
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).flatten(-2).norm(dim=-1) / b.double().flatten(-2).norm(dim=-1))
+
+
+def softmax_matrix(n, std=1.0, batch=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(*batch, n, 64, generator=g, dtype=D) * std
+    k = torch.randn(*batch, n, 64, generator=g, dtype=D) * std
+    return (q @ k.mT / 8).softmax(-1)
+
+
+@pytest.mark.parametrize("n", [2, 17, 64, 512])
+def test_rand_matrices_converge_to_pinv_float64(n):
+    A = torch.rand(n, n, generator=torch.Generator().manual_seed(n), dtype=D)
+    Z, info = pinv(A, init="razavi", return_info=True)
+    assert bool(info.converged)
+    assert rel(Z, torch.linalg.pinv(A)) <= 1e-4
+
+
+@pytest.mark.parametrize("n", [2, 17, 64, 256])
+def test_softmax_matrices_converge_to_pinv_float64(n):
+    A = softmax_matrix(n, std=1.5, seed=n)
+    Z, info = pinv(A, return_info=True)
+    assert bool(info.converged)
+    assert rel(Z, torch.linalg.pinv(A)) <= 1e-4
+
+
+def test_batch_mixing_scales_1e6_converges_per_matrix():
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([1e-3, 1e-1, 1.0, 1e3], dtype=D)
+    A = torch.rand(4, 32, 32, generator=g, dtype=D) * scales[:, None, None]
+    Z, info = pinv(A, return_info=True)
+    assert info.converged.all()
+    assert (rel(Z, torch.linalg.pinv(A)) <= 1e-4).all()
+    # scale invariance of the per-matrix init: same iteration counts as unscaled copies
+    _, unscaled = pinv(A / scales[:, None, None], return_info=True)
+    assert torch.equal(info.iterations, unscaled.iterations)
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (30, 50), (50, 30)])
+def test_rank_deficient_and_rectangular_float64(shape):
+    g = torch.Generator().manual_seed(1)
+    m, n = shape
+    A = torch.randn(m, 7, generator=g, dtype=D) @ torch.randn(7, n, generator=g, dtype=D)
+    Z, info = pinv(A, return_info=True)
+    assert Z.shape == (n, m)
+    assert bool(info.converged)
+    assert rel(Z, torch.linalg.pinv(A)) <= 1e-4
+
+
+@pytest.mark.parametrize("order", [2, 3, 4, 7])
+@pytest.mark.parametrize("init", ["razavi", "frobenius", "spectral", "auto"])
+def test_every_order_and_init_converges(order, init):
+    A = softmax_matrix(24, seed=3)
+    Z, info = pinv(A, order=order, init=init, return_info=True)
+    assert bool(info.converged) and not bool(info.diverged)
+    assert rel(Z, torch.linalg.pinv(A)) <= 1e-6
+
+
+def test_higher_order_needs_fewer_iterations():
+    A = softmax_matrix(48, seed=4)
+    its = [int(pinv(A, order=p, return_info=True)[1].iterations) for p in (2, 3, 7)]
+    assert its[0] > its[1] > its[2]
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 20), batch=st.integers(1, 3), seed=st.integers(0, 10_000))
+def test_converged_flag_means_close_on_well_conditioned_matrices(n, batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.eye(n, dtype=D) + 0.4 * torch.randn(batch, n, n, generator=g, dtype=D) / n**0.5
+    Z, info = pinv(A, return_info=True)
+    assert info.converged.shape == (batch,)
+    assert info.converged.all()
+    assert (rel(Z, torch.linalg.pinv(A)) <= 1e-9).all()
+
+
+def test_diagnostics_have_the_batch_shape():
+    A = softmax_matrix(8, batch=(2, 3))
+    Z, info = pinv(A, iters=4, return_info=True)
+    assert Z.shape == (2, 3, 8, 8)
+    for t in (info.iterations, info.residual, info.penrose, info.converged, info.diverged):
+        assert t.shape == (2, 3)
+    assert torch.all(info.iterations == 4)
+    torch.testing.assert_close(info.penrose, penrose_residual(A, Z))
+
+
+def test_float32_stagnation_is_reported_not_claimed_as_convergence():
+    # cond ~1e5: float32 cannot reach 1e-7; it must stop early and say so
+    A = torch.rand(256, 256, generator=torch.Generator().manual_seed(7), dtype=D)
+    with pytest.warns(UserWarning, match="stagnated: 1"):
+        Z, info = pinv(A.float(), tol=1e-7, max_iter=200, on_fail="warn", return_info=True)
+    assert Z.dtype == torch.float32
+    assert not bool(info.converged) and bool(info.stagnated)
+    assert int(info.iterations) < 60  # stopped, did not loop to max_iter
+    err = rel(Z, torch.linalg.pinv(A)).item()
+    assert err < 1e-2  # as close as float32 allows for this conditioning
+    assert err / 10 <= info.residual.item() <= err * 10  # the residual estimates the error
+
+
+def test_float32_well_conditioned_converges_to_1e_5():
+    A = softmax_matrix(32, std=0.5, seed=5)
+    Z, info = pinv(A.float(), return_info=True)
+    assert bool(info.converged)
+    assert rel(Z, torch.linalg.pinv(A)) <= 1e-5
+
+
+def test_low_precision_inputs_are_computed_in_float32_and_returned_in_their_dtype():
+    A = softmax_matrix(16, std=0.5)
+    for dtype in (torch.float16, torch.bfloat16):
+        Z, info = pinv(A.to(dtype), return_info=True)
+        assert Z.dtype == dtype and bool(info.converged)
+        assert torch.isfinite(Z).all()
+
+
+def test_global_init_warns_and_stalls_small_matrices_of_a_mixed_batch():
+    g = torch.Generator().manual_seed(2)
+    base = torch.eye(16, dtype=D) + 0.1 * torch.randn(3, 16, 16, generator=g, dtype=D) / 4
+    A = base * torch.tensor([1e-3, 1.0, 1e3], dtype=D)[:, None, None]
+    ref = torch.linalg.pinv(A)
+    per_matrix = pinv(A, init="razavi", iters=6)
+    assert (rel(per_matrix, ref) < 1e-8).all()
+    with pytest.warns(UserWarning, match="global"):
+        glob = pinv(A, init="global", iters=6)
+    errs = rel(glob, ref)
+    assert errs[0] > 0.99 and errs[1] > 0.5  # smaller scales barely moved
+    assert errs[2] < 1e-8  # the matrix that set the global scale is fine
+
+
+def test_divergence_is_detected_and_follows_on_fail():
+    # float32, numerically rank-deficient: after converging, the iteration starts to
+    # invert rounding noise and eventually blows up; fixed 60 iterations hit that
+    g = torch.Generator().manual_seed(0)
+    A = (torch.randn(32, 6, generator=g, dtype=D) @ torch.randn(6, 32, generator=g, dtype=D)).float()
+    with pytest.raises(PinvError, match=r"1 of 1 matrices failed \(diverged: 1") as caught:
+        pinv(A, iters=60)
+    assert bool(caught.value.info.diverged)
+    at = int(caught.value.info.extra["diverged_at"])
+    assert 0 < at < 60
+    with pytest.warns(UserWarning, match="diverged: 1"):
+        Z, info = pinv(A, iters=60, on_fail="warn", return_info=True)
+    assert torch.isfinite(Z).all() and int(info.iterations) == at - 1
+    Z, info = pinv(A, iters=60, on_fail="exact", return_info=True)
+    assert bool(info.fallback) and torch.isfinite(Z).all()
+    assert rel(Z, torch.linalg.pinv(A.double())) < 1e-3
+
+
+def test_exact_fallback_only_replaces_failed_matrices():
+    good = softmax_matrix(16, std=0.5, seed=1)
+    bad = torch.rand(256, 256, generator=torch.Generator().manual_seed(7), dtype=D)
+    small_bad = bad[:16, :16] @ torch.diag(torch.logspace(0, -9, 16, dtype=D))
+    A = torch.stack([good, small_bad]).float()
+    Z, info = pinv(A, tol=1e-5, on_fail="exact", return_info=True)
+    assert info.fallback.tolist() == [False, True]
+    assert info.converged.all()  # the replaced one counts as converged (exact)
+    torch.testing.assert_close(Z[1].double(), torch.linalg.pinv(A[1].double()), rtol=1e-5, atol=1e-3)
+    assert rel(Z[0], torch.linalg.pinv(good)) < 1e-4
+
+
+def test_zero_matrix_has_zero_pseudoinverse():
+    Z, info = pinv(torch.zeros(2, 3, 3), return_info=True)
+    assert torch.equal(Z, torch.zeros(2, 3, 3)) and info.converged.all()
+
+
+def test_iterates_match_fixed_iteration_counts():
+    A = softmax_matrix(10)
+    it = pinv_iterates(A)
+    for k in range(5):
+        torch.testing.assert_close(next(it), pinv(A, iters=k))
+
+
+def test_bad_arguments_raise_value_errors_naming_them():
+    A = torch.rand(4, 4)
+    for kwargs, name in [
+        ({"order": 1}, "order"), ({"init": "bogus"}, "init"), ({"backward": "x"}, "backward"),
+        ({"on_fail": "ignore"}, "on_fail"), ({"iters": -1}, "iters"), ({"tol": 0.0}, "tol"),
+        ({"max_iter": 0}, "max_iter"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            pinv(A, **kwargs)
+    with pytest.raises(ValueError, match="non-finite"):
+        pinv(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="floating"):
+        pinv(torch.ones(3, 3, dtype=torch.long))
+
+
+def well_conditioned(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(*shape, generator=g, dtype=D) * 0.3
+    m, n = shape[-2:]
+    A[..., range(min(m, n)), range(min(m, n))] += 2.0
+    return A.requires_grad_()
+
+
+def test_gradcheck_unrolled_fixed_iterations_and_to_tolerance():
+    A = well_conditioned((2, 5, 5))
+    assert torch.autograd.gradcheck(lambda a: pinv(a, iters=5), (A,))
+    assert torch.autograd.gradcheck(lambda a: pinv(a), (A,))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 5), (3, 6), (6, 3)])
+def test_gradcheck_implicit_backward(shape):
+    A = well_conditioned(shape, seed=1)
+    assert torch.autograd.gradcheck(lambda a: pinv(a, backward="implicit"), (A,))
+
+
+def test_implicit_gradient_equals_gradient_of_torch_pinv():
+    A = well_conditioned((4, 7), seed=2)
+    G = torch.randn(7, 4, dtype=D)
+    (g1,) = torch.autograd.grad((pinv(A, backward="implicit") * G).sum(), A)
+    (g2,) = torch.autograd.grad((torch.linalg.pinv(A) * G).sum(), A)
+    torch.testing.assert_close(g1, g2, atol=1e-9, rtol=1e-7)
+
+
+def graph_size(t):
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack += [n for n, _ in node.next_functions]
+    return len(seen)
+
+
+def test_implicit_graph_does_not_grow_with_iterations_unlike_unroll():
+    A = well_conditioned((5, 5), seed=3)
+    implicit = [graph_size(pinv(A, iters=k, backward="implicit")) for k in (3, 30)]
+    unrolled = [graph_size(pinv(A, iters=k)) for k in (3, 30)]
+    assert implicit[0] == implicit[1]
+    assert unrolled[1] > unrolled[0] + 100
