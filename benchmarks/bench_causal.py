@@ -18,11 +18,11 @@ import argparse
 from formerlab.bench.causal import (
     METHODS,
     SIZES,
-    markdown_table,
     memory_growth,
     run_benchmark,
     summary_rows,
 )
+from formerlab.bench.measure import markdown_table
 
 
 def main() -> None:

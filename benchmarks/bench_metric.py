@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from formerlab.bench.metric import markdown_table, run_benchmark, summary_rows
+from formerlab.bench.measure import markdown_table
+from formerlab.bench.metric import run_benchmark, summary_rows
 
 
 def main() -> None:

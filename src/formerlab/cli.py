@@ -175,7 +175,8 @@ def bench_metric(
     ),
 ) -> None:
     """Metric attention vs standard attention vs the materialising O(N²k²) form (fwd + bwd)."""
-    from formerlab.bench.metric import markdown_table, run_benchmark, summary_rows
+    from formerlab.bench.measure import markdown_table
+    from formerlab.bench.metric import run_benchmark, summary_rows
 
     def progress(result) -> None:
         status = result.skipped or f"{result.time_s * 1e3:.1f} ms"
@@ -298,7 +299,8 @@ def bench_causal(
     markdown: bool = typer.Option(False, help="Print a markdown table instead of a rich one."),
 ) -> None:
     """Causal kernels vs exact causal softmax (SDPA): forward + backward time, peak memory."""
-    from formerlab.bench.causal import markdown_table, memory_growth, run_benchmark, summary_rows
+    from formerlab.bench.causal import memory_growth, run_benchmark, summary_rows
+    from formerlab.bench.measure import markdown_table
 
     def progress(result) -> None:
         status = result.skipped or f"{result.time_s * 1e3:.0f} ms"

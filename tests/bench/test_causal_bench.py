@@ -5,12 +5,12 @@ import pytest
 from formerlab.bench.causal import (
     Case,
     Result,
-    markdown_table,
     memory_growth,
     run_benchmark,
     run_case,
     summary_rows,
 )
+from formerlab.bench.measure import markdown_table
 
 
 @pytest.mark.parametrize("method", ["softmax", "causal_nystrom", "linear", "performer"])

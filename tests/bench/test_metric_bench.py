@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from formerlab.bench.measure import markdown_table
 from formerlab.bench.metric import (
     Case,
     Result,
-    markdown_table,
     materialised_bytes,
     materialised_metric_attention,
     run_benchmark,

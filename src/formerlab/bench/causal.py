@@ -19,19 +19,21 @@ skipped above ``max_exact_n`` (its time grows as N² — say so next to the numb
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from formerlab.bench.measure import (
+    peak_memory_bytes,
+    run_json_worker,
+    start_peak_memory,
+    timed_passes,
+)
 from formerlab.errors import check_choice, check_positive_int
 
 METHODS = ("softmax", "causal_nystrom", "linear", "performer")
@@ -67,37 +69,6 @@ class Result:
     info: dict[str, float] = field(default_factory=dict)
 
 
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _prepare_peak_reading() -> int | None:
-    """Hand freed heap back to the OS and reset VmHWM; return the current RSS (KiB)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # resets the peak resident set to the current one
-    except OSError:
-        return None
-    return _status_kib("VmRSS")
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run_case(case: Case) -> Result:
     """Measure one case in this process (the body of the subprocess worker)."""
     from formerlab import attention
@@ -117,43 +88,17 @@ def run_case(case: Case) -> Result:
 
     for _ in range(case.warmup):
         step()
-    cuda = case.device.startswith("cuda")
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    base_kib = _prepare_peak_reading()
-    times = []
-    for _ in range(case.repeats):
-        _sync(case.device)
-        start = time.perf_counter()
-        step()
-        _sync(case.device)
-        times.append(time.perf_counter() - start)
-    if cuda:
-        peak: int | None = torch.cuda.max_memory_allocated() - base
-    else:
-        hwm = _status_kib("VmHWM")
-        peak = None if hwm is None or base_kib is None else max(hwm - base_kib, 0) * 1024
+    base = start_peak_memory(case.device)
+    times = timed_passes(step, case.repeats, case.device)
+    peak = peak_memory_bytes(case.device, base)
     info = kernel.last_info if isinstance(kernel.last_info, dict) else {}
     return Result(case.method, case.n, statistics.median(times), peak, info=dict(info))
 
 
 def run_in_subprocess(case: Case, timeout_s: float = 1800.0) -> Result:
     """Run ``case`` in a fresh Python process (its own peak memory)."""
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "formerlab.bench.causal", json.dumps(asdict(case))],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-        )
-    except subprocess.TimeoutExpired:
-        return Result(case.method, case.n, skipped=f"timeout after {timeout_s:g} s")
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return Result(case.method, case.n, skipped="failed: " + " | ".join(tail))
-    return Result(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    result, reason = run_json_worker("formerlab.bench.causal", asdict(case), timeout_s)
+    return Result(case.method, case.n, skipped=reason) if result is None else Result(**result)
 
 
 def run_benchmark(
@@ -232,16 +177,6 @@ def summary_rows(results: list[Result], methods: tuple[str, ...] = METHODS) -> l
             row[f"{m} MiB"] = "–" if peak is None else f"{peak / 2**20:.0f}"
         rows.append(row)
     return rows
-
-
-def markdown_table(rows: list[dict[str, str]]) -> str:
-    """The rows as a GitHub markdown table."""
-    if not rows:
-        return ""
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row.get(h, "") for h in header) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def memory_growth(results: list[Result], method: str) -> list[tuple[int, float]]:

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from formerlab import mixers, solvers
+from formerlab.bench.measure import sync, timed_passes
 from formerlab.errors import check_positive_int
 from formerlab.models.block import BlockStack, MetaFormerBlock
 from formerlab.models.deq import DEQStack, InjectedBlock
@@ -112,20 +113,10 @@ def deq_problem(
     return f, torch.zeros_like(x_hat)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _median_time(fn: Callable[[], Any], repeats: int, device: str) -> tuple[float, Any]:
-    times, out = [], None
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+    outputs = []
+    times = timed_passes(lambda: outputs.append(fn()), repeats, device)
+    return statistics.median(times), outputs[-1]
 
 
 def _our_solve(name: str, f, z0, tol: float, max_iter: int):
@@ -149,18 +140,18 @@ def _timed_solve(solve, name: str, f, z0: Tensor, tol: float, max_iter: int, dev
     calls, inside = [0], [0.0]
 
     def counted(z: Tensor) -> Tensor:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         out = f(z)
-        _sync(device)
+        sync(device)
         inside[0] += time.perf_counter() - start
         calls[0] += 1
         return out
 
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     result = solve(name, counted, z0, tol, max_iter)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, inside[0], calls[0], result
 
 

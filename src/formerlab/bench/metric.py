@@ -23,20 +23,22 @@ which is what is comparable on a shared machine.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import math
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from formerlab.bench.measure import (
+    peak_memory_bytes,
+    run_json_worker,
+    start_peak_memory,
+    timed_passes,
+)
 from formerlab.errors import check_choice, check_positive_float, check_positive_int
 from formerlab.mixers.metric import MetricAttention
 from formerlab.mixers.self_attention import merge_heads, split_heads
@@ -154,46 +156,12 @@ def build_case(case: Case) -> tuple[torch.nn.Module, Any, Tensor]:
     return module, fn, x
 
 
-def _resident_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _release_free_heap() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``); a no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak_resident() -> None:
-    """Reset VmHWM to the current resident set (Linux >= 4.0), so imports do not count."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-    except OSError:
-        pass
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run_case(case: Case) -> Result:
     """Measure one case in this process (the subprocess worker's body)."""
     if case.threads is not None:
         torch.set_num_threads(case.threads)
     _, fn, x = build_case(case)
     grad_out = torch.randn(x.shape, device=x.device)
-    cuda = case.device.startswith("cuda")
 
     def step() -> None:
         out = fn(x)
@@ -205,40 +173,16 @@ def run_case(case: Case) -> Result:
     # Peak memory is read over the timed passes only: one-time initialisation (thread
     # pools, library workspaces) stays out, and memory the warm-up freed is handed back
     # to the OS first so that re-using it still shows up in the resident set.
-    gc.collect()
-    _release_free_heap()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    _reset_peak_resident()
-    base_kib = _resident_kib("VmRSS")
-    times = []
-    for _ in range(case.repeats):
-        _sync(case.device)
-        start = time.perf_counter()
-        step()
-        _sync(case.device)
-        times.append(time.perf_counter() - start)
-    if cuda:
-        peak: int | None = torch.cuda.max_memory_allocated() - base
-    else:
-        hwm = _resident_kib("VmHWM")
-        peak = None if hwm is None or base_kib is None else (hwm - base_kib) * 1024
+    base = start_peak_memory(case.device)
+    times = timed_passes(step, case.repeats, case.device)
+    peak = peak_memory_bytes(case.device, base)
     return Result(case.method, case.n, statistics.median(times), peak)
 
 
 def run_in_subprocess(case: Case, timeout_s: float = 600.0) -> Result:
     """Run ``case`` in a fresh Python process (isolated peak memory)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "formerlab.bench.metric", json.dumps(asdict(case))],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return Result(case.method, case.n, skipped="failed: " + " | ".join(tail))
-    return Result(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    result, reason = run_json_worker("formerlab.bench.metric", asdict(case), timeout_s)
+    return Result(case.method, case.n, skipped=reason) if result is None else Result(**result)
 
 
 def run_benchmark(
@@ -333,16 +277,6 @@ def summary_rows(results: list[Result]) -> list[dict[str, str]]:
             ),
         })
     return rows
-
-
-def markdown_table(rows: list[dict[str, str]]) -> str:
-    """The summary rows as a GitHub markdown table."""
-    if not rows:
-        return ""
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row[h] for h in head) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _worker(argv: list[str]) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from formerlab.bench.measure import peak_memory_bytes, start_peak_memory, sync
 from formerlab.errors import check_choice, check_positive_int
 
 METHODS = ("nystrom", "softmax", "nystrom-attention")
@@ -81,26 +82,6 @@ def build_module(method: str, dim: int, heads: int, landmarks: int, conv_kernel:
     )
 
 
-def _vm_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_hwm() -> None:
-    # writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0)
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
 def _step_fn(module, x):
     def step() -> None:
         out = module(x)
@@ -109,11 +90,6 @@ def _step_fn(module, x):
         x.grad = None
 
     return step
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_interleaved(
@@ -134,10 +110,10 @@ def time_interleaved(
     best = {m: float("inf") for m in methods}
     for _ in range(repeats):
         for m, step in steps.items():
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             step()
-            _sync(dev)
+            sync(dev)
             best[m] = min(best[m], (time.perf_counter() - t0) * 1e3)
     return best
 
@@ -152,17 +128,11 @@ def measure_memory(
     dev = torch.device(device)
     step = _step_fn(build_module(method, dim, heads, landmarks, conv_kernel).to(dev),
                     torch.randn(batch, n, dim, device=dev, requires_grad=True))
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        _sync(dev)
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    _reset_hwm()
-    base = _vm_kib("VmRSS")
+    base = start_peak_memory(dev)
     step()
-    hwm = _vm_kib("VmHWM")
-    return None if hwm is None or base is None else max(0, hwm - base) / 1024
+    sync(dev)
+    peak = peak_memory_bytes(dev, base)
+    return None if peak is None else peak / 2**20
 
 
 def memory_subprocess(**kwargs: Any) -> tuple[float | None, str]:

@@ -1,0 +1,109 @@
+"""Measurement primitives shared by the benchmarks: timing, peak memory, isolation.
+
+Peak memory on a GPU is ``torch.cuda.max_memory_allocated`` above the allocation at the
+start; on a CPU it is the growth of the process's peak resident set (Linux ``VmHWM``,
+reset through ``/proc/self/clear_refs``) — approximate, so benchmarks run each case in a
+fresh process (``run_json_worker``) and compare cases of the same run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for queued GPU work so that wall-clock times are honest."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (e.g. ``VmRSS``, ``VmHWM``); None off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def start_peak_memory(device: str | torch.device) -> int | None:
+    """Reset the peak-memory reading; returns the baseline for ``peak_memory_bytes``.
+
+    Freed heap is handed back to the OS first (glibc ``malloc_trim``) so that re-using
+    it after the reset still shows up in the resident set.
+    """
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+    except OSError:
+        return None
+    return status_kib("VmRSS")
+
+
+def peak_memory_bytes(device: str | torch.device, base: int | None) -> int | None:
+    """Peak bytes above ``base`` (from ``start_peak_memory``) since that call."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() - (base or 0)
+    hwm = status_kib("VmHWM")
+    return None if hwm is None or base is None else max(hwm - base, 0) * 1024
+
+
+def timed_passes(step: Callable[[], Any], repeats: int, device: str | torch.device) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``step``."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_json_worker(module: str, payload: dict[str, Any], timeout_s: float) -> tuple[dict | None, str]:
+    """Run ``python -m module JSON`` in a fresh process; its last stdout line is JSON.
+
+    Returns ``(result, "")`` or ``(None, reason)`` on a failure or time-out.
+    """
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, json.dumps(payload)],
+            capture_output=True, text=True, timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"timeout after {timeout_s:g} s"
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return None, "failed: " + " | ".join(tail)
+    return json.loads(proc.stdout.strip().splitlines()[-1]), ""
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Rows (dicts with the same keys) as a GitHub markdown table."""
+    if not rows:
+        return ""
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(row.get(h, "")) for h in header) + " |" for row in rows]
+    return "\n".join(lines)
