@@ -219,7 +219,7 @@ def test_fixed_point_correction_keeps_differentiable_intermediate_estimates():
     # later iterates are closer to the fixed point
     dists = [float((c - z).detach().norm()) for c in deq.corrections]
     assert dists == sorted(dists, reverse=True)
-    assert deq.reg_loss is not None and float(deq.reg_loss) > 0
+    assert deq.reg_loss is not None and deq.reg_loss.item() > 0
     deq.reg_loss.backward()
     assert cell.w.grad is not None and cell.w.grad.abs().max() > 0
 

@@ -111,6 +111,7 @@ def scaling(
         ax.set_xticks(lengths, [f"{n:g}" for n in lengths])  # the N values the sweep ran
         ax.xaxis.set_minor_locator(NullLocator())
         ax.grid(alpha=0.3, which="both")
-    time_ax.legend(fontsize="small")
+    if time_ax.get_legend_handles_labels()[0]:  # nothing plotted: no empty legend
+        time_ax.legend(fontsize="small")
     figure.suptitle(title)
     return save(figure, path)
