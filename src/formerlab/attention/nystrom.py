@@ -157,6 +157,12 @@ class DepthwiseConvSkip(nn.Module):
         return f"kernel_size={self.kernel_size}, heads={self.heads or 'shared'}"
 
 
+@register(
+    "nystrom",
+    causal=False,
+    complexity="O(N·m·D + m³·iters) time, O(N·m) memory",
+    description="Nyström attention F·W⁺·R·V (Nyströmformer) with a diagnosed iterative pinv",
+)
 class NystromAttention(AttentionKernel):
     """Nyström approximation F·W⁺·R·V of softmax attention (non-causal).
 
@@ -399,38 +405,6 @@ class NystromAttention(AttentionKernel):
         )
         sel = f", select={self.pinv_select}" if self.pinv_select else ""
         return f"num_landmarks={self.num_landmarks}, {inv}{sel}"
-
-
-@register(
-    "nystrom",
-    causal=False,
-    complexity="O(N·m·D + m³·iters) time, O(N·m) memory",
-    description="Nyström attention F·W⁺·R·V (Nyströmformer) with a diagnosed iterative pinv",
-)
-def _build_nystrom(
-    num_landmarks: int = 64,
-    pinv_iters: int | None = 6,
-    pinv_tol: float | None = None,
-    pinv_max_iter: int = 100,
-    pinv_init: str = "auto",
-    pinv_order: int = 3,
-    pinv_reg: str | None = None,
-    pinv_reg_param: float | None = None,
-    pinv_backward: str = "unroll",
-    pinv_on_fail: str = "warn",
-    pinv_select: str | None = None,
-    select_rows: int = 64,
-    conv_kernel: int | None = None,
-    conv_heads: int | None = None,
-    scale: float | None = None,
-) -> NystromAttention:
-    return NystromAttention(
-        num_landmarks=num_landmarks, pinv_iters=pinv_iters, pinv_tol=pinv_tol,
-        pinv_max_iter=pinv_max_iter, pinv_init=pinv_init, pinv_order=pinv_order,
-        pinv_reg=pinv_reg, pinv_reg_param=pinv_reg_param, pinv_backward=pinv_backward,
-        pinv_on_fail=pinv_on_fail, pinv_select=pinv_select, select_rows=select_rows,
-        conv_kernel=conv_kernel, conv_heads=conv_heads, scale=scale,
-    )
 
 
 __all__ = ["DepthwiseConvSkip", "NystromAttention", "NystromInfo", "depthwise_conv_seq"]

@@ -227,6 +227,7 @@ def _ragged(sequences: list[bytes]) -> Ragged:
     return Ragged.from_flat(flat, torch.tensor([len(s) for s in sequences]))
 
 
+@register("listops", description="LRA ListOps: nested MAX/MIN/MED/SM expressions (encoder, 10 classes)")
 class ListOps(Task):
     """LRA ListOps as an encoder task: 10 classes, inputs padded per batch with a mask.
 
@@ -369,20 +370,3 @@ class ListOps(Task):
 
     def decode(self, ids: list[int]) -> str:
         return " ".join(VOCAB[i] for i in ids if i != PAD_ID)
-
-
-@register("listops", description="LRA ListOps: nested MAX/MIN/MED/SM expressions (encoder, 10 classes)")
-def _build(
-    min_len: int = 32,
-    max_len: int = 128,
-    max_depth: int = 5,
-    max_args: int = 5,
-    operator_prob: float = 0.25,
-    train_size: int = 20_000,
-    val_size: int = 1_000,
-    seed: int = 0,
-    cache_dir: str | None = None,
-) -> ListOps:
-    return ListOps(
-        min_len, max_len, max_depth, max_args, operator_prob, train_size, val_size, seed, cache_dir
-    )
