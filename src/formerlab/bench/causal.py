@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from formerlab.bench.measure import (
+    Result,
     peak_memory_bytes,
     run_json_worker,
     start_peak_memory,
@@ -55,18 +56,6 @@ class Case:
     threads: int | None = None
     device: str = "cpu"
     seed: int = 0
-
-
-@dataclass
-class Result:
-    """What one case measured; ``skipped`` holds the reason when it was not measured."""
-
-    method: str
-    n: int
-    time_s: float | None = None
-    peak_bytes: int | None = None
-    skipped: str | None = None
-    info: dict[str, float] = field(default_factory=dict)
 
 
 def run_case(case: Case) -> Result:

@@ -15,9 +15,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+
+@dataclass
+class Result:
+    """What one benchmark case measured; ``skipped`` holds the reason when it was not run."""
+
+    method: str
+    n: int
+    time_s: float | None = None
+    peak_bytes: int | None = None
+    skipped: str | None = None
+    info: dict[str, float] = field(default_factory=dict)
 
 
 def sync(device: str | torch.device) -> None:

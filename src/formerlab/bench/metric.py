@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from formerlab.bench.measure import (
+    Result,
     peak_memory_bytes,
     run_json_worker,
     start_peak_memory,
@@ -119,17 +120,6 @@ class Case:
     threads: int | None = None
     device: str = "cpu"
     seed: int = 0
-
-
-@dataclass
-class Result:
-    """What one case measured (``skipped`` holds the reason when it was not run)."""
-
-    method: str
-    n: int
-    time_s: float | None = None
-    peak_bytes: int | None = None
-    skipped: str | None = None
 
 
 def build_case(case: Case) -> tuple[torch.nn.Module, Any, Tensor]:
