@@ -32,7 +32,7 @@ def test_deq_language_model_trains_with_each_backward_mode(backward):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.75 * losses[0]
     stats = model.body.diagnostics()
     assert stats["deq_iterations"] >= 1
