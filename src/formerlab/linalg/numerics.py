@@ -1,0 +1,29 @@
+"""Small numerical helpers shared by every layer: the working dtype and the relative step.
+
+One definition each, so the pseudoinverse, the solvers and the kernels cannot drift apart
+on what "compute in float32" or "the iterate stopped moving" means.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype for numerically delicate work: float64 stays, every other dtype -> float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def relative_step(new: Tensor, old: Tensor, dims: tuple[int, ...] = (-2, -1)) -> Tensor:
+    """‖new − old‖_F / ‖new‖_F over ``dims``, per remaining index; 0 where ``new`` is 0.
+
+    A zero ``new`` gives 0 only when ``old`` is zero too (nothing moved); otherwise the
+    step is reported as infinite, so a collapse to zero never reads as convergence.
+    """
+    num = torch.linalg.vector_norm(new - old, dim=dims)
+    den = torch.linalg.vector_norm(new, dim=dims)
+    tiny = torch.finfo(den.dtype).tiny
+    ratio = num / den.clamp(min=tiny)
+    collapsed = torch.where(num > 0, torch.full_like(num, float("inf")), torch.zeros_like(num))
+    return torch.where(den > 0, ratio, collapsed)
