@@ -57,3 +57,63 @@ def test_mixer_and_deq_option_typos_fail_at_load_time():
     with pytest.raises(ConfigError, match=r"unknown model\.deq option\(s\) \['solvr'\]"):
         load_config(None, ["model.deq={solvr: anderson}"])
     assert load_config(None, ["model.deq={solver: anderson}"]).model.deq == {"solver": "anderson"}
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """A machine without CUDA and without MPS, whatever this one has."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "mps"])
+def test_unavailable_device_is_rejected_at_validation(no_gpu, device):
+    with pytest.raises(
+        ConfigError,
+        match=rf"train\.device: device='{device}' is not available on this machine; "
+        r"expected one of \['cpu'\]",
+    ):
+        load_config(None, [f"train.device={device}"])
+
+
+@pytest.mark.parametrize("device", ["cuda:abc", "gpu", "cuda:-1", "CPU"])
+def test_malformed_device_is_rejected_at_validation(device):
+    with pytest.raises(ConfigError, match=rf"train\.device: device='{device}' is not a device name"):
+        load_config(None, [f"train.device={device}"])
+
+
+def test_visible_gpus_are_allowed_by_index(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for device in ("cuda", "cuda:0", "cuda:1"):
+        assert load_config(None, [f"train.device={device}"]).train.device == device
+    with pytest.raises(ConfigError, match=r"'cuda:2' is not available.*'cuda:1'\]"):
+        load_config(None, ["train.device=cuda:2"])
+
+
+@pytest.mark.parametrize(
+    ("deq", "message"),
+    [
+        ("{max_iter: -1}", r"model\.deq\.max_iter=-1 is not allowed; expected an integer >= 1"),
+        ("{tol: -1.0e-3}", r"model\.deq\.tol=-0\.001 is not allowed"),
+        ("{solver: newtn}", r"model\.deq\.solver: unknown solver 'newtn'; available: \["),
+        ("{norm: batch}", r"model\.deq\.norm='batch' is not allowed; expected one of \['none'"),
+        (
+            "{solver: broyden, solver_options: {memory: 0}}",
+            r"model\.deq\.solver_options: memory=0 is not allowed",
+        ),
+        ("{backward: implict}", r"model\.deq\.backward='implict' is not allowed; expected one of"),
+    ],
+)
+def test_deq_value_errors_name_the_deq_key(deq, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"model.deq={deq}"])
+
+
+def test_good_deq_values_pass():
+    deq = {"solver": "broyden", "solver_options": {"memory": 5}, "max_iter": 3, "norm": "weight"}
+    assert load_config(None, [f"model.deq={deq}"]).model.deq == deq

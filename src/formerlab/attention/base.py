@@ -10,16 +10,81 @@ A kernel is called on per-head tensors ``q, k, v`` of shape (B, H, N, D) as
 * ``need_weights``: also return the (B, H, N, N) attention matrix (exact or the
   mechanism's approximation) as ``(out, weights)``.
 
+``causal`` and ``need_weights`` must be real bools (``causal="no"`` raises). Constructor
+options are checked by ``check_kernel_options`` (one rule per option name).
+
 Output dtype equals the input dtype. ``last_info`` holds the diagnostics of the last
 call for mechanisms that iterate (None otherwise).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from formerlab.errors import check_positive_float, check_positive_int
+from formerlab.linalg.numerics import compute_dtype
+
+__all__ = [
+    "OPTION_RULES",
+    "AttentionKernel",
+    "allowed_keys",
+    "check_attention_inputs",
+    "check_kernel_options",
+    "compute_dtype",
+    "zero_padded_queries",
+]
+
+#: How every numeric constructor option of a kernel is checked: ("int", minimum), ("int",
+#: None) for any integer, or ("float", 0) for a finite number > 0. One table, so ``scale``
+#: (or ``num_landmarks``) means the same thing and fails the same way in every kernel.
+OPTION_RULES: dict[str, tuple[str, int | None]] = {
+    "scale": ("float", 0),
+    "num_landmarks": ("int", 1),
+    "segment_size": ("int", 1),
+    "chunk_size": ("int", 1),
+    "num_features": ("int", 1),
+    "redraw_interval": ("int", 0),
+    "seed": ("int", None),
+    "select_rows": ("int", 1),
+    "pinv_iters": ("int", 0),
+    "pinv_max_iter": ("int", 1),
+    "pinv_order": ("int", 2),
+    "pinv_tol": ("float", 0),
+    "pinv_reg_param": ("float", 0),
+    "conv_kernel": ("int", 1),
+    "conv_heads": ("int", 1),
+}
+
+
+def check_kernel_options(kernel: str, nullable: Iterable[str] = (), **options: Any) -> None:
+    """Validate numeric constructor options of kernel ``kernel`` by the rules of
+    ``OPTION_RULES``; options named in ``nullable`` may also be None ("not set").
+
+    Raises ``ValueError`` naming the kernel, the option, the value and what is allowed,
+    before the kernel is built (so ``scale="x"`` never reaches SDPA as a ``TypeError``).
+    """
+    nullable = set(nullable)
+    for arg, value in options.items():
+        if arg not in OPTION_RULES:
+            raise KeyError(f"no validation rule for kernel option {arg!r}; add it to OPTION_RULES")
+        if value is None and arg in nullable:
+            continue
+        kind, minimum = OPTION_RULES[arg]
+        try:
+            if kind == "int" and minimum is None:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"{arg}={value!r} is not allowed; expected an integer")
+            elif kind == "int":
+                check_positive_int(arg, value, minimum=minimum)
+            else:
+                check_positive_float(arg, value)
+        except ValueError as error:
+            hint = " or None" if arg in nullable else ""
+            raise ValueError(f"attention kernel {kernel!r}: {error}{hint}") from None
 
 
 def check_attention_inputs(
@@ -81,11 +146,6 @@ def zero_padded_queries(out: Tensor, key_padding_mask: Tensor | None) -> Tensor:
     return out * key_padding_mask[:, None, :, None].to(out.dtype)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype for numerically delicate work: float64 stays, everything else -> float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class AttentionKernel(nn.Module):
     """Base class: validates a call, dispatches to ``attend``, enforces the contract.
 
@@ -121,6 +181,9 @@ class AttentionKernel(nn.Module):
         need_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         check_attention_inputs(q, k, v, key_padding_mask)
+        for arg, flag in (("causal", causal), ("need_weights", need_weights)):
+            if not isinstance(flag, bool):  # "no" would be truthy: never guess
+                raise ValueError(f"{arg}={flag!r} is not allowed; expected True or False")
         if causal and not self.supports_causal:
             from formerlab.attention.registry import available
 
@@ -128,7 +191,7 @@ class AttentionKernel(nn.Module):
                 f"attention kernel {self.name!r} does not support causal=True; "
                 f"use one of the causal kernels: {available(causal=True)}"
             )
-        out, weights = self.attend(q, k, v, key_padding_mask, bool(causal), need_weights)
+        out, weights = self.attend(q, k, v, key_padding_mask, causal, need_weights)
         out = zero_padded_queries(out, key_padding_mask).to(q.dtype)
         if need_weights:
             if weights is None:

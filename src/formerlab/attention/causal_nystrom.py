@@ -86,9 +86,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from formerlab.attention.base import AttentionKernel, compute_dtype
+from formerlab.attention.base import AttentionKernel, check_kernel_options, compute_dtype
 from formerlab.attention.registry import register
-from formerlab.errors import check_choice, check_positive_int
+from formerlab.errors import check_choice
 
 LANDMARK_SYSTEMS = ("block", "triangular")
 # max log-gap between a landmark row's largest logit and its diagonal (keeps L invertible)
@@ -331,18 +331,16 @@ class CausalNystromAttention(AttentionKernel):
         landmark_system: str = "block",
         scale: float | None = None,
     ) -> None:
+        check_kernel_options(
+            "causal_nystrom", nullable=("segment_size", "num_landmarks", "scale"),
+            segment_size=segment_size, num_landmarks=num_landmarks, scale=scale,
+        )
         super().__init__()
         self.landmark_system = check_choice("landmark_system", landmark_system, LANDMARK_SYSTEMS)
         if segment_size is not None and num_landmarks is not None:
             raise ValueError(
                 f"give segment_size={segment_size!r} or num_landmarks={num_landmarks!r}, not both"
             )
-        if segment_size is not None:
-            check_positive_int("segment_size", segment_size)
-        if num_landmarks is not None:
-            check_positive_int("num_landmarks", num_landmarks)
-        if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-            raise ValueError(f"scale={scale!r} is not allowed; expected a number > 0 or None")
         self.segment_size, self.num_landmarks, self.scale = segment_size, num_landmarks, scale
 
     def attend(self, q, k, v, key_padding_mask, causal, need_weights):

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from formerlab.attention.base import AttentionKernel, compute_dtype
+from formerlab.attention.base import AttentionKernel, check_kernel_options, compute_dtype
 from formerlab.attention.registry import register
-from formerlab.errors import check_positive_float, check_positive_int
 from formerlab.linalg.segments import SegmentLayout, segment_layout, segment_means
 
 
@@ -114,9 +113,12 @@ class LandmarkAttention(AttentionKernel):
     supports_causal = False
 
     def __init__(self, num_landmarks: int = 64, scale: float | None = None) -> None:
+        check_kernel_options(
+            "landmark", nullable=("scale",), num_landmarks=num_landmarks, scale=scale
+        )
         super().__init__()
-        self.num_landmarks = check_positive_int("num_landmarks", num_landmarks)
-        self.scale = None if scale is None else check_positive_float("scale", scale)
+        self.num_landmarks = num_landmarks
+        self.scale = None if scale is None else float(scale)
 
     def attend(self, q, k, v, key_padding_mask, causal, need_weights):
         fac = landmark_factors(q, k, v, key_padding_mask, self.num_landmarks, self.scale)

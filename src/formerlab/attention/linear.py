@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from formerlab.attention.base import AttentionKernel, compute_dtype
+from formerlab.attention.base import AttentionKernel, check_kernel_options, compute_dtype
 from formerlab.attention.registry import register
-from formerlab.errors import check_choice, check_positive_int
+from formerlab.errors import check_choice
 from formerlab.linalg.prefix import DEFAULT_CHUNK, causal_dot_product, noncausal_dot_product
 
 FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -99,12 +99,13 @@ class LinearAttention(AttentionKernel):
         feature_map: str | Callable[[Tensor], Tensor] = "elu",
         chunk_size: int = DEFAULT_CHUNK,
     ) -> None:
+        check_kernel_options("linear", chunk_size=chunk_size)
         super().__init__()
         if not callable(feature_map):
             check_choice("feature_map", feature_map, FEATURE_MAPS)
         self.feature_map = feature_map
         self.phi = feature_map if callable(feature_map) else FEATURE_MAPS[feature_map]
-        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        self.chunk_size = chunk_size
 
     def attend(self, q, k, v, key_padding_mask, causal, need_weights):
         work = compute_dtype(q.dtype)

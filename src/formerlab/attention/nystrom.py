@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from formerlab.attention.base import AttentionKernel
+from formerlab.attention.base import AttentionKernel, check_kernel_options
 from formerlab.attention.landmark import LandmarkFactors, landmark_factors
 from formerlab.attention.registry import register
 from formerlab.errors import check_choice, check_positive_float, check_positive_int
@@ -212,6 +212,13 @@ class NystromAttention(AttentionKernel):
         conv_heads: int | None = None,
         scale: float | None = None,
     ) -> None:
+        check_kernel_options(
+            "nystrom", nullable=("pinv_iters", "pinv_tol", "pinv_reg_param", "conv_kernel",
+                                 "conv_heads", "scale"),
+            num_landmarks=num_landmarks, pinv_iters=pinv_iters, pinv_tol=pinv_tol,
+            pinv_max_iter=pinv_max_iter, pinv_order=pinv_order, pinv_reg_param=pinv_reg_param,
+            select_rows=select_rows, conv_kernel=conv_kernel, conv_heads=conv_heads, scale=scale,
+        )
         super().__init__()
         self.num_landmarks = check_positive_int("num_landmarks", num_landmarks)
         if pinv_iters is not None:

@@ -43,10 +43,9 @@ import math
 import torch
 from torch import Tensor
 
-from formerlab.attention.base import AttentionKernel, compute_dtype
+from formerlab.attention.base import AttentionKernel, check_kernel_options, compute_dtype
 from formerlab.attention.linear import linear_sums, linear_weights
 from formerlab.attention.registry import register
-from formerlab.errors import check_positive_float, check_positive_int
 from formerlab.linalg.prefix import DEFAULT_CHUNK
 
 # largest key-feature exponent of the causal path (e^60 summed over 1e5 keys < float32 max)
@@ -146,14 +145,14 @@ class PerformerAttention(AttentionKernel):
         scale: float | None = None,
         chunk_size: int = DEFAULT_CHUNK,
     ) -> None:
+        check_kernel_options(
+            "performer", nullable=("scale",), num_features=num_features,
+            redraw_interval=redraw_interval, seed=seed, scale=scale, chunk_size=chunk_size,
+        )
         super().__init__()
-        self.num_features = check_positive_int("num_features", num_features)
-        self.redraw_interval = check_positive_int("redraw_interval", redraw_interval, minimum=0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed={seed!r} is not allowed; expected an integer")
-        self.seed = seed
-        self.scale = None if scale is None else check_positive_float("scale", scale)
-        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        self.num_features, self.redraw_interval, self.seed = num_features, redraw_interval, seed
+        self.scale = None if scale is None else float(scale)
+        self.chunk_size = chunk_size
         # persistent: a checkpoint restores which draw is in use; features are rebuilt
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))

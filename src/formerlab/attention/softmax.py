@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from formerlab.attention.base import AttentionKernel, allowed_keys, compute_dtype
+from formerlab.attention.base import (
+    AttentionKernel,
+    allowed_keys,
+    check_kernel_options,
+    compute_dtype,
+)
 from formerlab.attention.registry import register
 
 
@@ -53,6 +58,7 @@ class SoftmaxAttention(AttentionKernel):
     supports_causal = True
 
     def __init__(self, scale: float | None = None) -> None:
+        check_kernel_options("softmax", nullable=("scale",), scale=scale)
         super().__init__()
         self.scale = scale
 

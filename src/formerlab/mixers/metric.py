@@ -175,13 +175,11 @@ class MetricAttention(TokenMixer):
         )
 
 
-@register(
+register(
     "metric",
     causal=True,
     complexity="O(N²·k) time with the softmax kernel (one kernel call on (pM, p, p))",
     description="metric-tensor attention: shared projection p, scores pᵢᵀMpⱼ, values p "
     "(options: metric=symmetric|psd|diagonal, kernel=...)",
     variants=tuple({"metric": m} for m in METRICS),
-)
-def _build_metric(dim: int, heads: int = 4, **options: Any) -> MetricAttention:
-    return MetricAttention(dim, heads, **options)
+)(MetricAttention)

@@ -14,8 +14,6 @@ never leak into real tokens, and outputs at padded positions are zero.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -69,11 +67,10 @@ class Pooling(TokenMixer):
         return f"dim={self.dim}, pool_size={self.pool_size}"
 
 
-@register(
+register(
     "pooling",
     causal=True,
     complexity="O(N·pool_size) time, no parameters",
     description="PoolFormer token mixer: average pool minus identity (causal: past window)",
-)
-def _build_pooling(dim: int, heads: Any = None, pool_size: int = 3) -> Pooling:
-    return Pooling(dim, pool_size=pool_size)
+    ignores=("heads",),  # models pass heads to every mixer; pooling has none
+)(Pooling)

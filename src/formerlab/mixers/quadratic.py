@@ -105,12 +105,10 @@ class QuadraticAttention(TokenMixer):
         return f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, rank={self.rank}"
 
 
-@register(
+register(
     "quadratic",
     causal=True,
     complexity="O(N²·k) time with the softmax kernel (one kernel call)",
     description="general bilinear-form attention pᵢᵀCpⱼ, C full or low-rank (option: rank=), "
     "values via their own projection",
-)
-def _build_quadratic(dim: int, heads: int = 4, **options: Any) -> QuadraticAttention:
-    return QuadraticAttention(dim, heads, **options)
+)(QuadraticAttention)

@@ -67,10 +67,8 @@ class SelfAttention(TokenMixer):
         return f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}"
 
 
-@register(
+register(
     "attention",
     causal=True,
     description="multi-head self-attention with any registered kernel (option: kernel=...)",
-)
-def _build_attention(dim: int, heads: int = 4, **options: Any) -> SelfAttention:
-    return SelfAttention(dim, heads, **options)
+)(SelfAttention)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -102,7 +104,41 @@ class ModelConfig(StrictModel):
                 raise ValueError(
                     f"unknown model.deq option(s) {unknown}; valid options: {deq_option_names()}"
                 )
+            check_deq_values(self.deq)
         return self
+
+
+def _deq_fails(options: dict[str, Any]) -> ValueError | None:
+    """The error ``formerlab.deq.DEQ`` raises for ``options`` (cheap: f is the identity)."""
+    from formerlab.deq import DEQ
+
+    try:
+        DEQ(lambda z, x: z, **options)
+    except ValueError as error:
+        return error
+    return None
+
+
+def check_deq_values(deq: dict[str, Any]) -> None:
+    """Check the values of ``model.deq`` now; errors name ``model.deq.<key>``."""
+    from formerlab.deq.norm import NORMS
+
+    options = dict(deq)
+    norm = options.pop("norm", "none")
+    if norm not in NORMS:
+        raise ValueError(f"model.deq.norm={norm!r} is not allowed; expected one of {list(NORMS)}")
+    error = _deq_fails(options)
+    if error is None:
+        return
+    # the culprit is the option that fails on its own (with the solver it configures)
+    companions = {"solver_options": ("solver",), "backward_options": ("solver", "backward_solver")}
+    for key in options:
+        alone = {k: options[k] for k in (key, *companions.get(key, ())) if k in options}
+        if _deq_fails(alone) is not None:
+            text = str(error)
+            prefix = "model.deq." if text.startswith(f"{key}=") else f"model.deq.{key}: "
+            raise ValueError(prefix + text) from None
+    raise ValueError(f"model.deq: {error}") from None
 
 
 class TrainConfig(StrictModel):
@@ -129,9 +165,23 @@ class TrainConfig(StrictModel):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value != "cpu" and not value.startswith("cuda") and value != "mps":
-            raise ValueError(f"device={value!r} is not allowed; expected 'cpu', 'cuda[:N]' or 'mps'")
+        allowed = available_devices()
+        if value not in allowed:
+            known = re.fullmatch(r"cuda(:[0-9]+)?|mps", value)  # a device, but not here
+            what = "is not available on this machine" if known else "is not a device name"
+            raise ValueError(f"device={value!r} {what}; expected one of {allowed}")
         return value
+
+
+def available_devices() -> list[str]:
+    """The ``train.device`` values this machine can run: cpu, cuda / cuda:N for each visible
+    GPU, mps where PyTorch's Metal backend is available."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
 
 
 class TrackingConfig(StrictModel):
