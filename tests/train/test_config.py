@@ -117,3 +117,39 @@ def test_deq_value_errors_name_the_deq_key(deq, message):
 def test_good_deq_values_pass():
     deq = {"solver": "broyden", "solver_options": {"memory": 5}, "max_iter": 3, "norm": "weight"}
     assert load_config(None, [f"model.deq={deq}"]).model.deq == deq
+
+
+@pytest.mark.parametrize("task", ["sst2", "shakespeare_chars"])
+def test_missing_data_message_names_a_config_key_that_exists(task, tmp_path, monkeypatch):
+    """The key the message tells users to set must be one the config accepts."""
+    import re
+
+    from formerlab import data
+
+    monkeypatch.setenv("FORMERLAB_DATA", str(tmp_path))  # an empty data directory
+    with pytest.raises(FileNotFoundError, match=r"task\.options\.data_path") as caught:
+        data.build(task)
+    key = re.search(r"config key (\S+?)\)", str(caught.value)).group(1)
+    cfg = load_config(None, [f"task.name={task}", f"{key}={tmp_path}"])
+    assert cfg.task.options["data_path"] == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"min_len": 100, "max_len": 50},
+            r"min_len=100 is larger than max_len=50 \(config keys task\.options\.min_len and "
+            r"task\.options\.max_len\); expected min_len <= max_len",
+        ),
+        (
+            {"min_len": 40, "max_depth": 2, "max_args": 2},
+            r"min_len=40 \(config key task\.options\.min_len\) is not allowed",
+        ),
+    ],
+)
+def test_listops_length_errors_name_their_config_keys(options, message):
+    from formerlab import data
+
+    with pytest.raises(ValueError, match=message):
+        data.build("listops", **options)

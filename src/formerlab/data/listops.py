@@ -150,12 +150,18 @@ class ListOpsConfig:
         if self.operator_prob >= 1:
             raise ValueError(f"operator_prob={operator_prob!r} is not allowed; expected 0 < p < 1")
         self.min_len = check_positive_int("min_len", min_len, minimum=1)
-        self.max_len = check_positive_int("max_len", max_len, minimum=min_len)
+        self.max_len = check_positive_int("max_len", max_len, minimum=1)
+        if min_len > max_len:
+            raise ValueError(
+                f"min_len={min_len!r} is larger than max_len={max_len!r} (config keys "
+                "task.options.min_len and task.options.max_len); expected min_len <= max_len"
+            )
         longest = longest_expression(max_depth, max_args)
         if min_len > longest:
             raise ValueError(
-                f"min_len={min_len!r} is not allowed: with max_depth={max_depth} and "
-                f"max_args={max_args} expressions have at most {longest} tokens"
+                f"min_len={min_len!r} (config key task.options.min_len) is not allowed: with "
+                f"max_depth={max_depth} and max_args={max_args} expressions have at most "
+                f"{longest} tokens"
             )
         self.train_size = check_positive_int("train_size", train_size)
         self.val_size = check_positive_int("val_size", val_size)

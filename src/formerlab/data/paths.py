@@ -31,7 +31,8 @@ def find_data_file(relative: str, path: str | os.PathLike | None = None) -> Path
             return p
     raise FileNotFoundError(
         f"{relative} not found; looked at {[str(p) for p in tried]}. Pass the file or its "
-        f"data directory (config key task.data_path) or set {DATA_ENV}=DIR."
+        f"data directory (option data_path; config key task.options.data_path) or set "
+        f"{DATA_ENV}=DIR."
     )
 
 
