@@ -24,7 +24,8 @@ install: $(STAMP)
 
 DEMO_WORKERS ?= 2
 
-# The quick ablation (about 4-7 minutes on 2 cores), then its report: tables and plot paths.
+# The quick ablation, then its report (tables and plot paths): 149 s measured on 2 quiet
+# cores (README, "The quick ablation"); longer when other jobs share the CPUs.
 demo: install
 	out=runs/quick-ablation-$$(date +%Y%m%d-%H%M%S); \
 	$(BIN)/formerlab ablate configs/quick-ablation.yaml --workers $(DEMO_WORKERS) --out $$out && \

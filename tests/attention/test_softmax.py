@@ -1,4 +1,4 @@
-"""The exact softmax kernel against a naive float64 reference."""
+"""The exact softmax kernel against a row-by-row float64 reference."""
 
 import math
 
@@ -10,52 +10,91 @@ from hypothesis import strategies as st
 from formerlab import attention
 
 
-def reference_attention(q, k, v, key_padding_mask=None, causal=False):
-    """Textbook softmax attention in float64 with explicit loops over masks."""
+def looped_reference(q, k, v, key_padding_mask=None, causal=False, scale=None):
+    """Softmax attention written out row by row in float64, with the kernel contract made
+    explicit: a padded query row gives output 0 (and no weights); a real query attends to
+    the real keys it may see (j <= i under ``causal``) — never empty, it sees itself."""
     q, k, v = q.double(), k.double(), v.double()
     b, h, n, d = q.shape
-    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
-    allowed = torch.ones(b, 1, n, n, dtype=torch.bool)
-    if causal:
-        allowed &= torch.ones(n, n, dtype=torch.bool).tril()
-    if key_padding_mask is not None:
-        allowed &= key_padding_mask[:, None, None, :]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    out = weights @ v
-    if key_padding_mask is not None:
-        out = out * key_padding_mask[:, None, :, None]
-        weights = weights * key_padding_mask[:, None, :, None]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.zeros(b, h, n, v.shape[-1], dtype=torch.float64)
+    weights = torch.zeros(b, h, n, n, dtype=torch.float64)
+    real = torch.ones(b, n, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
+    for bi in range(b):
+        for i in range(n):
+            if not real[bi, i]:
+                continue
+            keys = [j for j in range(n) if real[bi, j] and (not causal or j <= i)]
+            for hi in range(h):
+                s = torch.stack([q[bi, hi, i] @ k[bi, hi, j] for j in keys]) * scale
+                w = torch.exp(s - s.max())
+                w = w / w.sum()
+                weights[bi, hi, i, keys] = w
+                out[bi, hi, i] = (w[:, None] * v[bi, hi, keys]).sum(0)
     return out, weights
+
+
+MASK_KINDS = ("none", "right", "left", "holes")
 
 
 @st.composite
 def attention_case(draw):
+    """q, k, v and a key padding mask: right padding, left padding, or arbitrary holes;
+    any number of real tokens per sequence, including none (a fully padded row)."""
     b, h = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     n, d = draw(st.integers(1, 12)), draw(st.integers(1, 8))
     seed = draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
-    lengths = [draw(st.integers(1, n)) for _ in range(b)]
-    mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    kind = draw(st.sampled_from(MASK_KINDS))
+    if kind == "none":
+        return q, k, v, None
+    if kind == "holes":
+        rows = [draw(st.lists(st.booleans(), min_size=n, max_size=n)) for _ in range(b)]
+        return q, k, v, torch.tensor(rows, dtype=torch.bool).reshape(b, n)
+    lengths = torch.tensor([draw(st.integers(0, n)) for _ in range(b)])[:, None]
+    pos = torch.arange(n)[None, :]
+    mask = pos < lengths if kind == "right" else pos >= n - lengths
     return q, k, v, mask
 
 
-@settings(max_examples=40, deadline=None)
-@given(case=attention_case(), causal=st.booleans(), use_mask=st.booleans())
-def test_softmax_matches_reference(case, causal, use_mask):
+@settings(max_examples=60, deadline=None)
+@given(
+    case=attention_case(),
+    causal=st.booleans(),
+    scale=st.one_of(st.none(), st.floats(0.05, 4.0)),
+)
+def test_softmax_matches_reference(case, causal, scale):
     q, k, v, mask = case
-    mask = mask if use_mask else None
-    kernel = attention.build("softmax")
-    expected, expected_w = reference_attention(q, k, v, mask, causal)
-    out = kernel(q, k, v, key_padding_mask=mask, causal=causal)
+    kernel = attention.build("softmax", scale=scale)
+    expected, expected_w = looped_reference(q, k, v, mask, causal, scale)
+    qg = q.clone().requires_grad_()
+    out = kernel(qg, k, v, key_padding_mask=mask, causal=causal)
     out_w, weights = kernel(q, k, v, key_padding_mask=mask, causal=causal, need_weights=True)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_w.double(), expected, atol=1e-5, rtol=1e-5)
     assert weights.shape == (q.shape[0], q.shape[1], q.shape[2], q.shape[2])
+    assert torch.isfinite(weights).all()
     if mask is not None:  # padded query rows carry no meaning; compare the real ones
         weights = weights * mask[:, None, :, None]
     torch.testing.assert_close(weights.double(), expected_w, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()  # fully padded rows and left padding: no NaN gradient
+    assert torch.isfinite(qg.grad).all()
+    if mask is not None:  # padded queries have zero output, so zero gradient
+        assert (qg.grad * ~mask[:, None, :, None] == 0).all()
+
+
+def test_reference_on_a_hand_computed_case():
+    """The looped reference itself, against numbers worked out by hand."""
+    q = torch.tensor([[[[1.0], [0.0], [2.0]]]])
+    k = torch.tensor([[[[1.0], [1.0], [0.0]]]])
+    v = torch.tensor([[[[1.0], [2.0], [3.0]]]])
+    mask = torch.tensor([[False, True, True]])  # left padding: token 0 is padded
+    out, weights = looped_reference(q, k, v, mask, causal=True, scale=1.0)
+    # query 1 sees key 1 only; query 2 sees keys 1, 2 with logits 2·1 = 2 and 2·0 = 0
+    w = math.exp(2) / (math.exp(2) + 1)
+    assert out[0, 0, :, 0].tolist() == pytest.approx([0.0, 2.0, 2 * w + 3 * (1 - w)])
+    assert weights[0, 0, 2].tolist() == pytest.approx([0.0, w, 1 - w])
 
 
 def test_float64_is_exact_and_dtype_is_kept():
@@ -64,7 +103,7 @@ def test_float64_is_exact_and_dtype_is_kept():
     out = attention.build("softmax")(q, k, v, causal=True)
     assert out.dtype == torch.float64
     torch.testing.assert_close(
-        out, reference_attention(q, k, v, causal=True)[0], atol=1e-12, rtol=1e-12
+        out, looped_reference(q, k, v, causal=True)[0], atol=1e-12, rtol=1e-12
     )
     out16 = attention.build("softmax")(q.bfloat16(), k.bfloat16(), v.bfloat16())
     assert out16.dtype == torch.bfloat16 and torch.isfinite(out16).all()
