@@ -153,3 +153,13 @@ def test_listops_length_errors_name_their_config_keys(options, message):
 
     with pytest.raises(ValueError, match=message):
         data.build("listops", **options)
+
+
+def test_sst2_data_path_to_a_file_names_the_config_key(tmp_path):
+    from formerlab import data
+
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence\tlabel\n")
+    with pytest.raises(ValueError, match=r"data_path='.*train\.tsv' \(config key "
+                       r"task\.options\.data_path\) is not allowed: SST-2 has two files"):
+        data.build("sst2", data_path=str(path))

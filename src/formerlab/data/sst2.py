@@ -43,8 +43,9 @@ def find_sst2_file(split: str, data_path: str | os.PathLike | None) -> Path:
         root = Path(data_path).expanduser()
         if root.is_file():
             raise ValueError(
-                f"data_path={str(data_path)!r} is not allowed: SST-2 has two files; expected "
-                f"a data directory holding sst2/ or the sst2 directory itself"
+                f"data_path={str(data_path)!r} (config key task.options.data_path) is not "
+                "allowed: SST-2 has two files; expected a data directory holding sst2/ or the "
+                "sst2 directory itself"
             )
         if (root / Path(relative).name).is_file():  # pointed at the sst2 directory
             return root / Path(relative).name
