@@ -38,17 +38,39 @@ def test_lra_config_is_the_small_lra_setting(tmp_path):
     assert {t.mechanism for t in trials} == {"softmax", "nystrom", "linear", "performer", "metric"}
 
 
-def test_quick_ablation_sort_softmax_reaches_90_percent_and_pooling_beats_chance(tmp_path):
-    """The demo's promise on `sort`, on the real config: softmax >= 90% token accuracy and
-    the weakest mechanism (pooling, a local mixer) above the chance baseline. Two real
-    trials of the config (about 15 s of CPU)."""
+QUICK_STEPS = 100
+
+
+@pytest.fixture(scope="module")
+def quick_sort(tmp_path_factory):
+    """The quick-ablation config on `sort` with every mechanism the config lists, run once
+    and shared by the tests below. Everything is the demo's (model, data, batch, lr,
+    schedule shape) except the length: ``QUICK_STEPS`` = 100 of its 300 steps, evaluated at
+    the end — a third of the demo's training has to be enough, which keeps the 7 trials at
+    about 27 s of CPU (measured; the full 300 steps took 78 s)."""
     spec = load_sweep(CONFIGS / "quick-ablation.yaml")
-    keep = {"task": {"sort"}, "mechanism": {"softmax", "pooling"}}
-    axes = [Axis(a.name, [v for v in a.values if v.label in keep.get(a.name, {v.label})])
+    axes = [Axis(a.name, [v for v in a.values if a.name != "task" or v.label == "sort"])
             for a in spec.axes]
-    spec = SweepSpec(spec.name, {**spec.base, "tracking": "none"}, axes)
-    outcome = run_sweep(spec, out=tmp_path / "sweep", progress=False)
-    results = {r["mechanism"]: r for r in outcome.results.values()}
+    train = {**spec.base["train"], "steps": QUICK_STEPS, "eval_every": QUICK_STEPS}
+    spec = SweepSpec(spec.name, {**spec.base, "train": train, "tracking": "none"}, axes)
+    outcome = run_sweep(spec, out=tmp_path_factory.mktemp("quick") / "sweep", progress=False)
+    mechanisms = {v.label for a in spec.axes if a.name == "mechanism" for v in a.values}
+    return mechanisms, {r["mechanism"]: r for r in outcome.results.values()}
+
+
+def test_quick_ablation_sort_softmax_reaches_90_percent(quick_sort):
+    """The demo's headline on `sort`: exact softmax attention solves it (>= 90 %)."""
+    _, results = quick_sort
     assert results["softmax"]["metrics"]["accuracy"] >= 0.90
-    baseline = results["pooling"]["task"]["baseline"]["accuracy"]
-    assert results["pooling"]["metrics"]["accuracy"] > baseline
+
+
+def test_quick_ablation_every_mechanism_beats_the_baseline_on_sort(quick_sort):
+    """The README's claim, for every mechanism the config lists (not a hand-kept subset):
+    each trial completes and its validation accuracy is above the chance baseline."""
+    mechanisms, results = quick_sort
+    assert mechanisms == QUICK_MECHANISMS and set(results) == mechanisms
+    for name, result in results.items():
+        assert result["status"] == "completed", (name, result.get("error"))
+        accuracy = result["metrics"]["accuracy"]
+        baseline = result["task"]["baseline"]["accuracy"]
+        assert accuracy > baseline, f"{name}: accuracy {accuracy:.3f} <= baseline {baseline:.3f}"
