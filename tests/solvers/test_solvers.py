@@ -129,18 +129,20 @@ def test_damped_fixed_point_converges_where_plain_iteration_oscillates():
 
 
 def test_solve_root_broyden_on_a_nonlinear_system_with_known_root():
-    # x^2 + y^2 = 2 and x = y: root (1, 1) (from starts in its basin)
+    # x^2 + y^2 = 2 and x = y: the two roots are (1, 1) and (-1, -1)
     def g(z):
         return torch.stack([z[:, 0] ** 2 + z[:, 1] ** 2 - 2, z[:, 0] - z[:, 1]], dim=1)
 
     z0 = torch.tensor([[1.5, 0.7], [0.6, 1.3], [1.2, 1.2]], dtype=F64)
-    for line_search in (False, True):
+    for line_search in (False, True, None):
         z, info = solvers.solve_root(
-            g, z0, tol=1e-12, max_iter=60, stop="abs", line_search=line_search
+            g, z0, method="broyden", tol=1e-12, max_iter=60, stop="abs",
+            line_search=line_search,
         )
         assert info.all_converged
         assert info.problem == "root"
-        torch.testing.assert_close(z, torch.ones(3, 2, dtype=F64), atol=1e-10, rtol=0)
+        root = torch.sign(z[:, :1]).expand(3, 2)
+        torch.testing.assert_close(z, root, atol=1e-10, rtol=0)
 
 
 def test_solve_root_elementwise_cubic_with_known_roots():
@@ -149,7 +151,8 @@ def test_solve_root_elementwise_cubic_with_known_roots():
     r = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.0, -0.3]], dtype=F64)
     c = r**3 + r
     z, info = solvers.solve_root(
-        lambda z: z**3 + z - c, torch.zeros_like(r), init_scale=-1.0, line_search=True,
+        lambda z: z**3 + z - c, torch.zeros_like(r), method="broyden", init_scale=-1.0,
+        line_search=True,
         tol=1e-12, max_iter=100, stop="abs",
     )
     assert info.all_converged
@@ -170,21 +173,28 @@ def newton(g, z, steps=30):
     return z
 
 
-def test_solve_root_broyden_tridiagonal_matches_newton():
+@pytest.mark.parametrize("options", [{}, {"line_search": True, "init_scale": 1.0}])
+def test_solve_root_broyden_tridiagonal_matches_newton(options):
     z0 = -torch.ones(2, 10, dtype=F64)
     reference = newton(broyden_tridiagonal, z0)
     assert float(broyden_tridiagonal(reference).abs().max()) < 1e-12
     z, info = solvers.solve_root(
-        broyden_tridiagonal, z0, line_search=True, tol=1e-12, max_iter=200, stop="abs"
+        broyden_tridiagonal, z0, method="broyden", tol=1e-12, max_iter=200, stop="abs",
+        **options,
     )
     assert info.all_converged
     torch.testing.assert_close(z, reference, atol=1e-10, rtol=0)
 
 
 def test_failing_root_solve_is_reported_not_silent():
-    # without line search this start blows up (inf/NaN); the result must say so
+    # the old defaults (H0 = -I, no line search) blow up from this start (inf/NaN); the
+    # result must say so
     z0 = -torch.ones(1, 10, dtype=F64)
-    z, info = solvers.solve_root(broyden_tridiagonal, z0, tol=1e-12, max_iter=200, stop="abs")
+    z, info = solvers.solve_root(
+        broyden_tridiagonal, z0, method="broyden", tol=1e-12, max_iter=200, stop="abs",
+        init_scale=1.0,
+        line_search=False,
+    )
     assert not info.all_converged
     assert bool(torch.isfinite(z).all())
     assert "converged" not in info.reasons()
@@ -292,8 +302,10 @@ def test_multidimensional_states_are_solved_per_sample():
 
 
 def test_registry_and_errors():
-    assert solvers.available() == ["anderson", "broyden", "fixed_point"]
-    assert solvers.available(root=True) == ["broyden"]
+    assert solvers.available() == [
+        "anderson", "broyden", "broyden_newton", "fixed_point", "newton_krylov"
+    ]
+    assert solvers.available(root=True) == ["broyden", "broyden_newton", "newton_krylov"]
     z0 = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="unknown solver 'newton'.*anderson"):
         solvers.solve_fixed_point(lambda z: z, z0, method="newton")
