@@ -295,6 +295,16 @@ def run_benchmark(
     return rows
 
 
+def header(max_iter: int, repeats: int) -> str:
+    """What the table's cells mean and the conditions of the run."""
+    return (
+        f"solved = max|g| <= {TOL:g} recomputed from the returned z; max_iter={max_iter}, "
+        f"float64, threads={torch.get_num_threads()}, time = median of {repeats} "
+        "(shared machine: times are noisy, f-evals are exact). Cells: f-evals (time) or "
+        "FAIL (max|g|, f-evals); FAIL! = the method claimed convergence at a non-root."
+    )
+
+
 def summary(rows: list[Row], baseline: str = "hybr") -> list[str]:
     """Per method: problems solved, false claims, and the median evaluation ratio against
     ``baseline`` over the problems both solve."""
