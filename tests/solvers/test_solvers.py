@@ -398,3 +398,13 @@ def test_solver_runs_without_autograd():
     w = torch.randn(4, 4, requires_grad=True)
     z, info = solvers.solve_fixed_point(lambda z: torch.tanh(0.1 * z @ w), torch.ones(2, 4))
     assert not z.requires_grad
+
+
+def test_public_solver_classes_are_exported_and_registered_directly():
+    # registered classes (not factories re-declaring their signature): the registry's
+    # options are the constructor's
+    for name in solvers.available():
+        cls = solvers.SOLVERS.entry(name).factory
+        assert isinstance(cls, type) and issubclass(cls, solvers.Solver)
+        assert cls.__name__ in solvers.__all__ and getattr(solvers, cls.__name__) is cls
+        assert type(solvers.build(name)) is cls and cls.name == name
