@@ -1,0 +1,98 @@
+"""The pieces that make root solves robust, each against a hand-computed answer: the
+backtracking rule, the secant scale of the initial inverse Jacobian, forward-difference
+J-v products, the Broyden probe."""
+
+from __future__ import annotations
+
+import torch
+
+from formerlab import solvers
+from formerlab.solvers.base import SolveRun, backtrack, fd_jvp, secant_scale
+
+F64 = torch.float64
+
+
+def identity_run(z0):
+    return SolveRun(lambda z: z.clone(), z0, problem="root", tol=0.0, max_iter=10, stop="abs",
+                    method="test")
+
+
+def test_backtracking_requires_sufficient_decrease_and_halves():
+    run = identity_run(torch.ones(1, 1, dtype=F64))
+    # full step: |g| = 0.99995 = (1 - 5e-5) |g0|, short of the (1 - 1e-4) decrease: halve
+    dz = torch.full((1, 1), -1.99995, dtype=F64)
+    z, g, ok = backtrack(run, dz, steps=4)
+    torch.testing.assert_close(z, 1 + dz / 2)
+    torch.testing.assert_close(g, z)
+    assert ok.tolist() == [True]
+    assert run.evaluations == 1 + 2
+    # an uphill direction: nothing qualifies, the shortest step 2^-4 is taken, ok is False
+    z, _, ok = backtrack(run, torch.ones(1, 1, dtype=F64), steps=4)
+    torch.testing.assert_close(z, torch.full((1, 1), 1 + 2.0**-4, dtype=F64))
+    assert ok.tolist() == [False]
+
+
+def test_backtracking_is_per_sample():
+    run = identity_run(torch.ones(2, 1, dtype=F64))
+    dz = torch.tensor([[-1.0], [-1.99995]], dtype=F64)  # sample 0: full step; 1: half
+    z, _, ok = backtrack(run, dz, steps=3)
+    torch.testing.assert_close(z, torch.tensor([[0.0], [1 - 1.99995 / 2]], dtype=F64))
+    assert ok.tolist() == [True, True]
+
+
+def test_secant_scale_recovers_the_inverse_slope_with_its_sign():
+    s = torch.tensor([[1.0, 2.0], [0.5, -1.0], [1.0, 0.0]], dtype=F64)
+    y = torch.stack([3 * s[0], -0.25 * s[1], torch.zeros(2, dtype=F64)])
+    h = secant_scale(s, y)
+    torch.testing.assert_close(h, torch.tensor([1 / 3, -4.0, 1.0], dtype=F64))
+    # a rotation (s.y = 0): magnitude ||s|| / ||y||, positive sign
+    h = secant_scale(torch.tensor([[1.0, 0.0]], dtype=F64), torch.tensor([[0.0, 2.0]], dtype=F64))
+    torch.testing.assert_close(h, torch.tensor([0.5], dtype=F64))
+
+
+def test_forward_difference_jvp_matches_the_analytic_jacobian():
+    a = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, 3.0], [1.0, 1.0, 1.0]], dtype=F64)
+
+    def g(z):
+        return torch.sin(z) @ a.T + z**2
+
+    z0 = torch.tensor([[0.3, -0.7, 1.1]], dtype=F64)
+    run = SolveRun(g, z0, problem="root", tol=0.0, max_iter=1, stop="abs", method="test")
+    v = torch.tensor([[1.0, -2.0, 0.5]], dtype=F64)
+    jac = a * torch.cos(z0) + torch.diag(2 * z0[0])
+    torch.testing.assert_close(fd_jvp(run, run.z, run.g, v), v @ jac.T, atol=1e-6, rtol=0)
+    assert run.evaluations == 2
+
+
+def test_broyden_probe_signs_the_first_step_for_a_positive_jacobian():
+    # g(z) = 3 (z - 2): J = +3 I. The probe gives H0 = I/3 up to the finite-difference
+    # error (~1e-7 relative), so the first step is Newton's to that accuracy and the second
+    # (secant-corrected) one exact: 1 + 1 (probe) + 2 evaluations
+    z, info = solvers.solve_root(
+        lambda z: 3 * (z - 2), torch.zeros(2, 5, dtype=F64), method="broyden", tol=1e-10,
+        stop="abs",
+    )
+    assert info.all_converged and info.iterations.tolist() == [2, 2]
+    assert bool((info.trace[1] <= 1e-6 * info.trace[0]).all())
+    assert info.evaluations == 4
+    torch.testing.assert_close(z, torch.full((2, 5), 2.0, dtype=F64))
+    # the old start H0 = -I steps away from the root: ||g|| grows at the first step
+    _, old = solvers.solve_root(
+        lambda z: 3 * (z - 2), torch.zeros(1, 5, dtype=F64), method="broyden", init_scale=1.0,
+        line_search=False, tol=1e-10, stop="abs", max_iter=1,
+    )
+    assert float(old.trace[1, 0]) > float(old.trace[0, 0])
+
+
+def test_broyden_restarts_where_the_line_search_fails_and_says_so():
+    # a start where Broyden's secant model goes uphill at least once (Rosenbrock)
+    def rosenbrock(x):
+        return torch.stack([1 - x[:, 0], 10 * (x[:, 1] - x[:, 0] ** 2)], dim=1)
+
+    z, info = solvers.solve_root(
+        rosenbrock, torch.tensor([[-1.2, 1.0]], dtype=F64), method="broyden", tol=1e-10,
+        stop="abs", max_iter=300,
+    )
+    assert info.all_converged
+    assert any("no decrease" in n for n in info.notes)
+    torch.testing.assert_close(z, torch.ones(1, 2, dtype=F64), atol=1e-9, rtol=0)
