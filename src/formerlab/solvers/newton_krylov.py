@@ -19,9 +19,10 @@ solve is not over-solved (Kelley, 2003, "Solving Nonlinear Equations with Newton
 Method", sec. 3.2.3). A number for ``forcing`` fixes eta instead. Loose linear solves
 far from the root, tight ones near it: superlinear convergence at few J-v products.
 
-Globalisation: backtracking on ||g|| (``formerlab.solvers.base.backtrack``); a sample
-whose line search finds no decrease gets eta = min(eta, 0.1) for its next linear solve
-(a more accurate Newton direction is a descent direction for ||g||^2).
+Globalisation: backtracking on ||g|| (``formerlab.solvers.base.backtrack``). Each time a
+sample's line search has to shorten the step, its cap on eta is divided by 10 (down to
+1e-6): a more accurate Newton direction is a better descent direction for ||g||^2, and
+Eisenstat-Walker alone would loosen eta again after a step that made little progress.
 
 Batched per sample: the Arnoldi process runs on the whole batch, each sample keeps the
 GMRES solution of the first Krylov dimension that meets its own eta and stops its outer
@@ -173,25 +174,31 @@ class NewtonKrylov(Solver):
         b = run.z.shape[0]
         eta = run.z.new_full((b,), 0.5 if isinstance(self.forcing, str) else self.forcing)
         eta = eta.clamp(max=self.eta_max)
+        # cap on eta, per sample: each step the line search had to shorten divides it by
+        # 10 (down to 1e-6), so a direction that Newton's model got wrong is recomputed
+        # more accurately next time instead of being loosened again by Eisenstat-Walker
+        cap = torch.full_like(eta, self.eta_max)
         inner = failures = 0
         step = start
         while not run.done(step):
             dz, used = self._gmres(run, -run.g, eta)
             inner += int(used.max())
             g_old_norm = run.g.norm(dim=1)
+            z_old, active = run.z, run.active
             if self.ls_steps:
                 z_new, g_new, ok = backtrack(run, dz, self.ls_steps)
             else:
                 z_new = run.z + dz
                 g_new, ok = run.evaluate(z_new), None
-            active = run.active
             run.accept(z_new, g_new)
             step += 1
-            eta = torch.where(active, self._next_eta(run, eta, run.g.norm(dim=1), g_old_norm), eta)
             if ok is not None:
                 failed = active & ~ok
                 failures += int(failed.sum())
-                eta = torch.where(failed, eta.clamp(max=0.1), eta)
+                shortened = (z_new - z_old).norm(dim=1) < (1 - 1e-3) * dz.norm(dim=1)
+                cap = torch.where(active & shortened, (cap * 0.1).clamp_min(1e-6), cap)
+            eta = self._next_eta(run, eta, run.g.norm(dim=1), g_old_norm)
+            eta = torch.where(active, torch.minimum(eta, cap), eta)
         run.note(f"newton_krylov: {inner} GMRES steps in {step - start} Newton steps (batch max)")
         if failures:
             run.note(f"newton_krylov line search found no decrease {failures} time(s)")
