@@ -96,3 +96,33 @@ def test_broyden_restarts_where_the_line_search_fails_and_says_so():
     assert info.all_converged
     assert any("no decrease" in n for n in info.notes)
     torch.testing.assert_close(z, torch.ones(1, 2, dtype=F64), atol=1e-9, rtol=0)
+
+
+def test_root_relative_residual_is_the_reduction_of_the_starting_residual():
+    # g(z) = z - 3 from z0 = 0: ||g(z0)|| = 3 sqrt(2); stop="rel" at 1e-6 means
+    # ||g(z)|| <= 3 sqrt(2) 1e-6, not ||g(z)|| <= 1e-6
+    z, info = solvers.solve_root(
+        lambda z: 10 * (z - 3), torch.zeros(1, 2, dtype=F64), method="newton_krylov",
+        tol=1e-6, stop="rel",
+    )
+    g_norm = float((10 * (z - 3)).norm())
+    g0_norm = 30 * 2**0.5
+    torch.testing.assert_close(info.rel_residual, torch.tensor([g_norm / g0_norm], dtype=F64))
+    torch.testing.assert_close(info.abs_residual, torch.tensor([g_norm], dtype=F64))
+    assert bool(info.converged[0]) == (g_norm / g0_norm <= 1e-6)
+    # a residual reduced 1e-6-fold but above 1e-6 in absolute terms counts as converged
+    run = identity_run(torch.full((1, 1), 1e3, dtype=F64))
+    run.stop = "rel"
+    run.accept(torch.full((1, 1), 5e-4, dtype=F64), torch.full((1, 1), 5e-4, dtype=F64))
+    torch.testing.assert_close(run.residual, torch.tensor([5e-7], dtype=F64))
+
+
+def test_rewind_returns_active_samples_to_their_best_point():
+    run = identity_run(torch.ones(2, 1, dtype=F64))
+    run.accept(torch.full((2, 1), 0.5, dtype=F64), torch.full((2, 1), 0.5, dtype=F64))
+    run.accept(torch.full((2, 1), 4.0, dtype=F64), torch.full((2, 1), 4.0, dtype=F64))
+    assert run.z.tolist() == [[4.0], [4.0]]
+    run.active[1] = False
+    run.rewind()
+    assert run.z.tolist() == [[0.5], [4.0]] and run.g.tolist() == [[0.5], [4.0]]
+    assert run.residual.tolist() == [0.5, 4.0]
