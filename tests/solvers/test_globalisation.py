@@ -84,18 +84,36 @@ def test_broyden_probe_signs_the_first_step_for_a_positive_jacobian():
     assert float(old.trace[1, 0]) > float(old.trace[0, 0])
 
 
-def test_broyden_restarts_where_the_line_search_fails_and_says_so():
-    # a start where Broyden's secant model goes uphill at least once (Rosenbrock)
-    def rosenbrock(x):
-        return torch.stack([1 - x[:, 0], 10 * (x[:, 1] - x[:, 0] ** 2)], dim=1)
+def rosenbrock(x):
+    return torch.stack([1 - x[:, 0], 10 * (x[:, 1] - x[:, 0] ** 2)], dim=1)
 
+
+def test_broyden_restarts_where_the_line_search_fails_and_says_so():
+    # with a monotone search, Broyden's early secant model goes uphill on Rosenbrock
     z, info = solvers.solve_root(
-        rosenbrock, torch.tensor([[-1.2, 1.0]], dtype=F64), method="broyden", tol=1e-10,
-        stop="abs", max_iter=300,
+        rosenbrock, torch.tensor([[-1.2, 1.0]], dtype=F64), method="broyden", ls_slack=0.0,
+        tol=1e-10, stop="abs", max_iter=300,
     )
     assert info.all_converged
     assert any("no decrease" in n for n in info.notes)
     torch.testing.assert_close(z, torch.ones(1, 2, dtype=F64), atol=1e-9, rtol=0)
+    monotone = info.evaluations
+    # the default non-monotone search lets those steps through: far fewer evaluations
+    z, info = solvers.solve_root(
+        rosenbrock, torch.tensor([[-1.2, 1.0]], dtype=F64), method="broyden", tol=1e-10,
+        stop="abs", max_iter=300,
+    )
+    assert info.all_converged and info.evaluations * 4 < monotone
+    torch.testing.assert_close(z, torch.ones(1, 2, dtype=F64), atol=1e-9, rtol=0)
+
+
+def test_non_monotone_slack_accepts_a_bounded_increase_only():
+    run = identity_run(torch.ones(1, 1, dtype=F64))
+    # full step to |g| = 1.5: accepted with slack 1 (bound 2 - 1e-4), not with slack 0.25
+    z, _, ok = backtrack(run, torch.full((1, 1), 0.5, dtype=F64), steps=2, slack=1.0)
+    assert z.tolist() == [[1.5]] and ok.tolist() == [True]
+    z, _, ok = backtrack(run, torch.full((1, 1), 0.5, dtype=F64), steps=2, slack=0.25)
+    assert z.tolist() == [[1.125]] and ok.tolist() == [True]  # a = 1/4: 1.125 <= 1.25
 
 
 def test_root_relative_residual_is_the_reduction_of_the_starting_residual():

@@ -388,11 +388,14 @@ def masked_rows(active: Tensor, t: Tensor) -> Tensor:
     return t * active.to(t.dtype).view(shape)
 
 
-def backtrack(run: SolveRun, dz: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+def backtrack(
+    run: SolveRun, dz: Tensor, steps: int, slack: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
     """Backtracking line search on ||g|| per sample along ``dz``.
 
-    Step lengths 1, 1/2, ..., 2^-steps until ||g(z + a dz)|| <= (1 - 1e-4 a) ||g(z)||
-    (the Armijo-type condition on the residual norm of Dennis & Schnabel, 1983, sec. 6.3);
+    Step lengths 1, 1/2, ..., 2^-steps until ||g(z + a dz)|| <= (1 + slack - 1e-4 a) ||g(z)||
+    (the Armijo-type condition on the residual norm of Dennis & Schnabel, 1983, sec. 6.3;
+    ``slack`` > 0 makes it non-monotone);
     a sample for which no length qualifies takes the shortest one. Returns
     ``(z_new, g_new, ok)``, ``ok`` (B,) marking the samples whose step met the condition.
     One batched evaluation per trial; trials stop once every active sample has its step.
@@ -407,7 +410,7 @@ def backtrack(run: SolveRun, dz: Tensor, steps: int) -> tuple[Tensor, Tensor, Te
         g_try = run.evaluate(z_try)
         n_try = g_try.norm(dim=1)
         ok = torch.isfinite(n_try) & torch.isfinite(z_try.norm(dim=1))
-        ok = ok & (n_try <= (1 - 1e-4 * a) * g_norm)
+        ok = ok & (n_try <= (1 + slack - 1e-4 * a) * g_norm)
         take = ~done & (ok | (trial == steps))
         z_new = torch.where(take[:, None], z_try, z_new)
         g_new = torch.where(take[:, None], g_try, g_new)
