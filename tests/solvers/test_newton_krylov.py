@@ -73,7 +73,8 @@ def test_newton_krylov_converges_superlinearly_on_the_cubic():
     assert float(trace[-1]) < 1e-3 * float(trace[-3])
 
 
-def test_fixed_point_use_reaches_the_analytic_fixed_point_per_sample():
+@pytest.mark.parametrize("jvp", ["fd", "autograd"])
+def test_fixed_point_use_reaches_the_analytic_fixed_point_per_sample(jvp):
     g = torch.Generator().manual_seed(2)
     a = torch.randn(2, 8, 8, generator=g, dtype=F64)
     a = a / torch.linalg.matrix_norm(a, 2)[:, None, None] * torch.tensor([0.3, 0.95], dtype=F64)[:, None, None]
@@ -81,10 +82,13 @@ def test_fixed_point_use_reaches_the_analytic_fixed_point_per_sample():
     z_star = torch.linalg.solve(torch.eye(8, dtype=F64) - a, b)
     z, info = solvers.solve_fixed_point(
         lambda z: torch.einsum("bij,bj->bi", a, z) + b, torch.zeros(2, 8, dtype=F64),
-        method="newton_krylov", tol=1e-11, stop="abs",
+        method="newton_krylov", jvp=jvp, forcing=1e-12, tol=1e-11, stop="abs",
     )
     assert info.all_converged
     torch.testing.assert_close(z, z_star, atol=1e-10, rtol=0)
+    # exact linear solves with J-v of g = f(z) - z: one Newton step (two with the
+    # forward-difference error)
+    assert int(info.iterations.max()) <= (1 if jvp == "autograd" else 2)
 
 
 def test_newton_krylov_as_a_deq_solver_matches_the_converged_fixed_point():
@@ -151,3 +155,17 @@ def test_options_are_validated():
         solvers.build("broyden", init_scale=0)
     with pytest.raises(ValueError, match="line_search=1"):
         solvers.build("broyden", line_search=1)
+
+
+def test_newton_krylov_solves_powell_badly_scaled():
+    # MGH problem 3: J has entries from 1e-4 to 1e4 along the path; with Eisenstat-Walker
+    # alone the loose linear solves gave directions the line search could not use
+    from formerlab.bench.roots import powell_badly_scaled
+
+    z, info = solvers.solve_root(
+        powell_badly_scaled, torch.tensor([[0.0, 1.0]], dtype=F64), method="newton_krylov",
+        tol=1e-9, stop="abs", max_iter=200,
+    )
+    assert info.all_converged
+    # the root: x1 x2 = 1e-4 and exp(-x1) + exp(-x2) = 1.0001 (x1 = 1.098e-5, x2 = 9.106)
+    torch.testing.assert_close(z, torch.tensor([[1.098159e-5, 9.106146]], dtype=F64), rtol=1e-5, atol=0)
