@@ -358,6 +358,26 @@ def bench_deq(
         raise fail(error) from None
 
 
+@bench_app.command("roots")
+def bench_roots(
+    problems: list[str] = typer.Option(None, "--problem", help="Problems to run (repeat); default: all."),
+    max_iter: int = typer.Option(200, min=1),
+    repeats: int = typer.Option(3, min=1),
+) -> None:
+    """Root solvers on the Moré-Garbow-Hillstrom equations, side by side with scipy.optimize.root."""
+    from formerlab.bench.roots import header, run_benchmark, summary
+    from formerlab.bench.roots import markdown_table as roots_table
+
+    try:
+        rows = run_benchmark(names=problems or None, max_iter=max_iter, repeats=repeats)
+    except (ValueError, ImportError) as error:
+        raise fail(error) from None
+    console.print(header(max_iter, repeats), highlight=False, markup=False)
+    console.print(roots_table(rows), highlight=False, markup=False, soft_wrap=True)
+    for line in summary(rows):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     table = Table(title=title)
     for column in columns:

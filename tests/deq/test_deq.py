@@ -70,7 +70,9 @@ def exact_deq(cell, backward="implicit", **kw):
 
 
 
-@pytest.mark.parametrize("solver", ["broyden", "anderson", "fixed_point"])
+@pytest.mark.parametrize(
+    "solver", ["broyden", "anderson", "fixed_point", "newton_krylov", "broyden_newton"]
+)
 def test_implicit_gradient_equals_converged_unrolled_gradient(solver):
     cell = TanhCell()
     x = torch.randn(3, 4, dtype=F64, requires_grad=True)

@@ -68,8 +68,9 @@ class DEQ(nn.Module):
 
     Args:
         f: a module (or callable) mapping (z, x, **kwargs) -> z-shaped tensor.
-        solver: forward solver name (``"anderson"``, ``"broyden"``, ``"fixed_point"``) or
-            a built ``Solver``; ``solver_options`` go to it.
+        solver: forward solver name (``"anderson"``, ``"broyden"``, ``"fixed_point"``,
+            ``"newton_krylov"``, ``"broyden_newton"``; see ``formerlab.solvers``) or a built
+            ``Solver``; ``solver_options`` go to it.
         max_iter, tol, stop: forward stopping rule (per sample, see ``formerlab.solvers``).
         backward: ``"implicit"`` | ``"phantom"`` | ``"unroll"``.
         backward_solver, backward_options, backward_max_iter, backward_tol: the adjoint

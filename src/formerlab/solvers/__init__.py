@@ -1,7 +1,8 @@
 """Root and fixed-point solvers behind one registry and one result type.
 
-``solve_fixed_point(f, z0, method="anderson")`` finds z = f(z); ``solve_root(g, z0,
-method="broyden")`` finds g(z) = 0. Both return ``(z, SolverInfo)`` with per-sample
+``solve_fixed_point(f, z0, method="anderson")`` finds z = f(z); ``solve_root(g, z0)``
+finds g(z) = 0 (default ``method="broyden_newton"``; also ``"broyden"``,
+``"newton_krylov"``). Both return ``(z, SolverInfo)`` with per-sample
 stopping and diagnostics (see ``formerlab.solvers.base``). Every module of this package
 registers its solver on import; the package imports them all.
 """
@@ -9,8 +10,13 @@ registers its solver on import; the package imports them all.
 import importlib
 import pkgutil
 
+from formerlab.solvers.anderson import Anderson
 from formerlab.solvers.api import solve, solve_fixed_point, solve_root
 from formerlab.solvers.base import Solver, SolverInfo, SolveRun
+from formerlab.solvers.broyden import Broyden
+from formerlab.solvers.broyden_newton import BroydenNewton
+from formerlab.solvers.fixed_point import FixedPointIteration
+from formerlab.solvers.newton_krylov import NewtonKrylov
 from formerlab.solvers.registry import SOLVERS, available, build, describe, register
 
 _INFRASTRUCTURE = {"api", "base", "registry"}
@@ -20,6 +26,11 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "SOLVERS",
+    "Anderson",
+    "Broyden",
+    "BroydenNewton",
+    "FixedPointIteration",
+    "NewtonKrylov",
     "SolveRun",
     "Solver",
     "SolverInfo",

@@ -74,7 +74,7 @@ def solve_root(
     g: Callable[[Tensor], Tensor],
     z0: Tensor,
     *,
-    method: str | Solver = "broyden",
+    method: str | Solver = "broyden_newton",
     tol: float = 1e-4,
     max_iter: int = 50,
     stop: str = "rel",
@@ -82,8 +82,10 @@ def solve_root(
 ) -> tuple[Tensor, SolverInfo]:
     """Find g(z) = 0 for any ``g`` shaped like its input (per sample, batch first).
 
-    Only methods registered with ``root=True`` (``broyden``) accept root problems; the
-    others raise ``ValueError``. ``stop="rel"`` measures ||g(z)|| / ||g(z0)||, ``"abs"``
+    ``method``: ``"broyden_newton"`` (default: Broyden with a probed initial inverse
+    Jacobian and a line search, switching to Newton-Krylov where it stalls),
+    ``"broyden"`` or ``"newton_krylov"``; only methods registered with ``root=True``
+    accept root problems, the others raise ``ValueError``. ``stop="rel"`` measures ||g(z)|| / ||g(z0)||, ``"abs"``
     measures ||g(z)||. Returns ``(z, info)`` as ``solve_fixed_point`` does.
     """
     return solve(

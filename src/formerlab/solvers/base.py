@@ -8,7 +8,7 @@ sample's answer does not change while a hard one keeps iterating.
 Residuals, per sample (flattened over all non-batch dimensions, 2-norm):
 
 * fixed-point problems, g(z) = f(z) - z:  ``abs`` = ||f(z) - z||,
-  ``rel`` = ||f(z) - z|| / (||f(z)|| + eps)  (the relative residual of Bai et al., 2019,
+  ``rel`` = ||f(z) - z|| / ||f(z)||  (``relative_step``; the relative residual of Bai et al., 2019,
   "Deep Equilibrium Models", NeurIPS);
 * root problems g(z) = 0:  ``abs`` = ||g(z)||,  ``rel`` = ||g(z)|| / (||g(z0)|| + eps),
   the reduction of the starting residual (a root problem has no natural scale of its own).
@@ -28,15 +28,11 @@ import torch
 from torch import Tensor
 
 from formerlab.errors import check_choice, check_positive_float, check_positive_int
+from formerlab.linalg.numerics import compute_dtype, relative_step
 
 PROBLEMS = ("fixed_point", "root")
 STOPS = ("abs", "rel")
 _EPS = 1e-12
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is solved in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -185,7 +181,7 @@ class SolveRun:
         self.fn, self.problem, self.tol, self.max_iter = fn, problem, tol, max_iter
         self.stop, self.method = stop, method
         self.shape, self.dtype = z0.shape, z0.dtype
-        self.sdtype = state_dtype(z0.dtype)
+        self.sdtype = compute_dtype(z0.dtype)
         self.batch = z0.shape[0]
         self.evaluations = 0
         self.notes: list[str] = []
@@ -229,16 +225,17 @@ class SolveRun:
 
     def _residual(self, z: Tensor, g: Tensor, g_norm: Tensor, finite: Tensor) -> Tensor:
         """Per-sample residual in the ``stop`` metric from ||g||; inf where not finite."""
-        num = g_norm
-        if self.stop == "rel":
-            scale = (z + g).norm(dim=1) if self.problem == "fixed_point" else self.g0_norm
-            num = num / (scale + _EPS)
+        num = g_norm if self.stop == "abs" else self._relative(z, g, g_norm)
         return torch.where(finite, num, torch.full_like(num, math.inf))
+
+    def _relative(self, z: Tensor, g: Tensor, g_norm: Tensor) -> Tensor:
+        if self.problem == "fixed_point":  # ||f(z) - z|| / ||f(z)||, f(z) = z + g
+            return relative_step(z + g, z, dims=(1,))
+        return g_norm / (self.g0_norm + _EPS)
 
     def abs_rel(self, z: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         num = g.norm(dim=1)
-        scale = (z + g).norm(dim=1) if self.problem == "fixed_point" else self.g0_norm
-        return num, num / (scale + _EPS)
+        return num, self._relative(z, g, num)
 
     # -- updates -------------------------------------------------------------------------
     def accept(self, z_new: Tensor, g_new: Tensor, mask: Tensor | None = None) -> None:
@@ -274,6 +271,19 @@ class SolveRun:
 
     def done(self, step: int) -> bool:
         return step >= self.max_iter or not bool(self.active.any())
+
+    def stalled(self, window: int) -> bool:
+        """Whether no active sample reached a new lowest residual in its last ``window``
+        iterations."""
+        recent = self.iterations - self.best_iter < window
+        return not bool((self.active & recent).any())
+
+    def rewind(self) -> None:
+        """Move every active sample back to its lowest-residual iterate (to hand the
+        solve to another method from the best point found)."""
+        self.z = blend(self.active, self.best_z, self.z)
+        self.g = blend(self.active, self.best_g, self.g)
+        self.residual = torch.where(self.active, self.best_res, self.residual)
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -376,3 +386,70 @@ def masked_rows(active: Tensor, t: Tensor) -> Tensor:
     """Zero the rows of ``t`` (B, ...) of samples that are not active."""
     shape = (-1,) + (1,) * (t.dim() - 1)
     return t * active.to(t.dtype).view(shape)
+
+
+def backtrack(
+    run: SolveRun, dz: Tensor, steps: int, slack: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backtracking line search on ||g|| per sample along ``dz``.
+
+    Step lengths 1, 1/2, ..., 2^-steps until ||g(z + a dz)|| <= (1 + slack - 1e-4 a) ||g(z)||
+    (the Armijo-type condition on the residual norm of Dennis & Schnabel, 1983, sec. 6.3;
+    ``slack`` > 0 makes it non-monotone);
+    a sample for which no length qualifies takes the shortest one. Returns
+    ``(z_new, g_new, ok)``, ``ok`` (B,) marking the samples whose step met the condition.
+    One batched evaluation per trial; trials stop once every active sample has its step.
+    """
+    g_norm = run.g.norm(dim=1)
+    a = torch.ones_like(g_norm)
+    done = ~run.active
+    ok_all = torch.zeros_like(done)
+    z_new, g_new = run.z, run.g
+    for trial in range(steps + 1):
+        z_try = run.z + a[:, None] * dz
+        g_try = run.evaluate(z_try)
+        n_try = g_try.norm(dim=1)
+        ok = torch.isfinite(n_try) & torch.isfinite(z_try.norm(dim=1))
+        ok = ok & (n_try <= (1 + slack - 1e-4 * a) * g_norm)
+        take = ~done & (ok | (trial == steps))
+        z_new = torch.where(take[:, None], z_try, z_new)
+        g_new = torch.where(take[:, None], g_try, g_new)
+        ok_all = ok_all | (~done & ok)
+        done = done | take
+        if bool(done.all()):
+            break
+        a = torch.where(done, a, a / 2)
+    return z_new, g_new, ok_all
+
+
+def secant_scale(s: Tensor, y: Tensor) -> Tensor:
+    """Per-sample h with h y ~ s in least squares (Barzilai & Borwein, 1988): s.y / y.y.
+
+    The scalar inverse-Jacobian estimate along one secant pair, sign included. Where s.y
+    is too small to trust (|s.y| <= 1e-8 ||s|| ||y||, e.g. a rotation) or y is zero, the
+    magnitude ||s|| / ||y|| is used with the sign of s.y (+ if zero), and 1 if y = 0.
+    """
+    sy = (s * y).sum(dim=1)
+    yy = (y * y).sum(dim=1)
+    s_norm, y_norm = s.norm(dim=1), y.norm(dim=1)
+    tiny = torch.finfo(s.dtype).tiny
+    bb = sy / yy.clamp_min(tiny)
+    sign = torch.where(sy < 0, -torch.ones_like(sy), torch.ones_like(sy))
+    fallback = sign * s_norm / y_norm.clamp_min(tiny)
+    h = torch.where(sy.abs() > 1e-8 * s_norm * y_norm, bb, fallback)
+    good = torch.isfinite(h) & (y_norm > 0) & (h != 0)
+    return torch.where(good, h, torch.ones_like(h))
+
+
+def fd_jvp(run: SolveRun, z: Tensor, g: Tensor, v: Tensor) -> Tensor:
+    """J(z) v by a forward difference (g(z + e v) - g) / e, per sample.
+
+    e = sqrt(eps) (1 + ||z||) / ||v||, the usual balance of truncation and rounding error
+    (Kelley, 2003, "Solving Nonlinear Equations with Newton's Method", sec. 3.2.5).
+    Costs one batched evaluation; a zero ``v`` gives 0.
+    """
+    v_norm = v.norm(dim=1)
+    root_eps = torch.finfo(z.dtype).eps ** 0.5
+    e = root_eps * (1 + z.norm(dim=1)) / v_norm.clamp_min(torch.finfo(z.dtype).tiny)
+    e = torch.where(v_norm > 0, e, torch.ones_like(e))
+    return (run.evaluate(z + e[:, None] * v) - g) / e[:, None]
