@@ -69,7 +69,8 @@ Stopping (``iters=None``): iterate until converged (above). The relative step
 ``‖Z_k − Z_{k−1}‖_F / ‖Z_k‖_F`` is reported as ``residual``; in floating point it stops
 falling at a level set by rounding (about u·κ). Once k >= K and the step has not halved in
 3 iterations, the matrix has *stagnated*: it stops and returns its best iterate (smallest
-certified bound, else smallest step) with ``converged=False`` instead of looping to
+certified bound, else smallest step if that fell below 1e-2, else the last one) with
+``converged=False`` instead of looping to
 ``max_iter``. Divergence (non-finite values, or ‖AZ‖_F > 2√m, impossible for a valid
 iterate) is detected at the iteration where it happens; the last valid iterate is kept.
 With ``iters`` given, exactly that many iterations run (early stop once converged if ``tol``
@@ -109,6 +110,7 @@ PATIENCE = 3
 GAP = 0.5  # the gap certificate: every dropped singular value has f <= GAP
 _NEVER = 2**62  # reach count of a matrix that cannot be certified
 _CANDIDATE_STEP = 0.5  # the certificate is computed only once the step is below this
+_ASYMPTOTIC = 1e-2  # a relative step below this means the iteration is past its slow start
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -547,7 +549,9 @@ def _iterate(
     if not check_each:  # fixed iteration count: certify the last iterate only
         bound = certify(ad, Z.detach(), iterations, reach, sigma_hi, rcond)
     if iters is None:
-        use_best = (stagnated | diverged | ~converged) & ~converged
+        # the smallest step says something only once the iteration is past its slow start
+        meaningful = torch.isfinite(best_bound) | (best_res < _ASYMPTOTIC)
+        use_best = ~converged & meaningful
         u3 = use_best[:, None, None]
         Z = torch.where(u3, best_Z, Z)
         res = torch.where(use_best, best_res, res)
