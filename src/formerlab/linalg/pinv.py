@@ -19,12 +19,13 @@ keeping the singular values σ >= rcond·σ_max and dropping the others.
 
 **Certificate and bound.** A matrix is *converged* when all of these hold for the returned Z:
 
-1. *reach*: k >= K, where K is the first iteration at which every kept σ is past half-way,
-   |1 − f_K(σ)| <= ½. It follows from the initial scale alone: with a certain lower bound
-   σ_lo <= σ_max (power iteration) and upper bound σ_hi >= σ_max (norms of (AAᵀ)⁸), every
-   kept σ starts with |1 − ασ²| <= e₀ = max(1 − α(rcond·σ_lo)², ασ_hi² − 1), and
-   |1 − f_k| <= gᵏ(e₀) (g is increasing and |g(e)| <= g(|e|) on [−1, 1]); K is reported
-   as ``info.reach``;
+1. *reach*: every kept σ is past half-way, |1 − f_k(σ)| <= ½. Either k >= K, the reach
+   count, which follows from the initial scale alone: with a certain lower bound σ_lo <=
+   σ_max (power iteration) and upper bound σ_hi >= σ_max (norms of (AAᵀ)⁸), every kept σ
+   starts with |1 − ασ²| <= e₀ = max(1 − α(rcond·σ_lo)², ασ_hi² − 1), and |1 − f_k| <=
+   gᵏ(e₀) (g is increasing and |g(e)| <= g(|e|) on [−1, 1]); K is ``info.reach``. Or,
+   observed, ‖I − AZ‖_F <= ½ (A of full row rank: every eigenvalue f of AZ is within ½
+   of 1) — this certifies well-conditioned matrices long before K;
 2. *gap*: ‖Z‖₂·rcond·σ_hi <= ½ (‖Z‖₂ bounded above the same way), so every dropped σ has
    f_k(σ) = σ·(f_k(σ)/σ) <= ½: none of them has been inverted;
 3. *bound*: ``info.bound`` <= ``tol``, with
@@ -393,8 +394,6 @@ def certify(
     with torch.no_grad():
         m, n = a.shape[-2:]
         zero = _fro(a) == 0  # A = 0: Z = 0 is exact
-        if not bool(((k >= reach) | zero).any()):
-            return torch.full(k.shape, math.inf, dtype=torch.float64, device=a.device)
         z_hi = spectral_norm_upper(Z.mT)
         gap_ok = z_hi * rcond * sigma_hi.double() <= GAP
         # w in float64, plus what its own rounding can hide: the iteration's fixed point
@@ -413,11 +412,12 @@ def certify(
         # is invisible to w and amplified up to κ while the small values grow; those
         # blocks are empty when A is square and ‖I − AZ‖_F <= ½ (no dropped values)
         eye = torch.eye(m, dtype=torch.float64, device=a.device)
-        full = (m == n) & (_fro(eye - Xd) <= 0.5)
+        settled = _fro(eye - Xd) <= 0.5  # every eigenvalue f of AZ within ½ of 1
+        full = (m == n) & settled
         kappa = z_hi * sigma_hi.double()
         unseen = 2 * math.sqrt(m + n) * unit_roundoff(a.dtype) * kappa
         bound = rel + _rounding_allowance(k, m, n, a.dtype) + torch.where(full, 0.0, unseen)
-        ok = (k >= reach) & gap_ok & torch.isfinite(bound)
+        ok = ((k >= reach) | settled) & gap_ok & torch.isfinite(bound)
         bound = torch.where(zero & (zf == 0), 0.0, torch.where(ok, bound, math.inf))
     return bound
 
@@ -525,7 +525,7 @@ def _iterate(
         res = torch.where(take, rd, res)
         iterations += take.long()
         active = take
-        candidate = take & (iterations >= reach) & (rd <= _CANDIDATE_STEP)
+        candidate = take & (rd <= _CANDIDATE_STEP)
         if check_each and bool(candidate.any()):
             new_bound = certify(ad, Z.detach(), iterations, reach, sigma_hi, rcond)
             bound = torch.where(take, new_bound, bound)
