@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from formerlab.attention.base import AttentionKernel, compute_dtype
+from formerlab.attention.base import AttentionKernel
 from formerlab.attention.registry import register
 from formerlab.errors import check_positive_float, check_positive_int
+from formerlab.linalg.numerics import compute_dtype
 from formerlab.linalg.segments import SegmentLayout, segment_layout, segment_means
 
 
