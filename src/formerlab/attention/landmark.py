@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from formerlab.attention.base import AttentionKernel, check_kernel_options, compute_dtype
+from formerlab.attention.base import AttentionKernel, check_kernel_options
 from formerlab.attention.registry import register
+from formerlab.linalg.numerics import compute_dtype
 from formerlab.linalg.segments import SegmentLayout, segment_layout, segment_means
 
 

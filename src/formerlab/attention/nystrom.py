@@ -24,6 +24,7 @@ What this implementation guarantees (tests in tests/attention/test_nystrom*.py):
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -36,16 +37,27 @@ from formerlab.attention.base import AttentionKernel, check_kernel_options
 from formerlab.attention.landmark import LandmarkFactors, landmark_factors
 from formerlab.attention.registry import register
 from formerlab.errors import check_choice, check_positive_float, check_positive_int
+from formerlab.linalg.numerics import relative_step
 from formerlab.linalg.pinv import (
     AUTO_INIT,
     BACKWARDS,
     INITS,
     ON_FAIL,
     PinvInfo,
+    binary_exponent,
+    certify,
+    check_rcond,
+    default_rcond,
+    default_tol,
+    initial_scale,
     penrose_residual,
     pinv,
     pinv_iterates,
     pinv_reg,
+    reach_count,
+    scale_pow2,
+    spectral_norm_estimate,
+    spectral_norm_upper,
 )
 
 REGULARISERS = (None, "tikhonov", "tsvd", "exact")
@@ -173,18 +185,25 @@ class NystromAttention(AttentionKernel):
         pinv_tol: tolerance on the relative step of the iteration (see
             :func:`formerlab.linalg.pinv`); with ``pinv_iters`` set it only stops early.
         pinv_max_iter: cap when iterating to tolerance or selecting by validation.
-        pinv_init, pinv_order, pinv_backward, pinv_on_fail: passed to ``pinv``
+        pinv_init, pinv_order, pinv_backward, pinv_on_fail, pinv_rcond: passed to ``pinv``
             (``pinv_on_fail="warn"`` here: failures are warned about once per kernel and
-            always visible in ``last_info`` / ``diagnostics()``; ``pinv_backward="implicit"``
-            with fixed iterations uses the derivative of the exact A⁺ at the iterate).
+            always visible in ``last_info`` / ``diagnostics()``). ``pinv_backward="implicit"``
+            (the derivative of A⁺ at the result) needs ``pinv_iters=None``: with a fixed
+            count the result is a truncated iterate and only ``"unroll"`` differentiates it
+            exactly; with ``pinv_select`` or ``pinv_reg`` it raises too.
         pinv_reg: None (iterative pinv), ``"tikhonov"``, ``"tsvd"`` (regularised direct
             inverses, :func:`formerlab.linalg.pinv.pinv_reg`) or ``"exact"``
             (``torch.linalg.pinv`` in float64; for studies).
         pinv_reg_param: λ for tikhonov / rcond for tsvd (defaults in ``DEFAULT_REG_PARAM``).
         pinv_select: None, or ``"rows"``: choose the iteration count (iterative: among
             1 … ``pinv_max_iter``, stopping 4 iterations past every head's minimum;
-            ``pinv_iters`` is then ignored) or λ / rcond (regularised, from ``REG_GRID``)
-            per head by the error on ``select_rows`` exactly computed rows.
+            ``pinv_iters`` is then unused) or λ / rcond (regularised, from ``REG_GRID``)
+            per head by the error on ``select_rows`` exactly computed rows; gradients are
+            unrolled through the chosen iterate.
+
+    Options that another option makes meaningless raise a ``ValueError`` when set to
+    anything but their default (e.g. ``pinv_tol`` with ``pinv_reg="tikhonov"``,
+    ``pinv_max_iter`` with a fixed ``pinv_iters``, ``select_rows`` without ``pinv_select``).
         select_rows: s, rows sampled per sequence for validation (cost O(s·N·d)).
         conv_kernel: odd kernel size of the depthwise convolution skip on V, or None.
         conv_heads: heads of the convolution (one filter each); None shares one filter.
@@ -206,6 +225,7 @@ class NystromAttention(AttentionKernel):
         pinv_reg_param: float | None = None,
         pinv_backward: str = "unroll",
         pinv_on_fail: str = "warn",
+        pinv_rcond: float | None = None,
         pinv_select: str | None = None,
         select_rows: int = 64,
         conv_kernel: int | None = None,
@@ -247,7 +267,48 @@ class NystromAttention(AttentionKernel):
             raise ValueError(f"conv_heads={conv_heads!r} needs conv_kernel (got None)")
         self.conv = None if conv_kernel is None else DepthwiseConvSkip(conv_kernel, conv_heads)
         self.scale = None if scale is None else check_positive_float("scale", scale)
+        self.pinv_rcond = None if pinv_rcond is None else check_rcond(pinv_rcond)
+        self._check_combinations(
+            pinv_iters=pinv_iters, pinv_tol=pinv_tol, pinv_max_iter=pinv_max_iter,
+            pinv_init=pinv_init, pinv_order=pinv_order, pinv_backward=pinv_backward,
+            pinv_on_fail=pinv_on_fail, pinv_rcond=pinv_rcond, select_rows=select_rows,
+        )
         self._warned = False
+
+    def _check_combinations(self, **given) -> None:
+        """Raise for options that another option makes meaningless (set to a non-default)."""
+        defaults = {k: p.default for k, p in inspect.signature(type(self).__init__).parameters.items()}
+        reg, select = self.pinv_reg, self.pinv_select
+        if reg is not None:
+            unused = ["pinv_iters", "pinv_tol", "pinv_max_iter", "pinv_init", "pinv_order",
+                      "pinv_backward", "pinv_on_fail", "pinv_rcond"]
+            why = f"pinv_reg={reg!r} (a direct inverse, no iteration)"
+        elif select is not None:
+            unused = ["pinv_iters", "pinv_tol", "pinv_on_fail", "pinv_rcond"]
+            why = f"pinv_select={select!r} (the count is chosen on sampled rows)"
+        elif given["pinv_iters"] is not None:
+            unused = ["pinv_max_iter"]
+            why = f"pinv_iters={given['pinv_iters']} (a fixed iteration count)"
+        else:
+            unused = []
+            why = ""
+        if select is None:
+            unused.append("select_rows")
+            why_rows = "pinv_select=None"
+        for name in unused:
+            if given[name] != defaults[name]:
+                reason = why_rows if name == "select_rows" else why
+                raise ValueError(
+                    f"{name}={given[name]!r} has no effect with {reason}; leave it at its "
+                    f"default ({defaults[name]!r})"
+                )
+        if given["pinv_backward"] == "implicit" and (given["pinv_iters"] is not None or select):
+            what = f"pinv_iters={given['pinv_iters']}" if select is None else f"pinv_select={select!r}"
+            raise ValueError(
+                f"pinv_backward='implicit' is not allowed with {what}: the result is a truncated "
+                "iterate, and the implicit derivative is that of the exact A⁺ (wrong for it); "
+                "use pinv_backward='unroll' (exact for the iterate) or pinv_iters=None"
+            )
 
     # ------------------------------------------------------------------ inverses
 
@@ -256,8 +317,8 @@ class NystromAttention(AttentionKernel):
             warnings.simplefilter("always")
             Z, info = pinv(
                 W, order=self.pinv_order, init=self.pinv_init, iters=self.pinv_iters,
-                tol=self.pinv_tol, max_iter=self.pinv_max_iter, backward=self.pinv_backward,
-                on_fail=self.pinv_on_fail, return_info=True,
+                tol=self.pinv_tol, rcond=self.pinv_rcond, max_iter=self.pinv_max_iter,
+                backward=self.pinv_backward, on_fail=self.pinv_on_fail, return_info=True,
             )
         if caught and not self._warned:
             # once per kernel, not once per training step (catch_warnings resets Python's
@@ -289,7 +350,7 @@ class NystromAttention(AttentionKernel):
             Z = next(iterates)
             with torch.no_grad():
                 err = _rel_err(F_s @ (Z @ RV), target)
-                step = (Z - prev).flatten(-2).norm(dim=-1) / Z.flatten(-2).norm(dim=-1).clamp(min=1e-30)
+                step = relative_step(Z, prev)
             Zs.append(Z)
             errs.append(err)
             steps.append(step)
@@ -308,14 +369,31 @@ class NystromAttention(AttentionKernel):
         val = err_k.gather(-1, chosen[..., None]).squeeze(-1)
         res = torch.stack(steps, dim=-1).gather(-1, chosen[..., None]).squeeze(-1)
         k = chosen + 1
-        tol = self.pinv_tol or 1e-5
+        bound, reach, rcond = self._certify_iterate(W, best_Z, k)
+        tol = default_tol(W.dtype)
         false = torch.zeros_like(k, dtype=torch.bool)
         info = PinvInfo(
-            k, res, penrose_residual(W.detach(), best_Z.detach()), res <= tol, false, false,
+            k, res, penrose_residual(W.detach(), best_Z.detach()), bound <= tol, false, false,
             false, AUTO_INIT if self.pinv_init == "auto" else self.pinv_init, self.pinv_order,
-            tol,
+            tol, bound=bound, reach=reach, rcond=rcond,
         )
         return best_Z, NystromInfo(pinv=info, selected=k.float(), val_error=val)
+
+    def _certify_iterate(self, W: Tensor, Z: Tensor, k: Tensor) -> tuple[Tensor, Tensor, float]:
+        """The pinv certificate (bound, reach) of iterate k of W, as ``pinv`` reports it."""
+        init = AUTO_INIT if self.pinv_init == "auto" else self.pinv_init
+        m = W.shape[-1]
+        rcond = default_rcond(W.dtype, m, m)
+        with torch.no_grad():
+            a = W.detach().reshape(-1, m, m)
+            e = binary_exponent(a)
+            a = scale_pow2(a, -e)
+            z = scale_pow2(Z.detach().reshape(-1, m, m), e)
+            sigma_hi = spectral_norm_upper(a)
+            reach = reach_count(initial_scale(a, init), spectral_norm_estimate(a), sigma_hi,
+                                rcond, self.pinv_order, int(k.max()))
+            bound = certify(a, z, k.reshape(-1), reach, sigma_hi, rcond)
+        return bound.reshape(k.shape), reach.reshape(k.shape), rcond
 
     def _select_regularised(
         self, W: Tensor, F_s: Tensor, RV: Tensor, target: Tensor

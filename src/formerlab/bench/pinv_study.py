@@ -5,9 +5,11 @@ For each matrix size, a batch of test matrices is inverted with every initial sc
 (2, 3, 7). Per case it reports
 
 * the outcome for the batch: "converged in K iterations / M matmuls" (K, M the largest
-  over the batch), "stagnated", "stopped at max_iter" or "diverged at K (non-finite)";
+  over the batch; converged = the certified bound of :func:`formerlab.linalg.pinv` is
+  below tol), "stagnated", "stopped at max_iter" or "diverged at K (non-finite)";
 * the relative error ‖Z − A⁺‖_F/‖A⁺‖_F of the result (worst matrix; A⁺ from
-  ``torch.linalg.pinv`` in float64);
+  ``torch.linalg.pinv`` in float64 with the same cut-off ``rcond``) and the worst
+  certified bound;
 * the same error after the paper's fixed 6 iterations.
 
 Test matrices (``kind``): ``"random"`` — ``torch.rand`` matrices multiplied by scales
@@ -21,9 +23,12 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from formerlab.errors import check_choice, check_positive_float, check_positive_int
 from formerlab.linalg.pinv import INITS, matmuls_per_iteration, pinv
@@ -49,6 +54,7 @@ class StudyRow:
     error: float
     error_at_6: float
     cond_max: float
+    bound: float = math.inf
 
 
 def study_matrices(kind: str, size: int, batch: int, seed: int = 0) -> torch.Tensor:
@@ -72,16 +78,19 @@ def _rel_errors(Z: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def study_case(
-    A: torch.Tensor, ref: torch.Tensor, init: str, order: int, tol: float | None,
-    max_iter: int, dtype: torch.dtype,
-) -> tuple[str, int, int, int, float, float]:
-    """(outcome, iterations, matmuls, converged count, worst error, worst error after 6)."""
+    A: torch.Tensor, init: str, order: int, tol: float | None, max_iter: int,
+    dtype: torch.dtype,
+) -> tuple[str, int, int, int, float, float, float]:
+    """(outcome, iterations, matmuls, converged count, worst error, worst error after 6,
+    worst bound); errors against float64 ``torch.linalg.pinv`` of the matrices as cast
+    to ``dtype``, with the cut-off the iteration used."""
     a = A.to(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the global init warns; the table says it all
         Z, info = pinv(a, init=init, order=order, tol=tol, max_iter=max_iter, on_fail="warn",
                        return_info=True)
         Z6 = pinv(a, init=init, order=order, iters=6, on_fail="warn")
+    ref = torch.linalg.pinv(a.double(), rtol=info.rcond)
     its = int(info.iterations.max())
     mm = its * matmuls_per_iteration(order)
     conv = int(info.converged.sum())
@@ -95,7 +104,8 @@ def study_case(
         outcome = f"{conv}/{total} converged, rest stagnated (res {info.residual.max():.1e})"
     else:
         outcome = f"{conv}/{total} converged by max_iter={max_iter}"
-    return outcome, its, mm, conv, _rel_errors(Z, ref).max().item(), _rel_errors(Z6, ref).max().item()
+    return (outcome, its, mm, conv, _rel_errors(Z, ref).max().item(),
+            _rel_errors(Z6, ref).max().item(), info.bound.max().item())
 
 
 def run_pinv_study(
@@ -110,7 +120,8 @@ def run_pinv_study(
     seed: int = 0,
     progress=None,
 ) -> list[StudyRow]:
-    """Run the study; ``progress(message)`` is called before each size if given."""
+    """Run the study. With ``progress`` given, ``progress(message)`` is called before each
+    size and a rich progress bar (on stderr) counts the cases."""
     check_choice("kind", kind, KINDS)
     check_choice("dtype", dtype, ("float32", "float64"))
     check_positive_int("max_iter", max_iter)
@@ -125,19 +136,34 @@ def run_pinv_study(
         check_positive_int("orders", o, minimum=2)
     torch_dtype = getattr(torch, dtype)
     rows: list[StudyRow] = []
-    for size in sizes:
-        if progress is not None:
-            progress(f"size {size}")
-        A = study_matrices(kind, size, batch, seed)
-        ref = torch.linalg.pinv(A)
-        cond = torch.linalg.cond(A).max().item()
-        for init in inits:
-            for order in orders:
-                outcome, its, mm, conv, err, err6 = study_case(
-                    A, ref, init, order, tol, max_iter, torch_dtype
-                )
-                rows.append(StudyRow(size, init, order, outcome, its, mm, conv, batch, err, err6, cond))
+    total = len(sizes) * len(inits) * len(orders)
+    with _progress_bar() if progress is not None else nullcontext() as bar:
+        task = bar.add_task("pinv-study", total=total) if bar is not None else None
+        for size in sizes:
+            if progress is not None:
+                progress(f"size {size}")
+            A = study_matrices(kind, size, batch, seed)
+            cond = torch.linalg.cond(A).max().item()
+            for init in inits:
+                for order in orders:
+                    if bar is not None:
+                        bar.update(task, description=f"N={size} {init} order {order}")
+                    outcome, its, mm, conv, err, err6, bound = study_case(
+                        A, init, order, tol, max_iter, torch_dtype
+                    )
+                    rows.append(StudyRow(size, init, order, outcome, its, mm, conv, batch, err,
+                                         err6, cond, bound))
+                    if bar is not None:
+                        bar.advance(task)
     return rows
+
+
+def _progress_bar() -> Progress:
+    """A transient per-case progress bar on stderr (stdout stays clean for tables)."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=Console(stderr=True), transient=True,
+    )
 
 
 def auto_evidence(rows: list[StudyRow]) -> dict[str, tuple[int, int, float]]:
@@ -155,11 +181,12 @@ def auto_evidence(rows: list[StudyRow]) -> dict[str, tuple[int, int, float]]:
 
 def table(rows: list[StudyRow]) -> tuple[list[str], list[list[str]]]:
     """(columns, rows) of the study, for rich or markdown output."""
-    cols = ["N", "init", "order", "outcome (iterations / matmuls)", "error", "error after 6", "max cond"]
+    cols = ["N", "init", "order", "outcome (iterations / matmuls)", "error", "bound",
+            "error after 6", "max cond"]
     out = []
     for r in rows:
         out.append([
-            str(r.size), r.init, str(r.order), r.outcome, f"{r.error:.1e}",
+            str(r.size), r.init, str(r.order), r.outcome, f"{r.error:.1e}", f"{r.bound:.1e}",
             f"{r.error_at_6:.2g}", f"{r.cond_max:.1e}",
         ])
     return cols, out

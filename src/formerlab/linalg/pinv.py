@@ -1,4 +1,4 @@
-"""Iterative Moore–Penrose pseudoinverse for batches of matrices, with honest diagnostics.
+"""Iterative Moore–Penrose pseudoinverse for batches of matrices, with a certified error bound.
 
 Iterations (E = I − AZ is the error of the current iterate Z):
 
@@ -8,11 +8,49 @@ Iterations (E = I − AZ is the error of the current iterate Z):
 * ``order=p`` (p >= 4) — hyperpower (Ben-Israel & Greville, *Generalized Inverses*, ch. 7):
   Z ← Z Σᵢ₌₀..ₚ₋₁ (I − AZ)ⁱ (Horner form); E ← Eᵖ; p matmuls per iteration.
 
-All of them converge to A⁺ from Z₀ = αAᵀ whenever 0 < α < 2/σ_max(A)²: AZ stays symmetric
-with eigenvalues in (0, 2) on the range of A, and each component of E shrinks
-(Ben-Israel & Greville, ch. 7; Pan & Schreiber 1991). A singular value σ is "reached"
-once its eigenvalue σ²α·cᵏ of AZ has grown to ~1, where c = 3.25 for ``order=3`` and
-c = p otherwise (the growth factor of small eigenvalues per iteration).
+From Z₀ = αAᵀ every iterate is a polynomial in AᵀA times Aᵀ, so it shares A's singular
+vectors: a singular value σ of A appears in Z_k as f_k(σ)/σ, where f₀ = ασ² and
+1 − f_{k+1} = g(1 − f_k) with g(e) = eᵖ (¾e³ + ¼e⁴ for ``order=3``); all of this converges
+to A⁺ whenever 0 < α < 2/σ_max² (Ben-Israel & Greville, ch. 7; Pan & Schreiber 1991).
+
+**Target.** ``rcond`` (default :func:`default_rcond`: max(m, n)·ε of the compute dtype, the
+cut-off of ``torch.linalg.pinv``) defines the target T = A⁺_rcond: the pseudoinverse of A
+keeping the singular values σ >= rcond·σ_max and dropping the others.
+
+**Certificate and bound.** A matrix is *converged* when all of these hold for the returned Z:
+
+1. *reach*: every kept σ is past half-way, |1 − f_k(σ)| <= ½. Either k >= K, the reach
+   count, which follows from the initial scale alone: with a certain lower bound σ_lo <=
+   σ_max (power iteration) and upper bound σ_hi >= σ_max (norms of (AAᵀ)⁸), every kept σ
+   starts with |1 − ασ²| <= e₀ = max(1 − α(rcond·σ_lo)², ασ_hi² − 1), and |1 − f_k| <=
+   gᵏ(e₀) (g is increasing and |g(e)| <= g(|e|) on [−1, 1]); K is ``info.reach``. Or,
+   observed, ‖I − AZ‖_F <= ½ (A of full row rank: every eigenvalue f of AZ is within ½
+   of 1) — this certifies well-conditioned matrices long before K;
+2. *gap*: ‖Z‖₂·rcond·σ_hi <= ½ (‖Z‖₂ bounded above the same way), so every dropped σ has
+   f_k(σ) = σ·(f_k(σ)/σ) <= ½: none of them has been inverted;
+3. *bound*: ``info.bound`` <= ``tol``, with
+
+       ‖Z − T‖_F / ‖T‖_F  <=  bound = 2w / (‖Z‖_F − 2w) + ρ + u_out,   w = ‖Z − ZAZ‖_F.
+
+   In exact arithmetic ‖Z − T‖_F <= 2w: Z − ZAZ has the singular values f(1 − f)/σ, the
+   error has (1 − f)/σ on kept (f >= ½ by 1.) and f/σ on dropped values (1 − f >= ½ by
+   2.), and ‖T‖_F >= ‖Z‖_F − ‖Z − T‖_F. ρ = 2√(k·(m + n))·u (u = unit roundoff of the
+   compute dtype) is a first-order allowance for the rounding that w does not see (the
+   blocks of Z − T between kept and dropped singular vectors, which accumulate about u
+   per iteration without amplification) and for computing w; u_out is the rounding of the
+   output dtype (plus, where entries fall into its subnormal range, their absolute error).
+   Tests check the bound against float64 ``torch.linalg.pinv(A, rtol=rcond)`` on
+   matrices with prescribed singular values (condition 1 … 10¹²), scales 10⁻³⁰ … 10³⁰,
+   float16 … float64, rank-deficient and rectangular.
+
+A singular value within a small factor above the cut-off fails 2., one below it (but not far
+below) keeps w large: such matrices honestly do not converge — no iteration can separate
+singular values on both sides of a cut-off it cannot see.
+
+**Scale.** A is divided by 2^e (e the binary exponent of max|A|, ``torch.frexp``) before the
+iteration — exact, so every norm is O(1) in any dtype — and Z is multiplied by 2^−e after
+(in float64). A result that overflows the output dtype is a failure (``on_fail``), never an
+inf with a success flag.
 
 Initial scale α, computed **per matrix** (``init``):
 
@@ -23,31 +61,30 @@ Initial scale α, computed **per matrix** (``init``):
 * ``"global"``: α = 1/(maxᵦ‖Aᵦ‖₁ · maxᵦ‖Aᵦ‖∞), one scale for the whole batch as in the
   public Nyströmformer implementations. It warns; kept only to reproduce their failure: in a
   batch whose matrices differ in scale, the small ones start with eigenvalues of AZ₀ orders
-  of magnitude below 1 and get nowhere in a fixed number of iterations;
+  of magnitude below 1 and get nowhere in a fixed number of iterations (the power-of-two
+  normalisation is per matrix, so it is undone for this init);
 * ``"auto"``: :data:`AUTO_INIT` — the measured choice (see ``formerlab pinv-study`` and
   the README): the fewest matmuls of the safe inits on row-softmax and random matrices.
 
-Stopping (``iters=None``). The residual is the relative step
-``‖Z_k − Z_{k−1}‖_F / ‖Z_k‖_F``. For a superlinear iteration it estimates the relative error
-of Z_{k−1} (and bounds that of Z_k), and it tends to 0 for any A, rank-deficient and
-rectangular included (the Penrose residual ‖AZA − A‖ does too but is blind to the small
-singular values, so it reaches its floor long before Z does; both are reported). A matrix
-stops when its residual is <= ``tol`` (*converged*). In floating point the residual stops
-falling at a level set by rounding (about u·κ(A)); past that, a rank-deficient A has its
-rounding-noise singular values inverted and the iterates drift away from A⁺. So once every
-singular value above u·σ_max (u = unit roundoff; below it is only rounding noise) has been
-reached and the residual has not halved in 3 further iterations, the matrix has
-*stagnated*: it stops, returns its iterate of smallest residual (the last one if the
-residual never fell below 1e-2) and reports ``converged=False`` — instead of looping to
-``max_iter`` or claiming convergence.
+Stopping (``iters=None``): iterate until converged (above). The relative step
+``‖Z_k − Z_{k−1}‖_F / ‖Z_k‖_F`` is reported as ``residual``; in floating point it stops
+falling at a level set by rounding (about u·κ). Once k >= K and the step has not halved in
+3 iterations, the matrix has *stagnated*: it stops and returns its best iterate (smallest
+certified bound, else smallest step if that fell below 1e-2, else the last one) with
+``converged=False`` instead of looping to
+``max_iter``. Divergence (non-finite values, or ‖AZ‖_F > 2√m, impossible for a valid
+iterate) is detected at the iteration where it happens; the last valid iterate is kept.
+With ``iters`` given, exactly that many iterations run (early stop once converged if ``tol``
+is given too) and ``converged`` is the same certificate for the last iterate: a truncated
+iteration is not a failure, but it is not called converged unless it is.
 
-Divergence (non-finite values, or ‖AZ‖_F > 2√m, impossible for a valid iterate) is
-detected at the iteration where it happens; the last valid iterate is kept.
-
-Backward. ``"unroll"`` differentiates through the iterations; ``"implicit"`` runs them
-without autograd and uses the derivative of the pseudoinverse at the result (Golub &
-Pereyra 1973, Thm. 4.3): dA⁺ = −A⁺dA A⁺ + A⁺A⁺ᵀdAᵀ(I − AA⁺) + (I − A⁺A)dAᵀA⁺ᵀA⁺, whose
-memory does not depend on the iteration count (it assumes the rank is locally constant).
+Backward. ``"unroll"`` differentiates through the iterations; ``"implicit"`` (only when
+iterating to tolerance) runs them without autograd and uses the derivative of the
+pseudoinverse at the result (Golub & Pereyra 1973, Thm. 4.3): dA⁺ = −A⁺dA A⁺ +
+A⁺A⁺ᵀdAᵀ(I − AA⁺) + (I − A⁺A)dAᵀA⁺ᵀA⁺, memory independent of the iteration count (exact for
+a locally constant rank with the dropped singular values 0). With a fixed ``iters`` the
+returned Z is a truncated iterate, not A⁺, and this formula would be the derivative of a
+different function, so that combination raises a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -61,6 +98,7 @@ import torch
 from torch import Tensor
 
 from formerlab.errors import check_choice, check_positive_float, check_positive_int
+from formerlab.linalg.numerics import compute_dtype, relative_step
 
 INITS = ("auto", "razavi", "frobenius", "spectral", "global")
 ON_FAIL = ("raise", "warn", "exact")
@@ -70,17 +108,31 @@ AUTO_INIT = "razavi"
 SPECTRAL_MARGIN = 1.05
 SPECTRAL_POWER_STEPS = 8
 PATIENCE = 3
+GAP = 0.5  # the gap certificate: every dropped singular value has f <= GAP
+_NEVER = 2**62  # reach count of a matrix that cannot be certified
+_CANDIDATE_STEP = 0.5  # the certificate is computed only once the step is below this
 _ASYMPTOTIC = 1e-2  # a relative step below this means the iteration is past its slow start
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def default_tol(dtype: torch.dtype) -> float:
-    """Default tolerance on the relative step (float32: 1e-5, float64: 1e-12)."""
-    return 1e-12 if compute_dtype(dtype) == torch.float64 else 1e-5
+    """Default tolerance on the certified bound: float64 1e-10, float32 1e-5, and for
+    float16 / bfloat16 8× their unit roundoff (the output rounding alone is one unit)."""
+    work = compute_dtype(dtype)
+    if work == torch.float64:
+        return 1e-10
+    if dtype in (torch.float16, torch.bfloat16):
+        return 8 * unit_roundoff(dtype)
+    return 1e-5
+
+
+def default_rcond(dtype: torch.dtype, m: int, n: int) -> float:
+    """Default cut-off max(m, n)·ε of the compute dtype (``torch.linalg.pinv``'s rule)."""
+    return max(m, n) * torch.finfo(compute_dtype(dtype)).eps
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = ε/2, the relative rounding error of round-to-nearest in ``dtype``."""
+    return torch.finfo(dtype).eps / 2
 
 
 def matmuls_per_iteration(order: int) -> int:
@@ -108,13 +160,17 @@ class PinvInfo:
     Attributes:
         iterations: iterations that produced the returned Z (long).
         residual: relative step ‖Z_k − Z_{k−1}‖_F/‖Z_k‖_F into the returned iterate
-            (1.0 for Z₀; 0 for a zero matrix) — the stopping quantity.
+            (1.0 for Z₀; 0 for a zero matrix).
         penrose: ‖AZA − A‖_F/‖A‖_F of the returned Z.
-        converged: residual <= tol (and not diverged).
+        converged: the certificate holds and ``bound`` <= tol (module docs).
         diverged: non-finite values or ‖AZ‖_F > 2√m appeared; Z is the last valid iterate.
-        stagnated: stopped because the residual stopped falling before reaching tol.
+        stagnated: stopped because the step stopped falling before convergence.
         fallback: replaced by ``torch.linalg.pinv`` (``on_fail="exact"``).
-        init, order, tol: the resolved settings.
+        bound: certified bound on ‖Z − A⁺_rcond‖_F/‖A⁺_rcond‖_F where reach and gap hold,
+            inf elsewhere (module docs).
+        reach: the reach count K (a huge number where it cannot be certified).
+        unrepresentable: the result overflows the output dtype.
+        init, order, tol, rcond: the resolved settings.
         extra: ``"diverged_at"``: the iteration at which divergence was detected (-1 if not).
     """
 
@@ -129,6 +185,10 @@ class PinvInfo:
     order: int
     tol: float
     extra: dict = field(default_factory=dict)
+    bound: Tensor | None = None
+    reach: Tensor | None = None
+    unrepresentable: Tensor | None = None
+    rcond: float | None = None
 
     @property
     def matmuls(self) -> Tensor:
@@ -141,7 +201,7 @@ class PinvInfo:
             return {}
         res = self.residual.detach().double()
         its = self.iterations.double()
-        return {
+        out = {
             "pinv_iterations": its.mean().item(),
             "pinv_iterations_max": its.max().item(),
             "pinv_residual": res.mean().item(),
@@ -150,18 +210,21 @@ class PinvInfo:
             "pinv_converged": self.converged.double().mean().item(),
             "pinv_diverged": self.diverged.double().mean().item(),
         }
+        if self.bound is not None:
+            out["pinv_bound_max"] = self.bound.double().max().item()
+        return out
 
     def reshape(self, shape: tuple[int, ...]) -> PinvInfo:
         """The same diagnostics with the batch dims reshaped to ``shape``."""
 
-        def r(t: Tensor) -> Tensor:
-            return t.reshape(shape)
+        def r(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.reshape(shape)
 
         extra = {k: r(v) if isinstance(v, Tensor) else v for k, v in self.extra.items()}
         return PinvInfo(
             r(self.iterations), r(self.residual), r(self.penrose), r(self.converged),
             r(self.diverged), r(self.stagnated), r(self.fallback), self.init, self.order,
-            self.tol, extra,
+            self.tol, extra, r(self.bound), r(self.reach), r(self.unrepresentable), self.rcond,
         )
 
 
@@ -186,12 +249,35 @@ def check_order(order: int) -> int:
     return check_positive_int("order", order, minimum=2)
 
 
+def check_rcond(rcond: float) -> float:
+    """``rcond`` must be a float in (0, 1)."""
+    value = check_positive_float("rcond", rcond)
+    if value >= 1.0:
+        raise ValueError(f"rcond={rcond!r} is not allowed; expected a float in (0, 1)")
+    return value
+
+
 def _safe_reciprocal(x: Tensor) -> Tensor:
     return torch.where(x > 0, 1.0 / x.clamp(min=torch.finfo(x.dtype).tiny), torch.zeros_like(x))
 
 
 def _fro(x: Tensor) -> Tensor:
     return x.flatten(-2).norm(dim=-1)
+
+
+def binary_exponent(A: Tensor) -> Tensor:
+    """e per matrix of a (b, m, n) batch with max|A| = μ·2^e, μ in [0.5, 1) (0 for A = 0)."""
+    _, e = torch.frexp(A.detach().abs().amax(dim=(-2, -1)))
+    return e.long()
+
+
+def scale_pow2(x: Tensor, e: Tensor) -> Tensor:
+    """x·2^e per matrix of a (b, r, c) batch, exactly (two factors, so none overflows)."""
+    half = torch.div(e, 2, rounding_mode="floor")
+    two = torch.tensor(2.0, dtype=x.dtype, device=x.device)
+    f1 = torch.pow(two, half.to(x.dtype))[:, None, None]
+    f2 = torch.pow(two, (e - half).to(x.dtype))[:, None, None]
+    return x * f1 * f2
 
 
 def spectral_norm_estimate(A: Tensor, steps: int = SPECTRAL_POWER_STEPS) -> Tensor:
@@ -210,6 +296,31 @@ def spectral_norm_estimate(A: Tensor, steps: int = SPECTRAL_POWER_STEPS) -> Tens
     rayleigh = (A @ v).square().sum(dim=(-2, -1))
     lower = A.square().sum(dim=(-2, -1)) / min(m, n)
     return torch.maximum(rayleigh, lower).sqrt()
+
+
+def spectral_norm_upper(A: Tensor, squarings: int = 3) -> Tensor:
+    """A certain upper bound of σ_max(A) per matrix of a (b, m, n) batch, in float64.
+
+    σ_max² = λ_max(M), M = AAᵀ (or AᵀA, the smaller), and λ_max <= ‖M^q‖_∞^(1/q) for every
+    q; q = 2^squarings by repeated squaring (each square normalised, so nothing overflows),
+    which is tight to a factor r^(1/q) (r = size of M). Capped by ‖A‖_F and widened for the
+    rounding of the products.
+    """
+    M = A @ A.mT if A.shape[-2] <= A.shape[-1] else A.mT @ A
+    r = M.shape[-1]
+    c = M.abs().sum(-1).amax(-1)
+    log_bound = torch.log(c.double())
+    weight = 1.0
+    for _ in range(squarings):
+        M = M * _safe_reciprocal(c)[:, None, None]
+        M = M @ M
+        c = M.abs().sum(-1).amax(-1)
+        weight /= 2
+        log_bound = log_bound + weight * torch.log(c.double())
+    lam = torch.exp(log_bound).nan_to_num(nan=0.0)
+    lam = torch.minimum(lam, A.double().square().sum(dim=(-2, -1)))
+    margin = 1 + 16 * (r + 1) * torch.finfo(A.dtype).eps
+    return (lam * margin).sqrt()
 
 
 def initial_scale(A: Tensor, init: str) -> Tensor:
@@ -243,23 +354,72 @@ def _step(Z: Tensor, X: Tensor, order: int, eye: Tensor) -> Tensor:
     return Z @ s
 
 
-def _reach_iterations(a: Tensor, alpha: Tensor, order: int) -> Tensor:
-    """Iterations after which every singular value >= u·σ_max has been reached.
+def _next_log_error(L: Tensor, order: int) -> Tensor:
+    """log|e| ↦ log g(|e|) for the error map g of ``order`` (accurate for e near 1)."""
+    if order == 3:  # ¾e³ + ¼e⁴ = e³(1 − ¼(1 − e))
+        return 3.0 * L + torch.log1p(0.25 * torch.expm1(L))
+    return order * L
 
-    A singular value σ has eigenvalue σ²α·cᵏ in AZ_k while that is small; it is reached
-    when that is ~1. Uses a lower bound of σ_max²α (power-iteration Rayleigh quotient), so
-    the count errs on the late side; below u·σ_max (u = unit roundoff) there is only
-    rounding noise, whose inversion makes the iterates drift away from A⁺.
+
+def reach_count(
+    alpha: Tensor, sigma_lo: Tensor, sigma_hi: Tensor, rcond: float, order: int, limit: int
+) -> Tensor:
+    """K per matrix: the first k with |1 − f_k(σ)| <= ½ for every σ in [rcond·σ_max, σ_max].
+
+    ``alpha``, ``sigma_lo`` <= σ_max <= ``sigma_hi`` per matrix; ``_NEVER`` where no k <=
+    ``limit`` is certain (e.g. ασ_hi² >= 2, or a zero matrix).
     """
-    eps = torch.finfo(a.dtype).eps
-    s = (alpha.flatten() * spectral_norm_estimate(a).square()).clamp(1e-300, 1.0)
-    k = torch.log(1.0 / (eps * eps * s)) / math.log(growth_factor(order))
-    return k.ceil().long() + 1
+    a = alpha.flatten().double()
+    delta = (a * (rcond * sigma_lo.double()).square()).clamp(max=1.0)
+    beta = a * sigma_hi.double().square()
+    over = torch.where(beta > 1, torch.log((beta - 1).clamp(min=1e-300)), -math.inf)
+    L = torch.maximum(torch.log1p(-delta), over)
+    K = torch.full_like(a, float(_NEVER))
+    half = math.log(0.5)
+    for k in range(limit + 1):
+        K = torch.where((L <= half) & (K == _NEVER) & (beta < 2), float(k), K)
+        L = _next_log_error(L, order)
+    return K.long()
 
 
-def _rel_step(new: Tensor, old: Tensor) -> Tensor:
-    num, den = _fro(new - old), _fro(new)
-    return torch.where(den > 0, num / den.clamp(min=torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+def _rounding_allowance(k: Tensor, m: int, n: int, dtype: torch.dtype) -> Tensor:
+    return 2.0 * torch.sqrt(k.double().clamp(min=1) * (m + n)) * unit_roundoff(dtype)
+
+
+def certify(
+    a: Tensor, Z: Tensor, k: Tensor, reach: Tensor, sigma_hi: Tensor, rcond: float
+) -> Tensor:
+    """The bound of the module docs for iterates Z (b, n, m) of a (b, m, n) after k
+    iterations; inf where the reach or gap condition fails. In float64, shape (b,)."""
+    with torch.no_grad():
+        m, n = a.shape[-2:]
+        zero = _fro(a) == 0  # A = 0: Z = 0 is exact
+        z_hi = spectral_norm_upper(Z.mT)
+        gap_ok = z_hi * rcond * sigma_hi.double() <= GAP
+        # w in float64, plus what its own rounding can hide: the iteration's fixed point
+        # makes the *computed* residual vanish, so a float64 iterate's rounding shows up
+        # only through fl(AZ) = AZ + E, |E| <~ γ̃_n|A||Z| (and likewise for Z·X), with the
+        # probabilistic γ̃_n = 2√n·u of Higham & Mary (2019) instead of the worst case n·u
+        Zd, ad = Z.double(), a.double()
+        Xd = ad @ Zd
+        zf = _fro(Zd)
+        u = unit_roundoff(torch.float64)
+        gamma_n, gamma_m = 2 * math.sqrt(n) * u, 2 * math.sqrt(m) * u
+        hidden = gamma_n * _fro(ad) * z_hi * zf + gamma_m * zf * _fro(Xd) + u * zf
+        w = _fro(Zd - Zd @ Xd) + hidden
+        rel = torch.where(zf > 2 * w, 2 * w / (zf - 2 * w), math.inf)
+        # rounding in the blocks of Z − T between kept and dropped / null directions
+        # is invisible to w and amplified up to κ while the small values grow; those
+        # blocks are empty when A is square and ‖I − AZ‖_F <= ½ (no dropped values)
+        eye = torch.eye(m, dtype=torch.float64, device=a.device)
+        settled = _fro(eye - Xd) <= 0.5  # every eigenvalue f of AZ within ½ of 1
+        full = (m == n) & settled
+        kappa = z_hi * sigma_hi.double()
+        unseen = 2 * math.sqrt(m + n) * unit_roundoff(a.dtype) * kappa
+        bound = rel + _rounding_allowance(k, m, n, a.dtype) + torch.where(full, 0.0, unseen)
+        ok = ((k >= reach) | settled) & gap_ok & torch.isfinite(bound)
+        bound = torch.where(zero & (zf == 0), 0.0, torch.where(ok, bound, math.inf))
+    return bound
 
 
 def _penrose(a: Tensor, Z: Tensor) -> Tensor:
@@ -274,9 +434,10 @@ def _penrose(a: Tensor, Z: Tensor) -> Tensor:
 def pinv_iterates(A: Tensor, *, order: int = 3, init: str = "auto") -> Iterator[Tensor]:
     """Yield Z₀, Z₁, Z₂, … of the iteration for a (..., m, n) batch, without stopping.
 
-    In the compute dtype (float32, or float64 for float64 input). Used for studies of
-    the error per iteration (semi-convergence) and for sampled-row validation; the caller
-    decides when to stop. Differentiable (unrolled).
+    In the compute dtype (float32, or float64 for float64 input); A is normalised by a
+    power of two inside, as in :func:`pinv`. Used for studies of the error per iteration
+    (semi-convergence) and for sampled-row validation; the caller decides when to stop.
+    Differentiable (unrolled).
     """
     check_matrix(A)
     check_order(order)
@@ -290,11 +451,19 @@ def pinv_iterates(A: Tensor, *, order: int = 3, init: str = "auto") -> Iterator[
             yield Z.mT
         return
     a = A.to(work).reshape(-1, m, n)
+    e = _exponent(a, init)
+    a = scale_pow2(a, -e)
     eye = torch.eye(m, dtype=work, device=A.device)
     Z = initial_scale(a, init) * a.mT
     while True:
-        yield Z.reshape(*A.shape[:-2], n, m)
+        yield scale_pow2(Z, -e).reshape(*A.shape[:-2], n, m)
         Z = _step(Z, a @ Z, order, eye)
+
+
+def _exponent(a: Tensor, init: str) -> Tensor:
+    """The per-matrix power-of-two exponent (one for the batch with the global init)."""
+    e = binary_exponent(a)
+    return e.amax().expand_as(e).clone() if init == "global" and e.numel() else e
 
 
 def _warn_global() -> None:
@@ -307,43 +476,44 @@ def _warn_global() -> None:
 
 def _iterate(
     a: Tensor, order: int, init: str, iters: int | None, tol: float, early_stop: bool,
-    max_iter: int,
+    max_iter: int, rcond: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Run the iteration on a (b, m, n) batch with m <= n; returns Z and diagnostics.
+    """Run the iteration on a normalised (b, m, n) batch with m <= n.
 
-    ``iters`` given: exactly that many steps (early stop at ``tol`` if ``early_stop``);
-    else iterate to ``tol`` with stagnation detection, at most ``max_iter`` steps.
+    ``iters`` given: exactly that many steps (early stop once converged if ``early_stop``);
+    else iterate until converged, stagnated, diverged or ``max_iter``.
     """
-    b, m, _ = a.shape
+    b, m, n = a.shape
     dev = a.device
     eye = torch.eye(m, dtype=a.dtype, device=dev)
-    alpha = initial_scale(a, init)
-    Z = alpha * a.mT
+    steps = max_iter if iters is None else iters
+    with torch.no_grad():
+        ad = a.detach()
+        alpha = initial_scale(ad, init)
+        sigma_hi = spectral_norm_upper(ad)
+        reach = reach_count(alpha, spectral_norm_estimate(ad), sigma_hi, rcond, order, steps)
+    Z = initial_scale(a, init) * a.mT
     X = a @ Z
     false = torch.zeros(b, dtype=torch.bool, device=dev)
-    active, diverged, stagnated, converged = ~false, false.clone(), false.clone(), false.clone()
+    active, diverged, stagnated = ~false, false.clone(), false.clone()
     iterations = torch.zeros(b, dtype=torch.long, device=dev)
     diverged_at = torch.full((b,), -1, dtype=torch.long, device=dev)
-    res = torch.where(_fro(a) > 0, 1.0, 0.0).to(a.dtype)  # nothing known about Z₀
-    to_tol = iters is None
-    if to_tol:  # best iterate so far, for matrices that stagnate
-        reach = _reach_iterations(a.detach(), alpha.detach(), order)
-        best_Z, best_res, best_k = Z, res.clone(), iterations.clone()
-        ref = res.clone()  # residual at the last halving
-        since = iterations.clone()
+    res = torch.where(_fro(ad) > 0, 1.0, 0.0).to(a.dtype)  # nothing known about Z₀
+    inf = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
+    bound = certify(ad, Z.detach(), iterations, reach, sigma_hi, rcond)
+    converged = bound <= tol
+    check_each = iters is None or early_stop
+    best_Z, best_res, best_k, best_bound = Z, res.clone(), iterations.clone(), bound.clone()
+    ref, since = res.clone(), iterations.clone()  # step at the last halving; iterations since
     x_limit = 2.0 * math.sqrt(m) * (1 + 1e-3)
-    steps = max_iter if to_tol else iters
     for _ in range(steps):
-        if early_stop:
-            done = active & (res.detach() <= tol)
-            converged |= done
-            active = active & ~done
-            if not bool(active.any()):
-                break
+        if check_each:
+            active = active & ~converged
+        if not bool(active.any()):
+            break
         Z_new = _step(Z, X, order, eye)
         X_new = a @ Z_new
-        r = _rel_step(Z_new, Z)
-        rd = r.detach()
+        rd = relative_step(Z_new.detach(), Z.detach())
         bad = ~torch.isfinite(rd) | ~torch.isfinite(_fro(Z_new.detach()))
         bad |= ~(_fro(X_new.detach()) <= x_limit)
         diverged_at = torch.where(active & bad, iterations + 1, diverged_at)
@@ -352,39 +522,46 @@ def _iterate(
         t3 = take[:, None, None]
         Z = torch.where(t3, Z_new, Z)
         X = torch.where(t3, X_new, X)
-        res = torch.where(take, r, res)
+        res = torch.where(take, rd, res)
         iterations += take.long()
         active = take
-        if to_tol:
-            better = take & (rd < best_res)
+        candidate = take & (rd <= _CANDIDATE_STEP)
+        if check_each and bool(candidate.any()):
+            new_bound = certify(ad, Z.detach(), iterations, reach, sigma_hi, rcond)
+            bound = torch.where(take, new_bound, bound)
+            converged = converged | (take & (bound <= tol))
+        elif check_each:
+            bound = torch.where(take, inf, bound)
+        if iters is None:
+            # best iterate: smallest certified bound, else smallest step
+            better = take & ((bound < best_bound) | (~torch.isfinite(best_bound) & (rd < best_res)))
             best_Z = torch.where(better[:, None, None], Z, best_Z)
             best_res = torch.where(better, rd, best_res)
             best_k = torch.where(better, iterations, best_k)
-            # patience counts only once every meaningful singular value has been reached
+            best_bound = torch.where(better, bound, best_bound)
             past = iterations >= reach
             halved = rd <= 0.5 * ref
             ref = torch.where(~past | halved, rd, ref)
             since = torch.where(past & ~halved, since + 1, torch.zeros_like(since))
-            stuck = take & (rd > tol) & (since >= PATIENCE)
+            stuck = take & ~converged & (since >= PATIENCE)
             stagnated |= stuck
             active = active & ~stuck
-    if early_stop:
-        converged |= active & (res.detach() <= tol)
-    if to_tol:
-        # stagnated or diverged matrices return their iterate of smallest step, if the
-        # iteration ever reached its superlinear phase (else the step says nothing)
-        use_best = ((stagnated | diverged) & (best_res < _ASYMPTOTIC))[:, None, None]
-        Z = torch.where(use_best, best_Z, Z)
-        res = torch.where(use_best[:, 0, 0], best_res, res)
-        iterations = torch.where(use_best[:, 0, 0], best_k, iterations)
-        converged = converged | (stagnated & (best_res <= tol))
-        stagnated = stagnated & ~converged
-    else:
-        converged = converged | (res.detach() <= tol)
-    converged = converged & ~diverged
+    if not check_each:  # fixed iteration count: certify the last iterate only
+        bound = certify(ad, Z.detach(), iterations, reach, sigma_hi, rcond)
+    if iters is None:
+        # the smallest step says something only once the iteration is past its slow start
+        meaningful = torch.isfinite(best_bound) | (best_res < _ASYMPTOTIC)
+        use_best = ~converged & meaningful
+        u3 = use_best[:, None, None]
+        Z = torch.where(u3, best_Z, Z)
+        res = torch.where(use_best, best_res, res)
+        iterations = torch.where(use_best, best_k, iterations)
+        bound = torch.where(use_best, best_bound, bound)
+    converged = (bound <= tol) & ~diverged
     info = dict(
         iterations=iterations, residual=res.detach(), converged=converged,
-        diverged=diverged, stagnated=stagnated, diverged_at=diverged_at,
+        diverged=diverged, stagnated=stagnated & ~converged, diverged_at=diverged_at,
+        bound=bound, reach=reach,
     )
     return Z, info
 
@@ -421,12 +598,17 @@ def pinv(
     init: str = "auto",
     iters: int | None = None,
     tol: float | None = None,
+    rcond: float | None = None,
     max_iter: int = 100,
     backward: str = "unroll",
     on_fail: str = "raise",
     return_info: bool = False,
 ) -> Tensor | tuple[Tensor, PinvInfo]:
     """Moore–Penrose pseudoinverse of every matrix of a (..., m, n) batch by iteration.
+
+    The target is A⁺_rcond, the pseudoinverse keeping the singular values >= rcond·σ_max;
+    ``converged`` certifies ‖Z − A⁺_rcond‖_F/‖A⁺_rcond‖_F <= ``info.bound`` <= tol (module
+    docs for the bound and its conditions).
 
     Args:
         A: (..., m, n) floating tensor, finite.
@@ -436,18 +618,18 @@ def pinv(
             (warns; reproduces a known failure) — see the module docs.
         iters: a fixed number of iterations. Reaching it is not a failure (a truncated
             iteration regularises, see ``formerlab approx``); with ``tol`` also given,
-            matrices stop early once their residual is <= tol.
-        tol: tolerance on the relative step (module docs). When ``iters`` is None each
-            matrix iterates until its residual is <= tol, it stagnates, it diverges or
-            ``max_iter``; default :func:`default_tol` of the compute dtype.
+            matrices stop early once converged.
+        tol: tolerance on the certified bound; default :func:`default_tol` of A's dtype.
+        rcond: relative cut-off of the target in (0, 1); default :func:`default_rcond`.
         max_iter: cap on iterations when iterating to tolerance.
         backward: ``"unroll"`` (autograd through the iterations) or ``"implicit"``
-            (analytic derivative of A⁺ at the result; memory independent of iterations).
-        on_fail: for matrices that diverged or, iterating to tolerance, did not converge
-            (stagnation or ``max_iter``): ``"raise"`` a :class:`PinvError`, ``"warn"`` and
+            (analytic derivative of A⁺ at the result; memory independent of iterations;
+            only with ``iters=None``, else a ``ValueError``).
+        on_fail: for matrices that diverged, overflow the output dtype or, iterating to
+            tolerance, did not converge: ``"raise"`` a :class:`PinvError`, ``"warn"`` and
             return the best valid iterate, or ``"exact"``: replace them by
-            ``torch.linalg.pinv`` computed in float64.
-        return_info: also return a :class:`PinvInfo` (per-matrix iterations, residual,
+            ``torch.linalg.pinv(A, rtol=rcond)`` computed in float64.
+        return_info: also return a :class:`PinvInfo` (per-matrix iterations, bound,
             converged flag, …).
 
     Returns:
@@ -461,9 +643,18 @@ def pinv(
     check_choice("on_fail", on_fail, ON_FAIL)
     if iters is not None:
         check_positive_int("iters", iters, minimum=0)
+        if backward == "implicit":
+            raise ValueError(
+                f"backward='implicit' is not allowed with iters={iters}: a fixed iteration "
+                "count returns a truncated iterate, not A⁺, and the implicit derivative is "
+                "that of A⁺; use backward='unroll' (the exact derivative of the iterate) or "
+                "iters=None (iterate to tolerance)"
+            )
     check_positive_int("max_iter", max_iter)
     explicit_tol = tol is not None
     tol = check_positive_float("tol", tol) if explicit_tol else default_tol(A.dtype)
+    m0, n0 = A.shape[-2:]
+    rcond = default_rcond(A.dtype, m0, n0) if rcond is None else check_rcond(rcond)
     resolved = AUTO_INIT if init == "auto" else init
     if resolved == "global":
         _warn_global()
@@ -474,54 +665,96 @@ def pinv(
     m, n = A.shape[-2:]
     work = compute_dtype(A.dtype)
     batch = A.shape[:-2]
-    a = A.to(work).reshape(-1, m, n)
+    a_raw = A.to(work).reshape(-1, m, n)
+    e = _exponent(a_raw, resolved)
+    a = scale_pow2(a_raw, -e)  # exact: max|a| in [0.5, 1)
     early_stop = iters is None or explicit_tol
     if backward == "implicit":
         with torch.no_grad():
-            Z, raw = _iterate(a.detach(), order, resolved, iters, tol, early_stop, max_iter)
+            Z, raw = _iterate(a.detach(), order, resolved, iters, tol, early_stop, max_iter, rcond)
     else:
-        Z, raw = _iterate(a, order, resolved, iters, tol, early_stop, max_iter)
+        Z, raw = _iterate(a, order, resolved, iters, tol, early_stop, max_iter, rcond)
+    if backward == "implicit":
+        Z = _ImplicitPinv.apply(a, Z.detach())
 
-    failed = raw["diverged"] | (~raw["converged"] if iters is None else raw["diverged"])
+    Z_64 = scale_pow2(Z.double(), -e)  # undo the scale: pinv(2^e·a) = 2^−e·a⁺
+    Z_out = Z_64.to(A.dtype)
+    unrep = _output_check(Z_out, Z_64, Z, e, raw, A.dtype, tol)
+    failed = raw["diverged"] | unrep | (~raw["converged"] if iters is None else False)
     fallback = torch.zeros_like(failed)
     if bool(failed.any()):
-        n_div, n_stag = int(raw["diverged"].sum()), int(raw["stagnated"].sum())
-        count = int(failed.sum())
-        what = (
-            f"{count} of {failed.numel()} matrices failed (diverged: {n_div}, stagnated: "
-            f"{n_stag}, stopped at max_iter={max_iter}: {count - n_div - n_stag}); their "
-            f"residuals: {_fmt(raw['residual'][failed])} (tol={tol:g}, order={order}, "
-            f"init={resolved!r}, dtype={work})"
-        )
+        what = _failure_text(raw, failed, unrep, max_iter, tol, order, resolved, work)
         if on_fail == "raise":
-            with torch.no_grad():
-                penrose = _penrose(a.detach(), Z.detach())
-            info = _make_info(raw, penrose, fallback, resolved, order, tol).reshape(batch)
+            info = _make_info(a, Z, raw, fallback, unrep, resolved, order, tol, rcond, batch)
             raise PinvError(
                 f"pinv: {what}. Use on_fail='exact' (torch.linalg.pinv for those), a larger "
-                "tol, float64, or a regularised inverse (pinv_reg).",
+                "tol or rcond, float64, or a regularised inverse (pinv_reg).",
                 info,
             )
         if on_fail == "warn":
             warnings.warn(f"pinv: {what}; returning the best valid iterates", stacklevel=2)
-        else:  # exact fallback for the failed matrices only
+            Z_out = _saturate(Z_out, unrep)
+        else:  # exact fallback for the failed matrices only, with the same cut-off
             idx = failed.nonzero().squeeze(-1)
-            sub = a[idx] if backward == "unroll" else a[idx].detach()
-            # in float64: float32's default cut-off (max(m, n)·u) would drop singular
-            # values the iteration resolves, making the "exact" answer the worse one
-            Z = Z.index_put((idx,), torch.linalg.pinv(sub.double()).to(work))
+            sub = A.reshape(-1, m, n)[idx]
+            sub = sub if backward == "unroll" else sub.detach()
+            exact = torch.linalg.pinv(sub.double(), rtol=rcond).to(A.dtype)
+            ok = torch.isfinite(exact).flatten(-2).all(-1)
+            Z_out = Z_out.index_put((idx,), _saturate(exact, ~ok))
             fallback = failed
-            raw["converged"] = raw["converged"] | failed
-
-    if backward == "implicit":
-        Z = _ImplicitPinv.apply(a, Z.detach())
-    with torch.no_grad():
-        penrose = _penrose(a.detach(), Z.detach())
-    info = _make_info(raw, penrose, fallback, resolved, order, tol).reshape(batch)
-    Z = Z.reshape(*batch, n, m).to(A.dtype)
+            raw["converged"] = raw["converged"] | fallback.index_put((idx,), ok)
+            exact_bound = torch.where(ok, 0.0, math.inf).to(raw["bound"].dtype)
+            raw["bound"] = raw["bound"].index_put((idx,), exact_bound)
+            unrep = unrep.index_put((idx,), ~ok)
+    info = _make_info(a, Z, raw, fallback, unrep, resolved, order, tol, rcond, batch)
+    Z_out = Z_out.reshape(*batch, n, m)
     if transpose:
-        Z = Z.mT
-    return (Z, info) if return_info else Z
+        Z_out = Z_out.mT
+    return (Z_out, info) if return_info else Z_out
+
+
+def _output_check(
+    Z_out: Tensor, Z_64: Tensor, Z: Tensor, e: Tensor, raw: dict, dtype: torch.dtype, tol: float
+) -> Tensor:
+    """Add the output rounding to raw["bound"]; returns the matrices that overflow."""
+    with torch.no_grad():
+        finfo = torch.finfo(dtype)
+        unrep = ~torch.isfinite(Z_out).flatten(-2).all(-1)
+        # entries in the subnormal range carry an absolute error up to half its spacing
+        spacing = finfo.tiny * finfo.eps
+        mag = Z_64.detach().abs()
+        n_sub = ((mag < finfo.tiny) & (mag > 0)).flatten(-2).sum(-1).double()
+        zf = _fro(Z.detach()).double()
+        sub = scale_pow2(
+            (n_sub.sqrt() * spacing / 2 / zf.clamp(min=1e-300))[:, None, None], e
+        )[:, 0, 0]
+        sub = torch.where(n_sub > 0, sub, 0.0)
+        u_out = unit_roundoff(dtype)
+        bound = raw["bound"] + u_out * (1 + raw["bound"]) + sub
+        raw["bound"] = torch.where(unrep, math.inf, bound)
+        raw["converged"] = raw["converged"] & (raw["bound"] <= tol)
+    return unrep
+
+
+def _saturate(Z: Tensor, which: Tensor) -> Tensor:
+    """Overflowed matrices: clamp to the largest finite value (reported, never inf)."""
+    if not bool(which.any()):
+        return Z
+    big = torch.finfo(Z.dtype).max
+    return torch.where(which[:, None, None], Z.nan_to_num(posinf=big, neginf=-big), Z)
+
+
+def _failure_text(raw, failed, unrep, max_iter, tol, order, init, work) -> str:
+    n_div, n_stag, n_rep = int(raw["diverged"].sum()), int(raw["stagnated"].sum()), int(unrep.sum())
+    count = int(failed.sum())
+    rest = count - int((raw["diverged"] | raw["stagnated"] | unrep)[failed].sum())
+    return (
+        f"{count} of {failed.numel()} matrices failed (diverged: {n_div}, stagnated: "
+        f"{n_stag}, overflow in the output dtype: {n_rep}, not certified by "
+        f"max_iter={max_iter}: {rest}); their bounds: {_fmt(raw['bound'][failed])}, steps: "
+        f"{_fmt(raw['residual'][failed])} (tol={tol:g}, order={order}, init={init!r}, "
+        f"dtype={work})"
+    )
 
 
 def _fmt(t: Tensor, limit: int = 8) -> str:
@@ -531,12 +764,16 @@ def _fmt(t: Tensor, limit: int = 8) -> str:
 
 
 def _make_info(
-    raw: dict, penrose: Tensor, fallback: Tensor, init: str, order: int, tol: float
+    a: Tensor, Z: Tensor, raw: dict, fallback: Tensor, unrep: Tensor, init: str, order: int,
+    tol: float, rcond: float, batch: tuple[int, ...],
 ) -> PinvInfo:
+    with torch.no_grad():
+        penrose = _penrose(a.detach(), Z.detach())
     return PinvInfo(
         raw["iterations"], raw["residual"], penrose, raw["converged"], raw["diverged"],
         raw["stagnated"], fallback, init, order, tol, {"diverged_at": raw["diverged_at"]},
-    )
+        raw["bound"], raw["reach"], unrep, rcond,
+    ).reshape(batch)
 
 
 def penrose_residual(A: Tensor, Z: Tensor) -> Tensor:
@@ -544,7 +781,8 @@ def penrose_residual(A: Tensor, Z: Tensor) -> Tensor:
     work = compute_dtype(A.dtype)
     a = A.to(work).reshape(-1, *A.shape[-2:])
     z = Z.to(work).reshape(-1, *Z.shape[-2:])
-    return _penrose(a, z).reshape(A.shape[:-2])
+    e = binary_exponent(a)
+    return _penrose(scale_pow2(a, -e), scale_pow2(z, e)).reshape(A.shape[:-2])
 
 
 # --------------------------------------------------------------------------- regularised
@@ -615,7 +853,9 @@ def _reg_param(arg: str, value: float | Tensor, a: Tensor) -> float | Tensor:
 
 
 __all__ = [
-    "AUTO_INIT", "BACKWARDS", "INITS", "ON_FAIL", "PinvError", "PinvInfo", "REG_METHODS",
-    "compute_dtype", "default_tol", "growth_factor", "initial_scale", "matmuls_per_iteration",
-    "penrose_residual", "pinv", "pinv_iterates", "pinv_reg", "spectral_norm_estimate",
+    "AUTO_INIT", "BACKWARDS", "GAP", "INITS", "ON_FAIL", "PinvError", "PinvInfo", "REG_METHODS",
+    "binary_exponent", "certify", "default_rcond", "default_tol", "growth_factor",
+    "initial_scale", "matmuls_per_iteration", "penrose_residual", "pinv", "pinv_iterates",
+    "pinv_reg", "reach_count", "scale_pow2", "spectral_norm_estimate", "spectral_norm_upper",
+    "unit_roundoff",
 ]

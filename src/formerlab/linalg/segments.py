@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from formerlab.errors import check_positive_int
+from formerlab.linalg.numerics import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def segment_sums(x: Tensor, layout: SegmentLayout) -> Tensor:
     Accumulates in float32 (float64 for float64 input) and returns x's dtype.
     """
     _check_x(x, layout)
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    work = compute_dtype(x.dtype)
     m = layout.num_segments
     extra = x.dim() - 3  # dims between B and N (e.g. heads)
     ids = layout.ids.view(x.shape[0], *([1] * extra), x.shape[-2], 1).expand(x.shape)
@@ -152,11 +153,11 @@ def segment_means(
     b, n, m = x.shape[0], x.shape[-2], layout.num_segments
     if n >= m and n % m == 0 and bool((layout.lengths == n).all()):
         # equal contiguous segments: a reshape is the cheapest exact reduction
-        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        work = compute_dtype(x.dtype)
         means = x.to(work).unflatten(-2, (m, n // m)).mean(dim=-2).to(x.dtype)
         return means, layout.nonempty
     sums = segment_sums(x, layout)
     extra = x.dim() - 3
     counts = layout.counts.clamp(min=1).view(b, *([1] * extra), m, 1)
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    work = compute_dtype(x.dtype)
     return (sums.to(work) / counts.to(work)).to(x.dtype), layout.nonempty
