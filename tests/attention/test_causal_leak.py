@@ -20,7 +20,7 @@ VARIANTS = [
     ("causal_nystrom", {"segment_size": 1}),
     ("causal_nystrom", {"segment_size": 3}),
     ("causal_nystrom", {"segment_size": 3, "landmark_system": "triangular"}),
-    ("causal_nystrom", {"num_landmarks": 4, "landmark_system": "triangular"}),
+    ("causal_nystrom", {"segment_size": 4, "landmark_system": "triangular"}),
     ("linear", {"chunk_size": 4}),
     ("linear", {"chunk_size": 3, "feature_map": "relu"}),
     ("performer", {"chunk_size": 4, "num_features": 16}),

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from formerlab import attention
-from formerlab.attention.causal_nystrom import causal_nystrom_attention
+from formerlab.attention.causal_nystrom import DEFAULT_SEGMENT_SIZE, causal_nystrom_attention
 
 SYSTEMS = ["block", "triangular"]
 
@@ -123,13 +123,39 @@ def test_segment_size_defaults_and_diagnostics():
     q, k, v = _qkv(1, 1, 50, 4, seed=9)
     kernel = attention.build("causal_nystrom")
     kernel(q, k, v, causal=True)
-    assert kernel.last_info["segment_size"] == math.ceil(math.sqrt(50))
+    assert kernel.last_info["segment_size"] == DEFAULT_SEGMENT_SIZE == 32
+    assert kernel.last_info["num_landmarks"] == 2  # ⌈50/32⌉, anchored at position 0
     assert kernel.diagnostics() == {"fallback_fraction": 0.0}
+    # the default never depends on N
+    kernel(*_qkv(1, 1, 2000, 4, seed=9), causal=True)
+    assert kernel.last_info["segment_size"] == 32
+    # num_landmarks keeps its meaning for bidirectional use only
     kernel = attention.build("causal_nystrom", num_landmarks=5)
-    kernel(q, k, v, causal=True)
+    kernel(q, k, v, causal=False)
     assert kernel.last_info["num_landmarks"] == 5 and kernel.last_info["segment_size"] == 10
     _, info = causal_nystrom_attention(q, k, v, 7)
     assert info["num_landmarks"] == math.ceil(50 / 7)
+
+
+def test_num_landmarks_is_refused_for_causal_use():
+    q, k, v = _qkv(1, 1, 20, 4, seed=9)
+    kernel = attention.build("causal_nystrom", num_landmarks=4)
+    with pytest.raises(ValueError, match="num_landmarks=4.*prefix consistent.*segment_size"):
+        kernel(q, k, v, causal=True)
+    with pytest.raises(ValueError, match="num_landmarks"):
+        kernel.init_state(1, 1, 4)
+
+
+def test_default_is_prefix_consistent_where_sqrt_n_was_not():
+    # the case: N = 20 vs N = 40 moved positions 0-19 by up to 0.71 with s = ⌈√N⌉
+    q, k, v = _qkv(2, 2, 40, 4, seed=12)
+    kernel = attention.build("causal_nystrom", segment_size=4)  # exercises landmarks
+    full = kernel(q, k, v, causal=True)
+    part = kernel(q[:, :, :20], k[:, :, :20], v[:, :, :20], causal=True)
+    torch.testing.assert_close(part, full[:, :, :20], rtol=0, atol=1e-12)
+    sqrt_20 = causal_nystrom_attention(q[:, :, :20], k[:, :, :20], v[:, :, :20], 5)[0]
+    sqrt_40 = causal_nystrom_attention(q, k, v, 7)[0][:, :, :20]
+    assert (sqrt_20 - sqrt_40).abs().max() > 1e-2  # a length-derived s is not
 
 
 def test_triangular_breakdown_falls_back_and_is_reported():
