@@ -356,6 +356,10 @@ class NystromState:
     length: int = 0
 
 
+def _state_dims(state: NystromState) -> tuple[int, int, int, int]:
+    return (*state.k_open.shape[:2], state.k_open.shape[-1], state.v_open.shape[-1] - 1)
+
+
 def _combine(local: Tensor, v_local: Tensor, far: Tensor | None, x_far: Tensor | None) -> Tensor:
     """Normalised output from local logits (…, T, J) over ``v_local`` (…, J, E + 1) and
     landmark logits (…, T, L) over ``x_far`` (…, L, E + 1): the parallel call's
@@ -526,11 +530,7 @@ class CausalNystromAttention(AttentionKernel):
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: NystromState):
         """``(out, state)`` for T new tokens (B, H, T, D), equal to the parallel causal call."""
-        if isinstance(state, NystromState):
-            dims = (*state.k_open.shape[:2], state.k_open.shape[-1], state.v_open.shape[-1] - 1)
-        else:
-            dims = (0, 0, 0, 0)
-        check_step(self.name, q, k, v, state, NystromState, dims)
+        check_step(self.name, q, k, v, state, NystromState, _state_dims)
         work = state.k_open.dtype
         scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else self.scale
         out = nystrom_step(q.to(work), k.to(work), v.to(work), state, scale)

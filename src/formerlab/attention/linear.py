@@ -109,6 +109,12 @@ def empty_linear_state(
     return LinearState(kv, torch.zeros(batch, heads, features, dtype=work, device=device))
 
 
+def linear_dims(state: LinearState, head_dim: int) -> tuple[int, int, int, int]:
+    """(B, H, D, E) of a state; D from its projection (performer) or ``head_dim``."""
+    d = state.projection.shape[-1] if state.projection is not None else head_dim
+    return (*state.kv.shape[:2], d, state.kv.shape[-1])
+
+
 def linear_step(
     phi_q: Tensor, phi_k: Tensor, v: Tensor, state: LinearState, chunk_size: int
 ) -> tuple[Tensor, LinearState]:
@@ -176,8 +182,8 @@ class LinearAttention(AttentionKernel):
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: LinearState):
         """``(out, state)`` for T new tokens (B, H, T, D); O(T·F·E) whatever the position."""
-        d, e = q.shape[-1], state.kv.shape[-1]
-        check_step(self.name, q, k, v, state, LinearState, (*state.kv.shape[:2], d, e))
+        d = q.shape[-1]
+        check_step(self.name, q, k, v, state, LinearState, lambda st: linear_dims(st, d))
         work = state.kv.dtype
         phi_q, phi_k = self.phi(q.to(work)), self.phi(k.to(work))
         if phi_k.shape[-1] != state.kv.shape[-2]:

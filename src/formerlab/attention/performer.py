@@ -47,6 +47,7 @@ from formerlab.attention.base import AttentionKernel, compute_dtype
 from formerlab.attention.linear import (
     LinearState,
     empty_linear_state,
+    linear_dims,
     linear_step,
     linear_sums,
     linear_weights,
@@ -231,12 +232,11 @@ class PerformerAttention(AttentionKernel):
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: LinearState):
         """``(out, state)`` for T new tokens (B, H, T, D); O(T·m·(D + E)) at any position."""
+        check_step(self.name, q, k, v, state, LinearState, lambda st: linear_dims(st, 0))
         w = state.projection
-        d = w.shape[-1] if isinstance(w, Tensor) else q.shape[-1]
-        dims = (*state.kv.shape[:2], d, state.kv.shape[-1])
-        check_step(self.name, q, k, v, state, LinearState, dims)
         if w is None:
             raise ValueError("state has no random features; build it with performer.init_state")
+        d = w.shape[-1]
         work = state.kv.dtype
         root = self._scaled(d)
         phi_q = favor_features(q.to(work) * root, w, is_query=True)

@@ -63,6 +63,10 @@ class KVCache:
     length: int = 0
 
 
+def _cache_dims(state: KVCache) -> tuple[int, int, int, int]:
+    return (*state.keys.shape[:2], state.keys.shape[-1], state.values.shape[-1])
+
+
 @register(
     "softmax",
     causal=True,
@@ -96,8 +100,7 @@ class SoftmaxAttention(AttentionKernel):
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
         """Append k, v (B, H, T, ·) to the cache; new queries see every key up to their own."""
-        dims = (*state.keys.shape[:2], state.keys.shape[-1], state.values.shape[-1])
-        check_step(self.name, q, k, v, state, KVCache, dims)
+        check_step(self.name, q, k, v, state, KVCache, _cache_dims)
         work = state.keys.dtype
         t, start = q.shape[2], state.length
         total = start + t

@@ -11,6 +11,7 @@ measuring a state's memory (for tests and benchmarks).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,11 +38,17 @@ def state_dims(
 
 
 def check_step(
-    kernel: str, q: Tensor, k: Tensor, v: Tensor, state: Any, state_type: type, dims: tuple
+    kernel: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: Any,
+    state_type: type,
+    dims: Callable[[Any], tuple[int, int, int, int]],
 ) -> None:
     """Raise ``ValueError`` unless q, k, v (B, H, T, D) fit ``state`` (of ``state_type``).
 
-    ``dims`` = (B, H, D, E) the state was built for.
+    ``dims(state)`` = the (B, H, D, E) the state was built for.
     """
     if not isinstance(state, state_type):
         raise ValueError(
@@ -52,7 +59,7 @@ def check_step(
         if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{arg} must be a floating 4-d tensor (B, H, T, D); got {shape}")
-    b, h, d, e = dims
+    b, h, d, e = dims(state)
     t = q.shape[2]
     want = {"q": (b, h, t, d), "k": (b, h, t, d), "v": (b, h, t, e)}
     for arg, x in (("q", q), ("k", k), ("v", v)):
