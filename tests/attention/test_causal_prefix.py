@@ -53,6 +53,18 @@ def test_checker_passes_a_prefix_consistent_function_with_padding():
     assert report.lengths == list(range(1, 9)) and report.max_error < 1e-12
 
 
+def test_checker_pads_with_a_mask_of_exactly_n_real_tokens():
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    seen = []
+
+    def padded(t, m):
+        seen.append(m.sum(1).tolist())
+        return t.cumsum(1)
+
+    assert_prefix_consistent(lambda t: t.cumsum(1), [x], seq_dim=1, padded=padded)
+    assert seen == [[n, n] for n in range(1, 6)]
+
+
 def test_checker_catches_a_length_dependent_function():
     # causal (no future value enters the past) but scaled by N: passes a leak test at fixed N
     x = torch.randn(2, 9, 3, dtype=torch.float64)

@@ -64,8 +64,8 @@ def test_uneven_chunks_and_a_prompt_equal_the_parallel_call(name):
     ref = kernel(q, k, v, causal=True)
     # chunks straddle segment (32) and chunk (64) boundaries and the cache growth (64)
     uneven = [0, 1, 8, 31, 33, 34, 97, 160, 161, 229, 300]
-    out, _ = _stream(kernel, q, k, v, uneven)
-    assert _max_err(out, ref) <= 1e-8
+    out, state = _stream(kernel, q, k, v, uneven)
+    assert _max_err(out, ref) <= 1e-8 and state.length == 300
     prompt = [0, 70, *range(71, 300 + 1)]  # a 70-token prompt in one step, then tokens
     out, _ = _stream(kernel, q, k, v, prompt)
     assert _max_err(out, ref) <= 1e-8
