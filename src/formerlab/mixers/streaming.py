@@ -1,13 +1,11 @@
 """What the kernel-based mixers (attention, metric, quadratic) share: one kernel call on
 per-head (q, k, v), in parallel or as a streaming step, with optional rotary positions.
 
-Rotary embeddings (Su et al., 2021, "RoFormer", eq. 14-16) rotate q and k by their absolute
-position so that q·k depends on the offset only. They are applied to the q and k handed to
-the kernel, before any feature map: for softmax that is the RoFormer form; for the
-feature-map kernels (``linear``, ``performer``) rotating *before* φ keeps φ(q)·φ(k) ≥ 0,
-so the normaliser stays positive and the kernel stays a valid attention (RoFormer's
-linear-attention variant rotates after φ and loses that positivity); the scores are then
-no longer a function of the offset alone, but every position is told apart.
+Rotary embeddings (Su et al., 2021, "RoFormer") rotate the q and k handed to the kernel by
+their absolute positions, before any feature map (``formerlab.attention.rope`` says what
+that means for each kernel: exact relative positions for softmax / causal_nystrom, in
+expectation for performer, a valid non-negative kernel for linear). A streaming step
+continues the positions of its stream, so stepping equals the parallel call.
 """
 
 from __future__ import annotations
@@ -17,6 +15,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from formerlab.attention.rope import apply_rope
 
 
 @dataclass
@@ -38,10 +38,7 @@ def kernel_streams(kernel: Any) -> bool:
 
 def rotate(q: Tensor, k: Tensor, start: int) -> tuple[Tensor, Tensor]:
     """q, k (B, H, T, D) rotated for positions ``start … start + T − 1``."""
-    from formerlab.attention.rope import apply_rope
-
-    positions = torch.arange(start, start + q.shape[-2], device=q.device)
-    return apply_rope(q, positions), apply_rope(k, positions)
+    return apply_rope(q, start), apply_rope(k, start)
 
 
 def check_rope(rope: Any, *dims: int) -> bool:
