@@ -8,6 +8,7 @@ the whole context. ``generate(..., use_cache=False)`` keeps the recompute path.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,24 @@ class DecoderState:
 
     layers: Any
     position: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by every tensor of the state (allocated capacity)."""
+        return tensor_bytes(self.layers)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors inside ``obj`` (dataclasses, lists, tuples, dicts, tensors)."""
+    if isinstance(obj, Tensor):
+        return obj.nbytes
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(item) for item in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(item) for item in obj.values())
+    return 0
 
 
 def check_causal_mixers(model: SequenceModel) -> None:
