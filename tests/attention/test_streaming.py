@@ -172,3 +172,18 @@ def test_large_logits_stream_finite_and_equal_float32(name):
     out, _ = _stream(kernel, q, k, v, [0, 45, *range(46, 101)])
     assert torch.isfinite(out).all() and torch.isfinite(ref).all()
     assert _max_err(out, ref) <= 1e-4
+
+
+def _two_sided(x):
+    # a custom feature map with F = 2·D features (positive)
+    return torch.cat([torch.nn.functional.elu(x) + 1, torch.nn.functional.elu(-x) + 1], dim=-1)
+
+
+def test_linear_streams_with_a_feature_map_that_changes_the_size():
+    kernel = attention.build("linear", feature_map=_two_sided)
+    q, k, v = _qkv(n=90, seed=8)
+    out, state = _stream(kernel, q, k, v, [0, 20, 21, 64, 90])
+    assert state.kv.shape == (1, 2, 8, 4) and state.k_sum.shape == (1, 2, 8)
+    assert _max_err(out, kernel(q, k, v, causal=True)) <= 1e-8
+    with pytest.raises(ValueError, match="features"):  # a state built for another D
+        kernel.step(*_qkv(n=1, d=6), state)
