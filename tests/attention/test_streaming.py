@@ -187,3 +187,15 @@ def test_linear_streams_with_a_feature_map_that_changes_the_size():
     assert _max_err(out, kernel(q, k, v, causal=True)) <= 1e-8
     with pytest.raises(ValueError, match="features"):  # a state built for another D
         kernel.step(*_qkv(n=1, d=6), state)
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in CAUSAL if "scale" in attention.KERNELS.entry(n).options()]
+)
+def test_streaming_honours_the_logit_scale(name):
+    kernel = attention.build(name, scale=0.2)
+    q, k, v = _qkv(n=80, seed=9)
+    ref = kernel(q, k, v, causal=True)
+    assert _max_err(ref, attention.build(name)(q, k, v, causal=True)) > 1e-3  # scale acts
+    out, _ = _stream(kernel, q, k, v, [0, 33, *range(34, 81)])
+    assert _max_err(out, ref) <= 1e-8
