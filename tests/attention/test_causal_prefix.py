@@ -72,6 +72,12 @@ def test_checker_catches_a_length_dependent_function():
         assert_prefix_consistent(lambda t: t.cumsum(1) / t.shape[1], [x], seq_dim=1)
 
 
+def test_checker_catches_a_small_length_dependence_at_the_default_tolerance():
+    x = torch.randn(2, 9, 3, dtype=torch.float64)
+    with pytest.raises(AssertionError, match="atol=1e-08"):
+        assert_prefix_consistent(lambda t: t.cumsum(1) * (1 + 1e-6 * t.shape[1]), [x])
+
+
 def test_checker_catches_padding_that_is_not_masked():
     x = torch.randn(2, 9, 3, dtype=torch.float64)
     with pytest.raises(AssertionError, match="right padding"):
