@@ -191,3 +191,21 @@ def test_a_deq_body_falls_back_to_recompute_with_one_warning():
     assert torch.equal(cached, model.generate(prompt, 6, top_k=1, use_cache=False))
     with pytest.raises(ValueError, match="cannot stream"):
         model.init_state(1)
+
+
+def test_the_positions_config_reaches_the_model_and_a_deq_body():
+    from formerlab.train import ConfigError, load_config
+    from formerlab.train.build import build_model, build_task
+
+    base = ["model.dim=16", "model.depth=1", "model.heads=2", "task.options.context=16"]
+    cfg = load_config(None, base + ["model.positions=rope"])
+    model = build_model(cfg, build_task(cfg))
+    assert model.positions == "rope" and all(m.rope for m in model.mixers())
+    cfg = load_config(None, base + ["model.positions=none", "model.deq={max_iter: 3}"])
+    model = build_model(cfg, build_task(cfg))
+    assert model.positions == "none" and model.embed.positions is None
+    cfg = load_config(None, base + ["model.positions=rope", "model.deq={max_iter: 3}"])
+    assert all(m.rope for m in build_model(cfg, build_task(cfg)).mixers())
+    assert load_config(None, base).model.positions == "learned"
+    with pytest.raises((ConfigError, ValueError), match="positions"):
+        load_config(None, base + ["model.positions=absolute"])
