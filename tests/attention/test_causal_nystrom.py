@@ -63,6 +63,71 @@ def test_exact_when_tokens_within_segments_are_identical(system):
 
 
 @pytest.mark.parametrize("system", SYSTEMS)
+def test_exact_with_padding_inside_segments_of_identical_tokens(system):
+    # landmarks are means over the *real* tokens of a segment: with identical real tokens
+    # per segment the result stays exact when some of a segment's tokens are padding
+    s, m = 4, 6
+    g = torch.Generator().manual_seed(13)
+    base = [torch.randn(2, 2, m, 1, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    q, k, v = (t.expand(2, 2, m, s, 5).reshape(2, 2, m * s, 5) for t in base)
+    mask = torch.ones(2, m * s, dtype=torch.bool)
+    mask[0, [1, 2, 9]] = False  # inside segments 0 and 2
+    mask[1, [4, 5, 6, 13]] = False
+    kernel = attention.build("causal_nystrom", segment_size=s, landmark_system=system)
+    out = kernel(q, k, v, key_padding_mask=mask, causal=True)
+    want = exact(q, k, v, mask) * mask[:, None, :, None]
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-10)
+
+
+def _block_reference(q, k, v, mask, s):
+    """The block-system formula term by term (loops, float64), for one head."""
+    n, scale = q.shape[0], q.shape[1] ** -0.5
+    kappa = lambda x, y: torch.exp(scale * (x @ y))  # noqa: E731
+    v1 = torch.cat([v, torch.ones(n, 1, dtype=v.dtype)], dim=1)
+    landmarks = []
+    for a in range(0, n, s):
+        real = [j for j in range(a, min(a + s, n)) if mask[j]]
+        if not real:
+            landmarks.append(None)
+            continue
+        qa, ka = q[real].mean(0), k[real].mean(0)
+        x = sum(kappa(qa, k[j]) / kappa(qa, ka) * v1[j] for j in real)
+        landmarks.append((ka, x))
+    out = torch.zeros_like(v)
+    for i in range(n):
+        terms = [kappa(q[i], k[j]) * v1[j] for j in range(i - i % s, i + 1) if mask[j]]
+        terms += [kappa(q[i], lm[0]) * lm[1] for lm in landmarks[: i // s] if lm is not None]
+        if mask[i] and terms:
+            total = sum(terms)
+            out[i] = total[:-1] / total[-1]
+    return out
+
+
+def test_block_system_matches_its_formula_with_padding_inside_segments():
+    q, k, v = _qkv(1, 1, 14, 3, seed=15)
+    mask = torch.ones(1, 14, dtype=torch.bool)
+    mask[0, [1, 6, 7, 13]] = False
+    out = attention.build("causal_nystrom", segment_size=4)(
+        q, k, v, key_padding_mask=mask, causal=True
+    )
+    want = _block_reference(q[0, 0], k[0, 0], v[0, 0], mask[0], 4)
+    torch.testing.assert_close(out[0, 0], want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_queries_that_see_no_key_give_zero_not_nan(system):
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 12, 4, seed=14))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, :5] = False  # left padding: the first queries see no real key
+    mask[1] = False  # an all-padded sequence
+    kernel = attention.build("causal_nystrom", segment_size=3, landmark_system=system)
+    out = kernel(q, k, v, key_padding_mask=mask, causal=True)
+    assert torch.isfinite(out).all() and (out[0, :, :5] == 0).all() and (out[1] == 0).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
 def test_right_padding_equals_the_unpadded_sequence(system):
     q, k, v = _qkv(2, 2, 23, 4, seed=4)
     mask = torch.ones(2, 23, dtype=torch.bool)
