@@ -58,26 +58,63 @@ def train(
 @app.command()
 def generate(
     run_dir: str = typer.Argument(..., help="A run folder made by `formerlab train`."),
-    prompt: str = typer.Option("\n", "--prompt", help="Text to continue."),
-    tokens: int = typer.Option(200, "--tokens", min=1, help="How many tokens to sample."),
-    temperature: float = typer.Option(0.8, min=1e-6, help="Sampling temperature."),
-    top_k: int = typer.Option(None, "--top-k", min=1, help="Sample among the k likeliest."),
+    prompt: str = typer.Option("\n", "--prompt", help="Text to continue (default: a newline)."),
+    tokens: int = typer.Option(200, "--tokens", help="How many tokens to sample (>= 1)."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature (> 0)."),
+    top_k: int = typer.Option(None, "--top-k", help="Sample among the k likeliest (>= 1)."),
     seed: int = typer.Option(0, help="Sampling seed."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Stream through the model's state (--no-cache: recompute the context per token)."),
+    progress: bool = typer.Option(True, help="Report progress on stderr for long generations (>= 500 tokens)."),
 ) -> None:
-    """Sample text from a trained language model."""
+    """Sample text from a trained language model, streaming it as it is produced; the
+    speed (tokens/s) goes to stderr at the end."""
+    import itertools
+    import time
+
     import torch
 
     from formerlab.train import load_run
 
     try:
+        if tokens < 1:
+            raise ValueError(f"--tokens={tokens} is not allowed; expected an integer >= 1")
+        if prompt == "":
+            raise ValueError("--prompt is empty; give at least one character to continue "
+                             "(the default prompt is a newline)")
         model, task, _ = load_run(run_dir)
         if task.kind != "decoder":
             raise ValueError(f"run {run_dir!r} is a {task.kind} model for {task.name!r}, not a language model")
         ids = torch.tensor([task.encode(prompt)])
+        stream = model.stream(ids, tokens, temperature, top_k,
+                              torch.Generator().manual_seed(seed), use_cache=cache)
+        start = time.perf_counter()
+        first = next(stream)  # argument errors surface here, before any output
     except (FileNotFoundError, ValueError, NotImplementedError) as error:
         raise fail(error) from None
-    out = model.generate(ids, tokens, temperature, top_k, torch.Generator().manual_seed(seed))
-    console.print(task.decode(out[0].tolist()), highlight=False, markup=False)
+    seconds = _stream_text(task, itertools.chain([first], stream), prompt, tokens, start, progress)
+    mode = "cached" if cache and model.supports_streaming else "recomputed"
+    Console(stderr=True).print(
+        f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s ({mode})", highlight=False
+    )
+
+
+def _stream_text(task, stream, prompt: str, tokens: int, start: float, progress: bool) -> float:
+    """Write the prompt, then each sampled token as it comes; progress on stderr for long
+    runs (every 10%, >= 500 tokens). Returns the seconds since ``start``."""
+    import time
+
+    out, err = typer.get_text_stream("stdout"), Console(stderr=True)
+    every = max(tokens // 10, 1) if progress and tokens >= 500 else 0
+    out.write(prompt)
+    for count, nxt in enumerate(stream, start=1):
+        out.write(task.decode(nxt[0].tolist()))
+        out.flush()
+        if every and count % every == 0 and count < tokens:
+            rate = count / (time.perf_counter() - start)
+            err.print(f"\n[{count}/{tokens} tokens, {rate:.0f} tokens/s]", highlight=False)
+    out.write("\n")
+    out.flush()
+    return time.perf_counter() - start
 
 
 def registry_table(title: str, entries) -> Table:
@@ -376,6 +413,51 @@ def bench_roots(
     console.print(roots_table(rows), highlight=False, markup=False, soft_wrap=True)
     for line in summary(rows):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+@bench_app.command("generate")
+def bench_generate(
+    kernels: list[str] = typer.Option(None, "--kernel", help="Causal kernels to run (repeat; default all)."),
+    tokens: int = typer.Option(4096, min=1, help="Tokens to generate after the prompt."),
+    prompt: int = typer.Option(16, min=1, help="Prompt length."),
+    dim: int = typer.Option(128, min=1),
+    depth: int = typer.Option(4, min=1),
+    heads: int = typer.Option(4, min=1),
+    rounds: int = typer.Option(2, min=1, help="Interleaved rounds (minimum kept)."),
+    repeats: int = typer.Option(3, min=1, help="Forwards per uncached point (median)."),
+    positions: list[int] = typer.Option(None, "--at", help="Positions to report (repeat; default 1024 2048 4096)."),
+    uncached: bool = typer.Option(True, help="Also measure the recompute path."),
+    full_uncached: bool = typer.Option(False, help="Time the whole recompute loop instead of integrating per-position times (slow)."),
+    threads: int = typer.Option(None, min=1, help="torch threads (default: torch's)."),
+    device: str = typer.Option("cpu"),
+    clock: str = typer.Option("wall", help="wall, or cpu (thread CPU time; needs --threads 1) on a shared machine."),
+    markdown: bool = typer.Option(False, help="Print a markdown table instead of a rich one."),
+) -> None:
+    """Generation speed, cached vs recomputed, per causal kernel: tokens/s, ms per token at
+    1k / 2k / 4k, decoder-state memory (quick run: --tokens 1024 --at 256 --at 1024)."""
+    import torch
+
+    from formerlab.bench import generate as bench
+    from formerlab.bench.measure import markdown_table
+
+    try:
+        results = bench.run_benchmark(
+            kernels=tuple(kernels or ()) or None, tokens=tokens, prompt=prompt, dim=dim,
+            depth=depth, heads=heads, rounds=rounds, repeats=repeats,
+            report_at=tuple(positions or bench.REPORT_AT), uncached=uncached,
+            full_uncached=full_uncached, threads=threads, device=device, clock=clock,
+            progress=lambda msg: console.print(f"  {msg}", highlight=False),
+        )
+    except ValueError as error:
+        raise fail(error) from None
+    rows = bench.summary_rows(results)
+    title = (f"generation, {depth} layers, width {dim}, {tokens} tokens after {prompt}, "
+             f"{device}, {torch.get_num_threads()} thread(s), {clock} clock")
+    if markdown:
+        typer.echo(title)
+        typer.echo(markdown_table(rows))
+    else:
+        _print_table(title, list(rows[0]), [list(r.values()) for r in rows])
 
 
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

@@ -1,4 +1,4 @@
-"""Reusable property checks for tests: the future-leak checker for causal callables.
+"""Reusable property checks for tests: the future-leak and prefix-consistency checkers.
 
 A causal sequence map ``y = f(x)`` must satisfy, for every position ``t``:
 
@@ -29,6 +29,17 @@ Inputs are perturbed as follows: floating tensors get Gaussian noise (scaled by
 positions ``> t``; integer tensors get fresh random values in ``[0, max + 1)``; bool
 tensors (masks) are left alone unless ``perturb_masks=True``, in which case their future
 entries are flipped. Non-tensor inputs pass through unchanged.
+
+A decoder needs more than no leak at a fixed N: the past must not depend on *how much*
+future there is. :func:`assert_prefix_consistent` checks ``out(x[:n])[:n] == out(x)[:n]``
+for every prefix length ``n`` (a kernel whose segmentation is derived from N passes the
+leak test and fails this one), and, given a masked form of ``fn``, that right padding to
+N with junk leaves the real positions equal to the sequence alone::
+
+    assert_prefix_consistent(
+        lambda q, k, v: kernel(q, k, v, causal=True), [q, k, v], seq_dim=2,
+        padded=lambda q, k, v, mask: kernel(q, k, v, key_padding_mask=mask, causal=True),
+    )
 """
 
 from __future__ import annotations
@@ -239,4 +250,112 @@ def assert_no_future_leak(
             problems.append(f"t={t}: gradient w.r.t. inputs at > t is {leak:.3g} (must be 0)")
     if problems:
         raise AssertionError("future leak detected:\n  " + "\n  ".join(problems))
+    return report
+
+
+@dataclass
+class PrefixReport:
+    """What :func:`check_prefix_consistency` measured.
+
+    ``prefix_error[n]``: max |out(x[:n]) - out(x)[:n]|. ``padding_error[n]``: max |real
+    positions of the call on x[:n] right-padded (junk + mask) to N - out(x[:n])|.
+    """
+
+    lengths: list[int]
+    prefix_error: dict[int, float] = field(default_factory=dict)
+    padding_error: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def max_error(self) -> float:
+        return max([*self.prefix_error.values(), *self.padding_error.values()], default=0.0)
+
+
+def _max_diff(a: Tensor, b: Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
+        return float("inf")
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def check_prefix_consistency(
+    fn: Callable[..., Any],
+    inputs: Sequence[Any],
+    *,
+    seq_dim: int | Sequence[int] = 1,
+    out_seq_dim: int | None = None,
+    lengths: Iterable[int] | None = None,
+    padded: Callable[..., Any] | None = None,
+    seed: int = 0,
+) -> PrefixReport:
+    """Measure how far outputs on a prefix differ from the prefix of the outputs.
+
+    ``seq_dim`` / ``out_seq_dim``: as in :func:`check_future_leak`. ``lengths``: the prefix
+    lengths n to test (default every 1 <= n < N). ``padded``: optional masked form of ``fn``,
+    called as ``padded(*inputs, mask)`` with ``mask`` bool (B, N), True = real token (B is
+    the first tensor input's dim 0); positions >= n get junk (noise / random ids). Runs
+    under ``torch.no_grad()``. Returns a :class:`PrefixReport`.
+    """
+    inputs = list(inputs)
+    dims = _seq_dims(inputs, seq_dim)
+    n_full = _seq_len(inputs, dims)
+    out_dim = dims[0] if out_seq_dim is None else out_seq_dim
+    lengths = list(range(1, n_full)) if lengths is None else [int(n) for n in lengths]
+    bad = [n for n in lengths if not 1 <= n <= n_full]
+    if bad:
+        raise ValueError(f"lengths {bad} are not allowed; expected 1 <= n <= N = {n_full}")
+    generator = torch.Generator().manual_seed(seed)
+    batch = next(x.shape[0] for x in inputs if isinstance(x, Tensor))
+    device = next(x.device for x in inputs if isinstance(x, Tensor))
+    report = PrefixReport(lengths=lengths)
+    with torch.no_grad():
+        full = _outputs(fn, inputs)
+        for n in lengths:
+            prefix = [x.narrow(d, 0, n) if isinstance(x, Tensor) else x for x, d in zip(inputs, dims)]
+            part = _outputs(fn, prefix)
+            report.prefix_error[n] = _max_diff(part, full.narrow(out_dim, 0, n))
+            if padded is None:
+                continue
+            # junk at positions >= n (bool inputs are left alone), masked out
+            junk = [_perturb(x, d, n - 1, generator, 1.0, False) for x, d in zip(inputs, dims)]
+            mask = (torch.arange(n_full, device=device) < n).expand(batch, n_full)
+            out = _outputs(padded, [*junk, mask])
+            report.padding_error[n] = _max_diff(out.narrow(out_dim, 0, n), part)
+    return report
+
+
+def assert_prefix_consistent(
+    fn: Callable[..., Any],
+    inputs: Sequence[Any],
+    *,
+    seq_dim: int | Sequence[int] = 1,
+    out_seq_dim: int | None = None,
+    lengths: Iterable[int] | None = None,
+    padded: Callable[..., Any] | None = None,
+    atol: float = 1e-8,
+    seed: int = 0,
+) -> PrefixReport:
+    """Raise ``AssertionError`` unless ``out(x[:n])[:n] == out(x)[:n]`` within ``atol`` for
+    every tested n (and, with ``padded``, right padding leaves the real positions equal).
+
+    ``atol`` = 1e-8 suits float64 inputs; use a looser one for float32. Arguments as in
+    :func:`check_prefix_consistency`; returns its report when it passes.
+    """
+    report = check_prefix_consistency(
+        fn, inputs, seq_dim=seq_dim, out_seq_dim=out_seq_dim, lengths=lengths,
+        padded=padded, seed=seed,
+    )  # fmt: skip
+    problems = [
+        f"n={n}: out(x[:n]) differs from out(x)[:n] by {err:.3g} (> atol={atol:g})"
+        for n, err in report.prefix_error.items()
+        if not err <= atol
+    ]
+    problems += [
+        f"n={n}: right padding to N moved the real positions by {err:.3g} (> atol={atol:g})"
+        for n, err in report.padding_error.items()
+        if not err <= atol
+    ]
+    if problems:
+        raise AssertionError("not prefix consistent:\n  " + "\n  ".join(problems))
     return report

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from formerlab import attention
-from formerlab.attention.causal_nystrom import causal_nystrom_attention
+from formerlab.attention.causal_nystrom import DEFAULT_SEGMENT_SIZE, causal_nystrom_attention
 
 SYSTEMS = ["block", "triangular"]
 
@@ -60,6 +60,71 @@ def test_exact_when_tokens_within_segments_are_identical(system):
         q, k, v, causal=True
     )
     torch.testing.assert_close(out, exact(q, k, v), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_exact_with_padding_inside_segments_of_identical_tokens(system):
+    # landmarks are means over the *real* tokens of a segment: with identical real tokens
+    # per segment the result stays exact when some of a segment's tokens are padding
+    s, m = 4, 6
+    g = torch.Generator().manual_seed(13)
+    base = [torch.randn(2, 2, m, 1, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    q, k, v = (t.expand(2, 2, m, s, 5).reshape(2, 2, m * s, 5) for t in base)
+    mask = torch.ones(2, m * s, dtype=torch.bool)
+    mask[0, [1, 2, 9]] = False  # inside segments 0 and 2
+    mask[1, [4, 5, 6, 13]] = False
+    kernel = attention.build("causal_nystrom", segment_size=s, landmark_system=system)
+    out = kernel(q, k, v, key_padding_mask=mask, causal=True)
+    want = exact(q, k, v, mask) * mask[:, None, :, None]
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-10)
+
+
+def _block_reference(q, k, v, mask, s):
+    """The block-system formula term by term (loops, float64), for one head."""
+    n, scale = q.shape[0], q.shape[1] ** -0.5
+    kappa = lambda x, y: torch.exp(scale * (x @ y))  # noqa: E731
+    v1 = torch.cat([v, torch.ones(n, 1, dtype=v.dtype)], dim=1)
+    landmarks = []
+    for a in range(0, n, s):
+        real = [j for j in range(a, min(a + s, n)) if mask[j]]
+        if not real:
+            landmarks.append(None)
+            continue
+        qa, ka = q[real].mean(0), k[real].mean(0)
+        x = sum(kappa(qa, k[j]) / kappa(qa, ka) * v1[j] for j in real)
+        landmarks.append((ka, x))
+    out = torch.zeros_like(v)
+    for i in range(n):
+        terms = [kappa(q[i], k[j]) * v1[j] for j in range(i - i % s, i + 1) if mask[j]]
+        terms += [kappa(q[i], lm[0]) * lm[1] for lm in landmarks[: i // s] if lm is not None]
+        if mask[i] and terms:
+            total = sum(terms)
+            out[i] = total[:-1] / total[-1]
+    return out
+
+
+def test_block_system_matches_its_formula_with_padding_inside_segments():
+    q, k, v = _qkv(1, 1, 14, 3, seed=15)
+    mask = torch.ones(1, 14, dtype=torch.bool)
+    mask[0, [1, 6, 7, 13]] = False
+    out = attention.build("causal_nystrom", segment_size=4)(
+        q, k, v, key_padding_mask=mask, causal=True
+    )
+    want = _block_reference(q[0, 0], k[0, 0], v[0, 0], mask[0], 4)
+    torch.testing.assert_close(out[0, 0], want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_queries_that_see_no_key_give_zero_not_nan(system):
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 12, 4, seed=14))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, :5] = False  # left padding: the first queries see no real key
+    mask[1] = False  # an all-padded sequence
+    kernel = attention.build("causal_nystrom", segment_size=3, landmark_system=system)
+    out = kernel(q, k, v, key_padding_mask=mask, causal=True)
+    assert torch.isfinite(out).all() and (out[0, :, :5] == 0).all() and (out[1] == 0).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
 @pytest.mark.parametrize("system", SYSTEMS)
@@ -123,13 +188,39 @@ def test_segment_size_defaults_and_diagnostics():
     q, k, v = _qkv(1, 1, 50, 4, seed=9)
     kernel = attention.build("causal_nystrom")
     kernel(q, k, v, causal=True)
-    assert kernel.last_info["segment_size"] == math.ceil(math.sqrt(50))
+    assert kernel.last_info["segment_size"] == DEFAULT_SEGMENT_SIZE == 32
+    assert kernel.last_info["num_landmarks"] == 2  # ⌈50/32⌉, anchored at position 0
     assert kernel.diagnostics() == {"fallback_fraction": 0.0}
+    # the default never depends on N
+    kernel(*_qkv(1, 1, 2000, 4, seed=9), causal=True)
+    assert kernel.last_info["segment_size"] == 32
+    # num_landmarks keeps its meaning for bidirectional use only
     kernel = attention.build("causal_nystrom", num_landmarks=5)
-    kernel(q, k, v, causal=True)
+    kernel(q, k, v, causal=False)
     assert kernel.last_info["num_landmarks"] == 5 and kernel.last_info["segment_size"] == 10
     _, info = causal_nystrom_attention(q, k, v, 7)
     assert info["num_landmarks"] == math.ceil(50 / 7)
+
+
+def test_num_landmarks_is_refused_for_causal_use():
+    q, k, v = _qkv(1, 1, 20, 4, seed=9)
+    kernel = attention.build("causal_nystrom", num_landmarks=4)
+    with pytest.raises(ValueError, match="num_landmarks=4.*prefix consistent.*segment_size"):
+        kernel(q, k, v, causal=True)
+    with pytest.raises(ValueError, match="num_landmarks"):
+        kernel.init_state(1, 1, 4)
+
+
+def test_default_is_prefix_consistent_where_sqrt_n_was_not():
+    # the issue's case: N = 20 vs N = 40 moved positions 0-19 by up to 0.71 with s = ⌈√N⌉
+    q, k, v = _qkv(2, 2, 40, 4, seed=12)
+    kernel = attention.build("causal_nystrom", segment_size=4)  # exercises landmarks
+    full = kernel(q, k, v, causal=True)
+    part = kernel(q[:, :, :20], k[:, :, :20], v[:, :, :20], causal=True)
+    torch.testing.assert_close(part, full[:, :, :20], rtol=0, atol=1e-12)
+    sqrt_20 = causal_nystrom_attention(q[:, :, :20], k[:, :, :20], v[:, :, :20], 5)[0]
+    sqrt_40 = causal_nystrom_attention(q, k, v, 7)[0][:, :, :20]
+    assert (sqrt_20 - sqrt_40).abs().max() > 1e-2  # a length-derived s is not
 
 
 def test_triangular_breakdown_falls_back_and_is_reported():

@@ -73,6 +73,11 @@ def test_causal_model_gets_a_causal_reference(tmp_path):
     assert torch.count_nonzero(torch.triu(panels[0].weights, diagonal=1)) == 0
     # Nyström is not causal: it is compared with bidirectional softmax, and says so
     assert all("(bidirectional)" in p.title for p in panels[1:4])
+    # causal_nystrom keeps its fixed segments (num_landmarks is refused when causal)
+    _, panels, _ = attention_maps(run, "3 1 4 1 0 2 | 0 1 1 2", num_landmarks=3,
+                                  kernels=["causal_nystrom"])
+    assert "(bidirectional)" not in panels[-1].title
+    assert torch.count_nonzero(torch.triu(panels[-1].weights, diagonal=1)) == 0
 
 
 @pytest.mark.parametrize(

@@ -201,3 +201,38 @@ class AttentionKernel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, causal={self.supports_causal}"
+
+    # --- streaming (incremental causal decoding) ----------------------------------
+
+    # True where ``init_state``/``step`` are implemented (see formerlab.attention.streaming)
+    supports_streaming: bool = False
+
+    def init_state(
+        self,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        value_dim: int | None = None,
+    ) -> Any:
+        """An empty streaming state for ``step`` (inputs of ``dtype`` on ``device``).
+
+        Kernels that stream return a dataclass of tensors; the default raises.
+        """
+        raise NotImplementedError(
+            f"attention kernel {self.name!r} has no streaming state (init_state/step); "
+            "recompute the causal call on the whole sequence instead"
+        )
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """Attend T >= 1 new tokens (B, H, T, D) to everything seen so far.
+
+        Returns ``(out, state)`` with ``out`` (B, H, T, E) in q's dtype, equal to the rows
+        of the parallel ``causal=True`` call on the whole sequence; the default raises.
+        """
+        raise NotImplementedError(
+            f"attention kernel {self.name!r} cannot step (no streaming state); "
+            "recompute the causal call on the whole sequence instead"
+        )

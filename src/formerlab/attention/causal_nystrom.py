@@ -66,8 +66,11 @@ float64 inputs):
 Cost per head, with m = ⌈N/s⌉: ``"block"`` time O(N·(s + m)·D), memory O(N·(s + m))
 (N·s for the local blocks, N·m for the left factor; no m×m matrix at all); ``"triangular"`` adds the m×N right
 factor and an m×m solve: time O(N·(s + 2m)·D + m²·D), memory O(N·(s + 2m)). For fixed s
-or fixed m the cost is quadratic in N; the default s = ⌈√N⌉ balances the two terms,
-giving O(N^1.5·D) time and O(N^1.5) memory (vs O(N²·D) time for exact attention).
+or fixed m the cost is quadratic in N; s = ⌈√N⌉ would balance the two terms (O(N^1.5·D)
+time), but a segment size derived from N is not prefix consistent (outputs at early
+positions would change with the length of the sequence), so the default is a fixed
+s = 32 (measured, see ``DEFAULT_SEGMENT_SIZE`` and the README), anchored at position 0.
+Streaming (``step``) costs O((s + t/s)·D) per token at position t.
 
 Bidirectional use (``causal=False``, block system only): a query attends exactly to its
 whole segment and through the landmarks to every other segment — the same construction
@@ -81,6 +84,7 @@ other masks are honoured the same way.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +92,7 @@ from torch import Tensor
 
 from formerlab.attention.base import AttentionKernel, check_kernel_options, compute_dtype
 from formerlab.attention.registry import register
+from formerlab.attention.streaming import GROW_CHUNK, check_step, reserve, state_dims
 from formerlab.errors import check_choice
 
 LANDMARK_SYSTEMS = ("block", "triangular")
@@ -97,15 +102,31 @@ _DIAG_GAP = 40.0
 _MAX_EXP = 60.0
 # a solved landmark's effective count must lie within count·[1/_SOLVE_RANGE, _SOLVE_RANGE]
 _SOLVE_RANGE = math.exp(20.0)
+# default tokens per segment, fixed (prefix consistency), chosen by measurement (README):
+# the error against exact causal softmax is flat in s = 8…64 at N = 128…2048 and on a par
+# with the old ⌈√N⌉, so the cost decides: O(s + t/s) per token is balanced at t ≈ 1k
+DEFAULT_SEGMENT_SIZE = 32
 
 
-def resolve_segment_size(n: int, segment_size: int | None, num_landmarks: int | None) -> int:
-    """The segment size for a sequence of length ``n`` (see :class:`CausalNystromAttention`)."""
-    if segment_size is not None:
-        return segment_size
+def resolve_segment_size(
+    n: int, segment_size: int | None, num_landmarks: int | None, causal: bool = True
+) -> int:
+    """The segment size for a sequence of length ``n`` (see :class:`CausalNystromAttention`).
+
+    Causal: ``segment_size`` or ``DEFAULT_SEGMENT_SIZE``, never derived from ``n`` (segments
+    are anchored at position 0, so a prefix is segmented as in the whole sequence);
+    ``num_landmarks`` is refused. Bidirectional: ``num_landmarks`` gives ⌈n/m⌉.
+    """
     if num_landmarks is not None:
+        if causal:
+            raise ValueError(
+                f"num_landmarks={num_landmarks!r} is not allowed with causal=True: it sets the "
+                "segment size to ⌈N/num_landmarks⌉, so outputs at a position would change with "
+                "how many tokens follow (not prefix consistent); give segment_size= instead "
+                f"(default {DEFAULT_SEGMENT_SIZE}); num_landmarks is for causal=False only"
+            )
         return max(1, math.ceil(n / num_landmarks))
-    return max(1, math.ceil(math.sqrt(n)))
+    return DEFAULT_SEGMENT_SIZE if segment_size is None else segment_size
 
 
 def _shift(*logits: Tensor) -> Tensor:
@@ -311,18 +332,138 @@ def causal_nystrom_attention(
     return out[:, :, :n], info
 
 
+@dataclass
+class NystromState:
+    """Streaming state of ``causal_nystrom`` (block landmark system).
+
+    The open segment (``open_len`` < s tokens so far): its queries ``q_open`` (B, H, s, D)
+    (the landmark query q̃ is their mean), keys ``k_open`` and values with a ones column
+    ``v_open`` (B, H, s, E + 1). Every finished segment a (``landmarks`` of them) is kept
+    as its landmark key k̃_a (``land_k``, B, H, capacity, D) and its landmark sum in
+    log-scaled form X_a = e^{c_a}·x̃_a (``land_c`` (B, H, capacity), ``land_x``
+    (B, H, capacity, E + 1)), grown in preallocated chunks. Memory O(s + t/s) per head.
+    ``step`` updates the state in place and returns it.
+    """
+
+    q_open: Tensor
+    k_open: Tensor
+    v_open: Tensor
+    land_k: Tensor
+    land_c: Tensor
+    land_x: Tensor
+    open_len: int = 0
+    landmarks: int = 0
+    length: int = 0
+
+
+def _state_dims(state: NystromState) -> tuple[int, int, int, int]:
+    return (*state.k_open.shape[:2], state.k_open.shape[-1], state.v_open.shape[-1] - 1)
+
+
+def _combine(local: Tensor, v_local: Tensor, far: Tensor | None, x_far: Tensor | None) -> Tensor:
+    """Normalised output from local logits (…, T, J) over ``v_local`` (…, J, E + 1) and
+    landmark logits (…, T, L) over ``x_far`` (…, L, E + 1): the parallel call's
+    per-query shifts and far-part guard, for a streaming step."""
+    dv = v_local.shape[-1] - 1
+    u_loc = _shift(local)
+    sums = torch.exp(local - u_loc) @ v_local
+    if far is not None:
+        u_far = _shift(far)
+        far_sums = torch.exp(far - u_far) @ x_far
+        use_far = (far_sums[..., -1:] > 0) & torch.isfinite(far_sums).all(-1, keepdim=True)
+        u = torch.where(use_far, torch.maximum(u_loc, u_far), u_loc)
+        far_scale = torch.where(use_far, torch.exp(u_far - u), torch.zeros_like(u))
+        far_sums = torch.where(use_far, far_sums, torch.zeros_like(far_sums))
+        sums = sums * torch.exp(u_loc - u) + far_sums * far_scale
+    den = sums[..., -1:]
+    return sums[..., :dv] / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def _close_segment(state: NystromState, scale: float) -> None:
+    """Turn the full open segment into a landmark (as ``_block_system`` does), in place."""
+    s = state.k_open.shape[2]
+    q_land = state.q_open.sum(-2) / s
+    k_land = state.k_open.sum(-2) / s
+    delta = scale * (state.k_open @ q_land.unsqueeze(-1)).squeeze(-1)
+    delta = delta - scale * (q_land * k_land).sum(-1, keepdim=True)  # (B, H, s)
+    c = _shift(delta)
+    x = (torch.exp(delta - c).unsqueeze(-2) @ state.v_open).squeeze(-2)
+    a = state.landmarks
+    state.land_k = reserve(state.land_k, a, a + 1)
+    state.land_c = reserve(state.land_c, a, a + 1)
+    state.land_x = reserve(state.land_x, a, a + 1)
+    state.land_k[:, :, a] = k_land
+    state.land_c[:, :, a] = c.squeeze(-1)
+    state.land_x[:, :, a] = x
+    state.landmarks, state.open_len = a + 1, 0
+
+
+def nystrom_step(
+    q: Tensor, k: Tensor, v: Tensor, state: NystromState, scale: float
+) -> Tensor:
+    """Outputs of T new tokens (compute dtype), updating ``state`` in place.
+
+    The tokens are taken in pieces that fit the open segment; each piece attends exactly
+    to the open segment up to itself and to every finished segment through its landmark,
+    as in the parallel call; a segment that fills up becomes a landmark.
+    """
+    s = state.k_open.shape[2]
+    outs, i, t = [], 0, q.shape[2]
+    while i < t:
+        o = state.open_len
+        take = min(t - i, s - o)
+        end = o + take
+        state.q_open[:, :, o:end] = q[:, :, i : i + take]
+        state.k_open[:, :, o:end] = k[:, :, i : i + take]
+        state.v_open[:, :, o:end, :-1] = v[:, :, i : i + take]
+        state.v_open[:, :, o:end, -1] = 1.0
+        qp = q[:, :, i : i + take]
+        local = scale * qp @ state.k_open[:, :, :end].transpose(-1, -2)
+        seen = torch.arange(end, device=q.device)[None, :] <= torch.arange(
+            o, end, device=q.device
+        )[:, None]
+        local = local.masked_fill(~seen, float("-inf"))
+        far = x_far = None
+        if state.landmarks:
+            a = state.landmarks
+            far = scale * qp @ state.land_k[:, :, :a].transpose(-1, -2)
+            far = far + state.land_c[:, :, None, :a]
+            x_far = state.land_x[:, :, :a]
+        outs.append(_combine(local, state.v_open[:, :, :end], far, x_far))
+        state.open_len = end
+        if end == s:
+            _close_segment(state, scale)
+        i += take
+    state.length += t
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+@register(
+    "causal_nystrom",
+    causal=True,
+    complexity="O(N·(s+N/s)·D) time, O(N·(s+N/s)) memory; fixed s (default 32); "
+    "streaming O(s+t/s) per token",
+    description="decoder-safe Nyström: exact local segment + past segments via landmarks",
+)
 class CausalNystromAttention(AttentionKernel):
     """Decoder-safe Nyström attention (see the module doc); ``causal=True`` only.
 
-    ``segment_size``: tokens per landmark segment (1 = exact causal softmax).
-    ``num_landmarks``: alternatively, the number of segments m (segment size ⌈N/m⌉).
-    Neither given: s = ⌈√N⌉, which balances the O(N·s) local and O(N·m) landmark costs.
-    ``landmark_system``: ``"block"`` (default) or ``"triangular"``. ``scale``: logit scale
-    (default 1/√D).
+    ``segment_size``: tokens per landmark segment (1 = exact causal softmax; default
+    ``DEFAULT_SEGMENT_SIZE`` = 32, fixed and anchored at position 0, so the outputs at
+    positions < n do not depend on how many tokens follow — prefix consistency).
+    ``num_landmarks``: the number of segments m (segment size ⌈N/m⌉), for ``causal=False``
+    only; with ``causal=True`` it raises ``ValueError`` (a segment size derived from N is
+    not prefix consistent). ``landmark_system``: ``"block"`` (default) or
+    ``"triangular"``. ``scale``: logit scale (default 1/√D).
+
+    Streams (``init_state`` / ``step``, block system) with a :class:`NystromState`: the
+    open segment's queries, keys and values plus one landmark key and landmark sum per
+    finished segment, memory O(s + t/s) per head at position t.
     """
 
     name = "causal_nystrom"
     supports_causal = True
+    supports_streaming = True
 
     def __init__(
         self,
@@ -350,7 +491,7 @@ class CausalNystromAttention(AttentionKernel):
                 "(causal=True only); use landmark_system='block', 'nystrom' or 'softmax' "
                 "for bidirectional attention"
             )
-        s = resolve_segment_size(q.shape[-2], self.segment_size, self.num_landmarks)
+        s = resolve_segment_size(q.shape[-2], self.segment_size, self.num_landmarks, causal)
         run = {
             "key_padding_mask": key_padding_mask,
             "scale": self.scale,
@@ -368,6 +509,31 @@ class CausalNystromAttention(AttentionKernel):
             weights = weights.to(q.dtype)
         return out, weights
 
+    def init_state(self, batch, heads, head_dim, *, dtype=torch.float32, device=None,
+                   value_dim=None) -> NystromState:
+        """An empty :class:`NystromState` (block system; ``segment_size`` or the default)."""
+        if self.landmark_system != "block":
+            raise ValueError(
+                f"landmark_system={self.landmark_system!r} cannot stream: its landmark "
+                "solve needs every earlier key; use landmark_system='block'"
+            )
+        resolve_segment_size(0, self.segment_size, self.num_landmarks, causal=True)
+        b, h, d, e, work = state_dims(batch, heads, head_dim, value_dim, dtype)
+        s = resolve_segment_size(0, self.segment_size, None)
+        zeros = lambda *shape: torch.zeros(*shape, dtype=work, device=device)  # noqa: E731
+        return NystromState(
+            zeros(b, h, s, d), zeros(b, h, s, d), zeros(b, h, s, e + 1),
+            zeros(b, h, GROW_CHUNK, d), zeros(b, h, GROW_CHUNK), zeros(b, h, GROW_CHUNK, e + 1),
+        )
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, state: NystromState):
+        """``(out, state)`` for T new tokens (B, H, T, D), equal to the parallel causal call."""
+        check_step(self.name, q, k, v, state, NystromState, _state_dims)
+        work = state.k_open.dtype
+        scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else self.scale
+        out = nystrom_step(q.to(work), k.to(work), v.to(work), state, scale)
+        return out.to(q.dtype), state
+
     def diagnostics(self) -> dict[str, float]:
         """Share of queries that fell back to local attention in the last call."""
         if not self.last_info:
@@ -379,18 +545,3 @@ class CausalNystromAttention(AttentionKernel):
             f"segment_size={self.segment_size}, num_landmarks={self.num_landmarks}, "
             f"landmark_system={self.landmark_system!r}"
         )
-
-
-@register(
-    "causal_nystrom",
-    causal=True,
-    complexity="O(N·(s+m)·D) time, O(N·(s+m)) memory, m=N/s segments; default s=√N: O(N^1.5·D)",
-    description="decoder-safe Nyström: exact local segment + past segments via landmarks",
-)
-def _build_causal_nystrom(
-    segment_size: int | None = None,
-    num_landmarks: int | None = None,
-    landmark_system: str = "block",
-    scale: float | None = None,
-) -> CausalNystromAttention:
-    return CausalNystromAttention(segment_size, num_landmarks, landmark_system, scale)

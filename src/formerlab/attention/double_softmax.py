@@ -45,6 +45,12 @@ def double_softmax_attention(
     return out, weights
 
 
+@register(
+    "double_softmax",
+    causal=False,
+    complexity="O(N·D²) time, O(N·D + D²) memory",
+    description="softmax(Q over features)·(softmax(K over positions)ᵀV) (Shen et al., 2021)",
+)
 class DoubleSoftmaxAttention(AttentionKernel):
     """Efficient attention of Shen et al. (2021); non-causal only (see module doc)."""
 
@@ -54,13 +60,3 @@ class DoubleSoftmaxAttention(AttentionKernel):
     def attend(self, q, k, v, key_padding_mask, causal, need_weights):
         out, weights = double_softmax_attention(q, k, v, key_padding_mask, need_weights)
         return out, None if weights is None else weights.to(q.dtype)
-
-
-@register(
-    "double_softmax",
-    causal=False,
-    complexity="O(N·D²) time, O(N·D + D²) memory",
-    description="softmax(Q over features)·(softmax(K over positions)ᵀV) (Shen et al., 2021)",
-)
-def _build_double_softmax() -> DoubleSoftmaxAttention:
-    return DoubleSoftmaxAttention()

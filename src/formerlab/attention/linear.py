@@ -12,6 +12,7 @@ memory stays O(N·D + (N/C)·D²) per head — O(N·D) for chunk C ≈ D — nev
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from formerlab.attention.base import AttentionKernel, check_kernel_options, compute_dtype
 from formerlab.attention.registry import register
+from formerlab.attention.streaming import check_step, state_dims
 from formerlab.errors import check_choice
 from formerlab.linalg.prefix import DEFAULT_CHUNK, causal_dot_product, noncausal_dot_product
 
@@ -83,6 +85,61 @@ def linear_weights(
     return scores / safe_denominator(scores.sum(-1, keepdim=True))
 
 
+@dataclass
+class LinearState:
+    """Streaming state of feature-map attention: constant size, whatever the position.
+
+    ``kv`` (B, H, F, E) = Σ_j φ(k_j) v_jᵀ and ``k_sum`` (B, H, F) = Σ_j φ(k_j) over the
+    tokens seen so far (``length``), in the compute dtype (Katharopoulos et al., 2020,
+    eq. 18-20: the RNN form of causal linear attention). ``projection``: the random
+    features of ``performer`` (fixed for the state's lifetime), None for ``linear``.
+    """
+
+    kv: Tensor
+    k_sum: Tensor
+    length: int = 0
+    projection: Tensor | None = None
+
+
+def empty_linear_state(
+    batch: int, heads: int, features: int, value_dim: int, work: torch.dtype, device
+) -> LinearState:
+    """A zero :class:`LinearState` (B, H, F, E) in dtype ``work``."""
+    kv = torch.zeros(batch, heads, features, value_dim, dtype=work, device=device)
+    return LinearState(kv, torch.zeros(batch, heads, features, dtype=work, device=device))
+
+
+def linear_dims(state: LinearState, head_dim: int) -> tuple[int, int, int, int]:
+    """(B, H, D, E) of a state; D from its projection (performer) or ``head_dim``."""
+    d = state.projection.shape[-1] if state.projection is not None else head_dim
+    return (*state.kv.shape[:2], d, state.kv.shape[-1])
+
+
+def linear_step(
+    phi_q: Tensor, phi_k: Tensor, v: Tensor, state: LinearState, chunk_size: int
+) -> tuple[Tensor, LinearState]:
+    """Outputs of T new tokens from their features (B, H, T, F) and the state; new state.
+
+    New token i sees the state (every earlier token) plus new tokens j <= i, through the
+    same chunk-wise prefix sums as the parallel call (one step of T tokens is the
+    parallel call continued from the state).
+    """
+    ones = torch.ones_like(v[..., :1])
+    v1 = torch.cat([v, ones], dim=-1)
+    past = torch.cat([state.kv, state.k_sum.unsqueeze(-1)], dim=-1)  # (B, H, F, E + 1)
+    sums = causal_dot_product(phi_q, phi_k, v1, chunk_size) + phi_q @ past
+    out = sums[..., :-1] / safe_denominator(sums[..., -1:])
+    new = past + phi_k.transpose(-1, -2) @ v1
+    state = LinearState(new[..., :-1], new[..., -1], state.length + v.shape[-2], state.projection)
+    return out, state
+
+
+@register(
+    "linear",
+    causal=True,
+    complexity="O(N·D²) time; O(N·D) memory (causal: chunk-wise prefix sums, chunk C≈D)",
+    description="feature-map linear attention, φ=elu+1 by default (Katharopoulos et al., 2020)",
+)
 class LinearAttention(AttentionKernel):
     """φ(q)·(φ(K)ᵀV) / φ(q)·Σφ(k) with a selectable feature map (default elu+1).
 
@@ -93,6 +150,7 @@ class LinearAttention(AttentionKernel):
 
     name = "linear"
     supports_causal = True
+    supports_streaming = True
 
     def __init__(
         self,
@@ -116,16 +174,27 @@ class LinearAttention(AttentionKernel):
             weights = linear_weights(phi_q, phi_k, key_padding_mask, causal).to(q.dtype)
         return out, weights
 
+    def init_state(self, batch, heads, head_dim, *, dtype=torch.float32, device=None,
+                   value_dim=None) -> LinearState:
+        """A zero :class:`LinearState`; memory O(F·E) per head, independent of position."""
+        b, h, d, e, work = state_dims(batch, heads, head_dim, value_dim, dtype)
+        features = self.phi(torch.zeros(1, d, dtype=work, device=device)).shape[-1]
+        return empty_linear_state(b, h, features, e, work, device)
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, state: LinearState):
+        """``(out, state)`` for T new tokens (B, H, T, D); O(T·F·E) whatever the position."""
+        d = q.shape[-1]
+        check_step(self.name, q, k, v, state, LinearState, lambda st: linear_dims(st, d))
+        work = state.kv.dtype
+        phi_q, phi_k = self.phi(q.to(work)), self.phi(k.to(work))
+        if phi_k.shape[-1] != state.kv.shape[-2]:
+            raise ValueError(
+                f"q, k of size D={d} give {phi_k.shape[-1]} features; the state holds "
+                f"{state.kv.shape[-2]} (built for another head_dim)"
+            )
+        out, state = linear_step(phi_q, phi_k, v.to(work), state, self.chunk_size)
+        return out.to(q.dtype), state
+
     def extra_repr(self) -> str:
         fmap = self.feature_map if isinstance(self.feature_map, str) else "custom"
         return f"feature_map={fmap!r}, chunk_size={self.chunk_size}"
-
-
-@register(
-    "linear",
-    causal=True,
-    complexity="O(N·D²) time; O(N·D) memory (causal: chunk-wise prefix sums, chunk C≈D)",
-    description="feature-map linear attention, φ=elu+1 by default (Katharopoulos et al., 2020)",
-)
-def _build_linear(feature_map: str = "elu", chunk_size: int = DEFAULT_CHUNK) -> LinearAttention:
-    return LinearAttention(feature_map=feature_map, chunk_size=chunk_size)

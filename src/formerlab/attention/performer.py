@@ -44,8 +44,16 @@ import torch
 from torch import Tensor
 
 from formerlab.attention.base import AttentionKernel, check_kernel_options, compute_dtype
-from formerlab.attention.linear import linear_sums, linear_weights
+from formerlab.attention.linear import (
+    LinearState,
+    empty_linear_state,
+    linear_dims,
+    linear_step,
+    linear_sums,
+    linear_weights,
+)
 from formerlab.attention.registry import register
+from formerlab.attention.streaming import check_step, state_dims
 from formerlab.linalg.prefix import DEFAULT_CHUNK
 
 # largest key-feature exponent of the causal path (e^60 summed over 1e5 keys < float32 max)
@@ -107,7 +115,11 @@ def favor_features(
 
 
 def normaliser_shift(
-    phi_q: Tensor, phi_k: Tensor, key_padding_mask: Tensor | None, causal: bool
+    phi_q: Tensor,
+    phi_k: Tensor,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    prior: Tensor | None = None,
 ) -> Tensor:
     """Per-query factor (B, H, N, 1) that brings each normaliser φ(q_i)·Σ_{j (<= i)} φ(k_j)
     close to 1 (at most e⁶⁰ up, as query features are <= 1).
@@ -115,27 +127,41 @@ def normaliser_shift(
     It cancels in the ratio and is built from keys a query may see (a causal cumulative
     sum), so it is leak-free; detached, as a constant factor has zero derivative. Without
     it, tiny normalisers (large D or large inputs) give finite outputs but overflowing
-    gradients (∂out/∂den = -out/den).
+    gradients (∂out/∂den = -out/den). ``prior`` (B, H, F): Σφ(k) of earlier tokens (a
+    streaming step continues the cumulative sum from it).
     """
     with torch.no_grad():
         if key_padding_mask is not None:
             phi_k = phi_k * key_padding_mask[:, None, :, None].to(phi_k.dtype)
         z = phi_k.cumsum(-2) if causal else phi_k.sum(-2, keepdim=True)
+        if prior is not None:
+            z = z + prior.unsqueeze(-2)
         den = (phi_q * z).sum(-1, keepdim=True)
         log_den = torch.log(torch.where(den > 0, den, torch.ones_like(den)))
         return torch.exp(-log_den.clamp_min(-_MAX_EXP))
 
 
+@register(
+    "performer",
+    causal=True,
+    complexity="O(N·m·D) time, O(N·m) memory (m random features; causal: prefix sums)",
+    description="FAVOR+ positive orthogonal random features (Choromanski et al., 2021)",
+)
 class PerformerAttention(AttentionKernel):
     """FAVOR+ attention with positive orthogonal random features (Choromanski et al., 2021).
 
     ``num_features``: m random features. ``redraw_interval``: 0 = never redraw; k > 0 =
     redraw every k forward calls while training. ``seed``: seeds the draws (same seed,
     same features). ``scale``: logit scale (default 1/√D). ``chunk_size``: as in ``linear``.
+
+    Streams with a constant-size :class:`~formerlab.attention.linear.LinearState` that
+    holds the projection of the draw in use when it was created (a redraw later does not
+    change a running state's features).
     """
 
     name = "performer"
     supports_causal = True
+    supports_streaming = True
 
     def __init__(
         self,
@@ -179,8 +205,7 @@ class PerformerAttention(AttentionKernel):
             self.calls += 1
         work = compute_dtype(q.dtype)
         d = q.shape[-1]
-        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(d)
-        root = math.sqrt(scale)  # split the scale between q and k: x·y = scale·q·k
+        root = self._scaled(d)
         w = self.projection(d, q.device, work)
         phi_q = favor_features(q.to(work) * root, w, is_query=True)
         phi_k = favor_features(k.to(work) * root, w, False, key_padding_mask, causal)
@@ -191,24 +216,36 @@ class PerformerAttention(AttentionKernel):
             weights = linear_weights(phi_q, phi_k, key_padding_mask, causal).to(q.dtype)
         return out, weights
 
+    def _scaled(self, d: int) -> float:
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(d)
+        return math.sqrt(scale)  # split the scale between q and k: x·y = scale·q·k
+
+    def init_state(self, batch, heads, head_dim, *, dtype=torch.float32, device=None,
+                   value_dim=None) -> LinearState:
+        """A zero constant-size state (m·E per head) with the current draw's features."""
+        b, h, d, e, work = state_dims(batch, heads, head_dim, value_dim, dtype)
+        state = empty_linear_state(b, h, self.num_features, e, work, device)
+        device = state.kv.device
+        state.projection = self.projection(d, device, work)
+        return state
+
+    def step(self, q: Tensor, k: Tensor, v: Tensor, state: LinearState):
+        """``(out, state)`` for T new tokens (B, H, T, D); O(T·m·(D + E)) at any position."""
+        check_step(self.name, q, k, v, state, LinearState, lambda st: linear_dims(st, 0))
+        w = state.projection
+        if w is None:
+            raise ValueError("state has no random features; build it with performer.init_state")
+        d = w.shape[-1]
+        work = state.kv.dtype
+        root = self._scaled(d)
+        phi_q = favor_features(q.to(work) * root, w, is_query=True)
+        phi_k = favor_features(k.to(work) * root, w, False, None, causal=True)
+        phi_q = phi_q * normaliser_shift(phi_q, phi_k, None, True, prior=state.k_sum)
+        out, state = linear_step(phi_q, phi_k, v.to(work), state, self.chunk_size)
+        return out.to(q.dtype), state
+
     def extra_repr(self) -> str:
         return (
             f"num_features={self.num_features}, redraw_interval={self.redraw_interval}, "
             f"seed={self.seed}"
         )
-
-
-@register(
-    "performer",
-    causal=True,
-    complexity="O(N·m·D) time, O(N·m) memory (m random features; causal: prefix sums)",
-    description="FAVOR+ positive orthogonal random features (Choromanski et al., 2021)",
-)
-def _build_performer(
-    num_features: int = 256,
-    redraw_interval: int = 0,
-    seed: int = 0,
-    scale: float | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
-) -> PerformerAttention:
-    return PerformerAttention(num_features, redraw_interval, seed, scale, chunk_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from formerlab.attention.base import (
     compute_dtype,
 )
 from formerlab.attention.registry import register
+from formerlab.attention.streaming import GROW_CHUNK, check_step, reserve, state_dims
 
 
 def softmax_attention(
@@ -51,11 +53,41 @@ def softmax_attention(
     return out, weights.to(q.dtype)
 
 
+@dataclass
+class KVCache:
+    """Streaming state of ``softmax``: the keys and values seen so far.
+
+    ``keys`` (B, H, capacity, D) and ``values`` (B, H, capacity, E) in the compute dtype;
+    the first ``length`` positions are filled. Capacity grows in preallocated chunks
+    (geometrically, :func:`formerlab.attention.streaming.reserve`), so a token costs
+    amortised O(1) copies, not a ``torch.cat`` of the whole cache.
+    """
+
+    keys: Tensor
+    values: Tensor
+    length: int = 0
+
+
+def _cache_dims(state: KVCache) -> tuple[int, int, int, int]:
+    return (*state.keys.shape[:2], state.keys.shape[-1], state.values.shape[-1])
+
+
+@register(
+    "softmax",
+    causal=True,
+    complexity="O(N²·D) time, O(N) memory (fused SDPA)",
+    description="exact softmax attention via F.scaled_dot_product_attention",
+)
 class SoftmaxAttention(AttentionKernel):
-    """Exact scaled dot-product attention (through ``F.scaled_dot_product_attention``)."""
+    """Exact scaled dot-product attention (through ``F.scaled_dot_product_attention``).
+
+    Streams with a :class:`KVCache` (``init_state`` / ``step``): each step attends its
+    new queries to every cached key, O(t·D) per token at position t.
+    """
 
     name = "softmax"
     supports_causal = True
+    supports_streaming = True
 
     def __init__(self, scale: float | None = None) -> None:
         check_kernel_options("softmax", nullable=("scale",), scale=scale)
@@ -65,12 +97,28 @@ class SoftmaxAttention(AttentionKernel):
     def attend(self, q, k, v, key_padding_mask, causal, need_weights):
         return softmax_attention(q, k, v, key_padding_mask, causal, need_weights, self.scale)
 
+    def init_state(self, batch, heads, head_dim, *, dtype=torch.float32, device=None,
+                   value_dim=None) -> KVCache:
+        """An empty :class:`KVCache` (capacity one chunk) for inputs of ``dtype``."""
+        b, h, d, e, work = state_dims(batch, heads, head_dim, value_dim, dtype)
+        keys = torch.zeros(b, h, GROW_CHUNK, d, dtype=work, device=device)
+        return KVCache(keys, torch.zeros(b, h, GROW_CHUNK, e, dtype=work, device=device))
 
-@register(
-    "softmax",
-    causal=True,
-    complexity="O(N²·D) time, O(N) memory (fused SDPA)",
-    description="exact softmax attention via F.scaled_dot_product_attention",
-)
-def _build_softmax(scale: float | None = None) -> SoftmaxAttention:
-    return SoftmaxAttention(scale=scale)
+    def step(self, q: Tensor, k: Tensor, v: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
+        """Append k, v (B, H, T, ·) to the cache; new queries see every key up to their own."""
+        check_step(self.name, q, k, v, state, KVCache, _cache_dims)
+        work = state.keys.dtype
+        t, start = q.shape[2], state.length
+        total = start + t
+        keys = reserve(state.keys, start, total)
+        values = reserve(state.values, start, total)
+        keys[:, :, start:total] = k.to(work)
+        values[:, :, start:total] = v.to(work)
+        # query i (position start + i) sees keys j <= start + i
+        pos = torch.arange(total, device=q.device)
+        mask = pos[None, :] <= (start + torch.arange(t, device=q.device))[:, None]
+        scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else self.scale
+        out = F.scaled_dot_product_attention(
+            q.to(work), keys[:, :, :total], values[:, :, :total], attn_mask=mask, scale=scale
+        )
+        return out.to(q.dtype), KVCache(keys, values, total)

@@ -155,7 +155,9 @@ def attention_maps(
             requested.append((title, "nystrom", {**options, "num_landmarks": num_landmarks}))
     for spec in kernels:
         name, options = parse_kernel_spec(spec)
-        if "num_landmarks" in attention.KERNELS.entry(name).options():
+        takes = attention.KERNELS.entry(name).options()
+        # causal_nystrom refuses num_landmarks with causal=True (not prefix consistent)
+        if "num_landmarks" in takes and not (causal and "segment_size" in takes):
             options.setdefault("num_landmarks", num_landmarks)
         shown = ", ".join(f"{k}={v}" for k, v in options.items())
         requested.append((f"{name}" + (f" ({shown})" if shown else ""), name, options))

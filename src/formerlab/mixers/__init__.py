@@ -10,10 +10,11 @@ import pkgutil
 
 from formerlab.mixers.base import TokenMixer
 from formerlab.mixers.metric import MetricAttention
-from formerlab.mixers.pooling import Pooling
+from formerlab.mixers.pooling import Pooling, PoolingState
 from formerlab.mixers.quadratic import QuadraticAttention
 from formerlab.mixers.registry import MIXERS, available, build, describe, register
 from formerlab.mixers.self_attention import SelfAttention
+from formerlab.mixers.streaming import AttentionMixerState
 
 _INFRASTRUCTURE = {"base", "registry"}
 for _module in pkgutil.iter_modules(__path__):
@@ -21,9 +22,11 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
+    "AttentionMixerState",
     "MIXERS",
     "MetricAttention",
     "Pooling",
+    "PoolingState",
     "QuadraticAttention",
     "SelfAttention",
     "TokenMixer",

@@ -3,9 +3,16 @@
 
 The MetaFormer block around a mixer is fixed; the mixer is the plug-in. A mixer that
 cannot run causally raises ``ValueError`` on ``causal=True``.
+
+Streaming (decoding without recomputing the past): a causal mixer with
+``supports_streaming`` gives ``state = mixer.init_state(batch, dtype=..., device=...)`` and
+``out, state = mixer.step(x, state)`` for x (B, T, C) holding the next T >= 1 tokens;
+the outputs equal the matching rows of ``mixer(whole_sequence, causal=True)``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +32,13 @@ def check_mixer_input(x: Tensor, dim: int, key_padding_mask: Tensor | None) -> N
         )
 
 
+def check_batch(batch: Any) -> int:
+    """``batch`` if it is an int >= 1."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch={batch!r} is not allowed; expected an integer >= 1")
+    return batch
+
+
 class TokenMixer(nn.Module):
     """Base class for mixers; subclasses implement ``mix`` and set ``supports_causal``."""
 
@@ -38,8 +52,42 @@ class TokenMixer(nn.Module):
     def supports_causal(self) -> bool:
         return False
 
+    @property
+    def supports_streaming(self) -> bool:
+        """Whether ``init_state`` / ``step`` work (incremental causal decoding)."""
+        return False
+
     def mix(self, x: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
         raise NotImplementedError
+
+    def init_state(
+        self, batch: int, *, dtype: torch.dtype = torch.float32, device: Any = None
+    ) -> Any:
+        """The state of an empty causal stream of ``batch`` sequences."""
+        self._check_streaming()
+        return self.new_state(check_batch(batch), dtype, device)
+
+    def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """Mix the next tokens x (B, T, C) causally against the stream in ``state``;
+        returns ``(out (B, T, C), new_state)``."""
+        self._check_streaming()
+        check_mixer_input(x, self.dim, None)
+        if x.shape[1] < 1:
+            raise ValueError(f"step needs at least one new token; got x of shape {tuple(x.shape)}")
+        return self.step_mix(x, state)
+
+    def new_state(self, batch: int, dtype: torch.dtype, device: Any) -> Any:
+        raise NotImplementedError
+
+    def step_mix(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def _check_streaming(self) -> None:
+        if not self.supports_streaming:
+            raise ValueError(
+                f"token mixer {self.name!r} ({self.extra_repr()}) does not support streaming "
+                "(init_state/step); it needs a causal mechanism with a streaming state"
+            )
 
     def forward(
         self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False

@@ -32,6 +32,13 @@ from formerlab.errors import check_choice, check_positive_int
 from formerlab.mixers.base import TokenMixer
 from formerlab.mixers.registry import register
 from formerlab.mixers.self_attention import merge_heads, split_heads
+from formerlab.mixers.streaming import (
+    attend,
+    attend_step,
+    check_rope,
+    kernel_streams,
+    new_attention_state,
+)
 
 METRICS = ("symmetric", "psd", "diagonal")
 
@@ -102,6 +109,10 @@ class MetricAttention(TokenMixer):
 
             Every metric starts at the identity, i.e. at tied query/key attention.
         proj_bias: bias on the shared projection P (the output projection E always has one).
+        rope: rotate the kernel's queries pM and keys p by position (rotary embeddings;
+            the values p stay unrotated).
+
+    ``init_state`` / ``step`` stream through the kernel's state when it has one.
     """
 
     name = "metric"
@@ -114,16 +125,18 @@ class MetricAttention(TokenMixer):
         kernel: str = "softmax",
         metric: str = "symmetric",
         proj_bias: bool = False,
+        rope: bool = False,
         **kernel_options: Any,
     ) -> None:
         super().__init__(dim)
         self.head_dim = k = resolve_head_dim(dim, heads, head_dim)
         self.heads = heads
+        self.rope = check_rope(rope, k)
         self.metric = check_choice("metric", metric, METRICS)
         self.proj = nn.Linear(dim, heads * k, bias=proj_bias)
         self.out = nn.Linear(heads * k, dim)
         self.kernel = build_kernel(
-            "metric", ["head_dim", "kernel", "metric", "proj_bias"], kernel, kernel_options
+            "metric", ["head_dim", "kernel", "metric", "proj_bias", "rope"], kernel, kernel_options
         )
         sym, low = triangle_index(k)
         # Index buffers are derived from k; not persistent so checkpoints hold parameters only.
@@ -163,15 +176,28 @@ class MetricAttention(TokenMixer):
             return p * self.metric_params.to(p.dtype)[None, :, None, :]
         return p @ self.metric_tensor().to(p.dtype)
 
+    @property
+    def supports_streaming(self) -> bool:
+        return self.supports_causal and kernel_streams(self.kernel)
+
     def mix(self, x: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
         p = split_heads(self.proj(x), self.heads)
-        out = self.kernel(self.queries(p), p, p, key_padding_mask=key_padding_mask, causal=causal)
+        out = attend(self.kernel, self.queries(p), p, p, key_padding_mask, causal, self.rope)
         return self.out(merge_heads(out))
+
+    def new_state(self, batch: int, dtype: torch.dtype, device: Any):
+        k = self.head_dim
+        return new_attention_state(self.kernel, batch, self.heads, k, k, dtype, device)
+
+    def step_mix(self, x: Tensor, state):
+        p = split_heads(self.proj(x), self.heads)
+        out, state = attend_step(self.kernel, self.queries(p), p, p, state, self.rope)
+        return self.out(merge_heads(out)), state
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, "
-            f"metric={self.metric!r}"
+            f"metric={self.metric!r}" + (", rope=True" if self.rope else "")
         )
 
 

@@ -10,10 +10,18 @@ sequences: W(i) is a window of ``pool_size`` positions centred on i, or with
 ``causal=True`` the window [i − pool_size + 1, i] of past positions only. Padded tokens
 (``key_padding_mask`` False) are left out of every window sum and every count, so they
 never leak into real tokens, and outputs at padded positions are zero.
+
+Streaming: the causal window only reaches ``pool_size − 1`` tokens back, so the state is
+a buffer of the last ``pool_size − 1`` inputs (:class:`PoolingState`), memory independent
+of the position.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,6 +37,22 @@ def window_sum(x: Tensor, size: int, left: int) -> Tensor:
     cols = F.pad(x.transpose(1, 2), (left, right))  # (B, C, N + size - 1)
     # avg_pool1d over zero padding times size = the sum; exact for any size, O(N·size).
     return (F.avg_pool1d(cols, size, stride=1) * size).transpose(1, 2)
+
+
+@dataclass
+class PoolingState:
+    """The last (up to) ``pool_size − 1`` inputs of the stream, (B, L, C) in the compute
+    dtype (float32, float64 for float64 inputs)."""
+
+    window: Tensor
+
+
+def causal_pool(work: Tensor, size: int) -> Tensor:
+    """Causal mean over the last ``size`` positions minus identity, on (B, N, C) without
+    padding (the count at position i is min(i + 1, size))."""
+    total = window_sum(work, size, size - 1)
+    count = window_sum(work.new_ones(work.shape[0], work.shape[1], 1), size, size - 1)
+    return total / count.round() - work
 
 
 class Pooling(TokenMixer):
@@ -47,6 +71,21 @@ class Pooling(TokenMixer):
     @property
     def supports_causal(self) -> bool:
         return True
+
+    @property
+    def supports_streaming(self) -> bool:
+        return True
+
+    def new_state(self, batch: int, dtype: torch.dtype, device: Any) -> PoolingState:
+        work = compute_dtype(dtype)
+        return PoolingState(torch.zeros(batch, 0, self.dim, dtype=work, device=device))
+
+    def step_mix(self, x: Tensor, state: PoolingState) -> tuple[Tensor, PoolingState]:
+        # the buffered past plus the new tokens hold every window the new tokens need
+        seen = torch.cat([state.window, x.to(state.window.dtype)], dim=1)
+        out = causal_pool(seen, self.pool_size)[:, -x.shape[1] :]
+        keep = seen[:, seen.shape[1] - min(seen.shape[1], self.pool_size - 1) :]
+        return out.to(x.dtype), PoolingState(keep)
 
     def mix(self, x: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
         size = self.pool_size

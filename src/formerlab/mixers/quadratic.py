@@ -28,6 +28,13 @@ from formerlab.mixers.base import TokenMixer
 from formerlab.mixers.metric import build_kernel, resolve_head_dim
 from formerlab.mixers.registry import register
 from formerlab.mixers.self_attention import merge_heads, split_heads
+from formerlab.mixers.streaming import (
+    attend,
+    attend_step,
+    check_rope,
+    kernel_streams,
+    new_attention_state,
+)
 
 
 class QuadraticAttention(TokenMixer):
@@ -40,6 +47,7 @@ class QuadraticAttention(TokenMixer):
         rank: ``None`` for a full k × k core Cₙ, or r for the factored Cₙ = AₙBₙᵀ.
         kernel: registered attention-kernel name; ``kernel_options`` go to it.
         proj_bias: bias on the projections P and V.
+        rope: rotate the kernel's queries and keys by position (rotary embeddings).
 
     The core starts at the identity (full) or at the rank-r truncated identity
     Aₙ = Bₙ = I[:, :r] (factored), i.e. at tied query/key attention; training is free
@@ -56,6 +64,7 @@ class QuadraticAttention(TokenMixer):
         rank: int | None = None,
         kernel: str = "softmax",
         proj_bias: bool = False,
+        rope: bool = False,
         **kernel_options: Any,
     ) -> None:
         super().__init__(dim)
@@ -68,11 +77,13 @@ class QuadraticAttention(TokenMixer):
                     f"rank={rank} is not allowed; expected an integer in [1, head_dim={k}]"
                 )
         self.rank = rank
+        self.rope = check_rope(rope, k if rank is None else rank)
         self.proj = nn.Linear(dim, heads * k, bias=proj_bias)
         self.value = nn.Linear(dim, heads * k, bias=proj_bias)
         self.out = nn.Linear(heads * k, dim)
         self.kernel = build_kernel(
-            "quadratic", ["head_dim", "rank", "kernel", "proj_bias"], kernel, kernel_options
+            "quadratic", ["head_dim", "rank", "kernel", "proj_bias", "rope"], kernel,
+            kernel_options,
         )
         if rank is None:
             self.core = nn.Parameter(torch.eye(k).repeat(heads, 1, 1))
@@ -91,15 +102,32 @@ class QuadraticAttention(TokenMixer):
             return self.core
         return self.left @ self.right.transpose(-1, -2)
 
-    def mix(self, x: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+    @property
+    def supports_streaming(self) -> bool:
+        return self.supports_causal and kernel_streams(self.kernel)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, N, C) -> the kernel's per-head queries, keys and values."""
         p = split_heads(self.proj(x), self.heads)
         v = split_heads(self.value(x), self.heads)
         if self.rank is None:
-            q, key = p @ self.core.to(p.dtype), p
-        else:  # never form the k × k core: the kernel works in the rank-r space
-            q, key = p @ self.left.to(p.dtype), p @ self.right.to(p.dtype)
-        out = self.kernel(q, key, v, key_padding_mask=key_padding_mask, causal=causal)
+            return p @ self.core.to(p.dtype), p, v
+        # never form the k × k core: the kernel works in the rank-r space
+        return p @ self.left.to(p.dtype), p @ self.right.to(p.dtype), v
+
+    def mix(self, x: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+        out = attend(self.kernel, *self.qkv_heads(x), key_padding_mask, causal, self.rope)
         return self.out(merge_heads(out))
+
+    def new_state(self, batch: int, dtype: torch.dtype, device: Any):
+        qk = self.head_dim if self.rank is None else self.rank
+        return new_attention_state(
+            self.kernel, batch, self.heads, qk, self.head_dim, dtype, device
+        )
+
+    def step_mix(self, x: Tensor, state):
+        out, state = attend_step(self.kernel, *self.qkv_heads(x), state, self.rope)
+        return self.out(merge_heads(out)), state
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, rank={self.rank}"

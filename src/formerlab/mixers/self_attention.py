@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from formerlab import attention
 from formerlab.errors import check_positive_int
 from formerlab.mixers.base import TokenMixer
 from formerlab.mixers.registry import register
+from formerlab.mixers.streaming import (
+    attend,
+    attend_step,
+    check_rope,
+    kernel_streams,
+    new_attention_state,
+)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -29,6 +37,9 @@ class SelfAttention(TokenMixer):
 
     ``kernel`` is a registered attention-kernel name; ``kernel_options`` go to it
     (e.g. ``SelfAttention(128, 4, kernel="nystrom", num_landmarks=32)``).
+    ``rope=True`` rotates q and k by their positions (rotary embeddings, see
+    ``formerlab.mixers.streaming``); ``init_state`` / ``step`` stream through the kernel's
+    state when the kernel has one.
     """
 
     name = "attention"
@@ -40,6 +51,7 @@ class SelfAttention(TokenMixer):
         kernel: str = "softmax",
         head_dim: int | None = None,
         qkv_bias: bool = False,
+        rope: bool = False,
         **kernel_options: Any,
     ) -> None:
         super().__init__(dim)
@@ -50,6 +62,7 @@ class SelfAttention(TokenMixer):
             head_dim = dim // heads
         check_positive_int("head_dim", head_dim)
         self.heads, self.head_dim = heads, head_dim
+        self.rope = check_rope(rope, head_dim)
         self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=qkv_bias)
         self.out = nn.Linear(heads * head_dim, dim)
         self.kernel = attention.build(kernel, **kernel_options)
@@ -58,13 +71,30 @@ class SelfAttention(TokenMixer):
     def supports_causal(self) -> bool:
         return self.kernel.supports_causal
 
-    def mix(self, x: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+    @property
+    def supports_streaming(self) -> bool:
+        return self.supports_causal and kernel_streams(self.kernel)
+
+    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, N, C) -> per-head q, k, v (B, H, N, D)."""
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        out = self.kernel(q, k, v, key_padding_mask=key_padding_mask, causal=causal)
+        return q, k, v
+
+    def mix(self, x: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+        out = attend(self.kernel, *self.qkv_heads(x), key_padding_mask, causal, self.rope)
         return self.out(merge_heads(out))
 
+    def new_state(self, batch: int, dtype: torch.dtype, device: Any):
+        d = self.head_dim
+        return new_attention_state(self.kernel, batch, self.heads, d, d, dtype, device)
+
+    def step_mix(self, x: Tensor, state):
+        out, state = attend_step(self.kernel, *self.qkv_heads(x), state, self.rope)
+        return self.out(merge_heads(out)), state
+
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}"
+        rope = ", rope=True" if self.rope else ""
+        return f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}{rope}"
 
 
 register(

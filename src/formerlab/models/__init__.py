@@ -2,7 +2,11 @@
 
 from formerlab.models.block import MLP, BlockStack, MetaFormerBlock
 from formerlab.models.classifier import EncoderClassifier, masked_mean
-from formerlab.models.decoder import DecoderLM
+from formerlab.models.decoder import DecoderLM, DecoderState
+from formerlab.models.embedding import POSITIONS, TokenEmbedding, position_options
 from formerlab.models.tagger import TokenTagger
 
-__all__ = ["MLP", "BlockStack", "DecoderLM", "EncoderClassifier", "MetaFormerBlock", "TokenTagger", "masked_mean"]
+__all__ = [
+    "MLP", "POSITIONS", "BlockStack", "DecoderLM", "DecoderState", "EncoderClassifier",
+    "MetaFormerBlock", "TokenEmbedding", "TokenTagger", "masked_mean", "position_options",
+]

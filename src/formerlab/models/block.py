@@ -1,12 +1,16 @@
 """The MetaFormer block (Yu et al., 2022): the block is fixed, the token mixer is the plug-in.
 
 pre-norm: x + mixer(norm(x)), then x + mlp(norm(x)).
+
+Streaming: everything but the mixer is per position, so a block's state is its mixer's
+state and ``step`` threads it through; a stack's state is one mixer state per layer.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from formerlab import mixers
@@ -44,6 +48,22 @@ class MetaFormerBlock(nn.Module):
         x = x + self.drop(self.mixer(self.norm1(x), key_padding_mask=key_padding_mask, causal=causal))
         return x + self.mlp(self.norm2(x))
 
+    @property
+    def supports_streaming(self) -> bool:
+        return self.mixer.supports_streaming
+
+    def init_state(
+        self, batch: int, *, dtype: torch.dtype = torch.float32, device: Any = None
+    ) -> Any:
+        """The mixer's empty stream state (the rest of the block is per position)."""
+        return self.mixer.init_state(batch, dtype=dtype, device=device)
+
+    def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """The next tokens x (B, T, C) through the block, causally; ``(out, state)``."""
+        mixed, state = self.mixer.step(self.norm1(x), state)
+        x = x + self.drop(mixed)
+        return x + self.mlp(self.norm2(x)), state
+
 
 class BlockStack(nn.Module):
     """``depth`` MetaFormer blocks with the same kind of mixer, then a final norm."""
@@ -74,3 +94,27 @@ class BlockStack(nn.Module):
         for block in self.blocks:
             x = block(x, key_padding_mask=key_padding_mask, causal=causal)
         return self.norm(x)
+
+    @property
+    def supports_streaming(self) -> bool:
+        return all(block.supports_streaming for block in self.blocks)
+
+    def init_state(
+        self, batch: int, *, dtype: torch.dtype = torch.float32, device: Any = None
+    ) -> list[Any]:
+        """One empty mixer state per layer."""
+        return [block.init_state(batch, dtype=dtype, device=device) for block in self.blocks]
+
+    def step(self, x: Tensor, state: list[Any]) -> tuple[Tensor, list[Any]]:
+        """The next tokens through every layer; returns (final-norm output, new states)."""
+        if not isinstance(state, list) or len(state) != len(self.blocks):
+            got = len(state) if isinstance(state, list) else type(state).__name__
+            raise ValueError(
+                f"state must be a list of {len(self.blocks)} layer states (from init_state); "
+                f"got {got}"
+            )
+        new = []
+        for block, layer in zip(self.blocks, state):
+            x, layer = block.step(x, layer)
+            new.append(layer)
+        return self.norm(x), new

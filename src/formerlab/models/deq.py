@@ -114,6 +114,19 @@ class DEQStack(nn.Module):
         self.aux_loss = self.deq.reg_loss
         return self.norm(z)
 
+    @property
+    def supports_streaming(self) -> bool:
+        """False: ``DecoderLM.generate`` recomputes with a DEQ body (one-time warning).
+
+        In a causal DEQ the earlier positions' fixed point does not depend on later
+        tokens, so their keys/values could be cached; but the solve of the new positions
+        would read that cache at every solver iteration without appending to it, which
+        the kernels' ``step`` (append-and-attend) does not offer, and the stopping rule is
+        applied to the whole sequence, so a prefix solved alone stops at another iterate
+        (equal only up to ``tol``). Recomputing keeps generate() exact.
+        """
+        return False
+
     def diagnostics(self) -> dict[str, float]:
         """Solver statistics of the last call: mean iterations, residual, nonconverged
         fraction (forward and adjoint), Jacobian penalty; see ``DEQ.diagnostics``."""

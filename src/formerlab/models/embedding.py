@@ -1,4 +1,11 @@
-"""Token + learned positional embeddings, and the embed -> blocks trunk every model shares."""
+"""Token (+ position) embeddings, and the embed -> blocks trunk every model shares.
+
+Positions (``positions=``): ``"learned"`` adds a learned absolute embedding of ``max_len``
+slots (sequences are capped at ``max_len``); ``"rope"`` adds nothing here and rotates q and
+k inside every attention mixer instead (rotary embeddings, Su et al. 2021); ``"none"``
+gives no position information beyond causality (and a pooling window). With ``rope`` and
+``none`` nothing is tied to ``max_len``, so a decoder can run past it.
+"""
 
 from __future__ import annotations
 
@@ -7,36 +14,81 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from formerlab import mixers
+from formerlab.errors import check_choice
 from formerlab.models.block import BlockStack
+
+POSITIONS = ("learned", "rope", "none")
+
+
+def check_ids(ids: Any, vocab_size: int) -> Tensor:
+    """``ids`` if it is an integer (B, N) tensor of token ids in [0, vocab_size)."""
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+        dtype = ids.dtype if isinstance(ids, Tensor) else ""
+        raise ValueError(f"ids must be an integer (B, N) tensor; got {dtype} {shape}")
+    if ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"token id {bad} is out of range: the vocabulary has vocab_size={vocab_size} "
+                f"tokens, ids must be in [0, {vocab_size - 1}]"
+            )
+    return ids
+
+
+def position_options(mixer: str, options: dict[str, Any], positions: str) -> dict[str, Any]:
+    """Mixer options for ``positions``: ``rope=True`` for mixers that take it."""
+    check_choice("positions", positions, POSITIONS)
+    entry = mixers.MIXERS.entry(mixer)
+    if positions == "rope" and (entry.accepts_any_option() or "rope" in entry.options()):
+        return {**options, "rope": True}
+    return dict(options)
 
 
 class TokenEmbedding(nn.Module):
-    """Token embedding plus a learned absolute position embedding of ``max_len`` slots."""
+    """Token embedding, plus a learned absolute position embedding of ``max_len`` slots
+    when ``positions="learned"``; ``forward(ids, start=0)`` numbers the tokens from
+    ``start`` (a streaming offset)."""
 
-    def __init__(self, vocab_size: int, dim: int, max_len: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, vocab_size: int, dim: int, max_len: int, dropout: float = 0.0,
+        positions: str = "learned",
+    ) -> None:
         super().__init__()
         self.max_len = max_len
+        self.vocab_size = vocab_size
+        self.position_mode = check_choice("positions", positions, POSITIONS)
         self.tokens = nn.Embedding(vocab_size, dim)
-        self.positions = nn.Embedding(max_len, dim)
+        self.positions = nn.Embedding(max_len, dim) if positions == "learned" else None
         self.drop = nn.Dropout(dropout)
         nn.init.normal_(self.tokens.weight, std=0.02)
-        nn.init.normal_(self.positions.weight, std=0.02)
+        if self.positions is not None:
+            nn.init.normal_(self.positions.weight, std=0.02)
 
-    def forward(self, ids: Tensor) -> Tensor:
-        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"ids must be an integer (B, N) tensor; got {ids.dtype} {tuple(ids.shape)}")
-        n = ids.shape[1]
-        if n > self.max_len:
-            raise ValueError(f"sequence length {n} exceeds the model's max_len={self.max_len}")
-        pos = torch.arange(n, device=ids.device)
-        return self.drop(self.tokens(ids) + self.positions(pos))
+    def forward(self, ids: Tensor, start: int = 0) -> Tensor:
+        check_ids(ids, self.vocab_size)
+        x = self.tokens(ids)
+        if self.positions is None:
+            return self.drop(x)
+        end = start + ids.shape[1]
+        if end > self.max_len:
+            raise ValueError(
+                f"sequence length {end} exceeds the model's max_len={self.max_len} (learned "
+                "positions); use positions='rope' or 'none' to run past it"
+            )
+        pos = torch.arange(start, end, device=ids.device)
+        return self.drop(x + self.positions(pos))
 
 
 class SequenceModel(nn.Module):
     """Embeddings followed by a body of MetaFormer blocks; subclasses add the head.
 
     ``body`` replaces the default ``BlockStack`` (e.g. a ``DEQStack``); it is called as
-    ``body(x, key_padding_mask=..., causal=...)`` and returns (B, N, dim).
+    ``body(x, key_padding_mask=..., causal=...)`` and returns (B, N, dim). With
+    ``positions="rope"`` a given body must have been built with ``rope=True`` mixers
+    (``position_options``).
     """
 
     def __init__(
@@ -51,11 +103,28 @@ class SequenceModel(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         body: nn.Module | None = None,
+        positions: str = "learned",
     ) -> None:
         super().__init__()
         self.max_len = max_len
-        self.embed = TokenEmbedding(vocab_size, dim, max_len, dropout)
-        self.body = body or BlockStack(dim, depth, heads, mixer, mixer_options, mlp_ratio, dropout)
+        self.embed = TokenEmbedding(vocab_size, dim, max_len, dropout, positions)
+        options = position_options(mixer, dict(mixer_options or {}), positions)
+        self.body = body or BlockStack(dim, depth, heads, mixer, options, mlp_ratio, dropout)
+        if positions == "rope" and not any(getattr(m, "rope", False) for m in self.mixers()):
+            raise ValueError(
+                f"positions='rope' rotates q and k inside attention, but mixer {mixer!r} has "
+                "no rotary option (or the body was built without rope=True); use "
+                "positions='learned' or 'none'"
+            )
+
+    @property
+    def positions(self) -> str:
+        """``"learned"``, ``"rope"`` or ``"none"``."""
+        return self.embed.position_mode
+
+    def mixers(self) -> list[nn.Module]:
+        """Every token mixer of the body, in order."""
+        return [m for m in self.body.modules() if isinstance(m, mixers.TokenMixer)]
 
     def hidden(self, ids: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
         """(B, N) ids -> (B, N, dim) final hidden states."""

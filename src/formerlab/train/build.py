@@ -6,7 +6,7 @@ from torch import nn
 
 from formerlab import attention, data, mixers
 from formerlab.data import Task
-from formerlab.models import DecoderLM, EncoderClassifier, TokenTagger
+from formerlab.models import DecoderLM, EncoderClassifier, TokenTagger, position_options
 from formerlab.train.config import ModelConfig, RunConfig
 
 
@@ -50,12 +50,14 @@ def build_model(cfg: RunConfig, task: Task) -> nn.Module:
         from formerlab.models.deq import DEQStack
 
         body = DEQStack(
-            dim=m.dim, heads=m.heads, mixer=m.mixer, mixer_options=options,
+            dim=m.dim, heads=m.heads, mixer=m.mixer,
+            mixer_options=position_options(m.mixer, options, m.positions),
             mlp_ratio=m.mlp_ratio, dropout=m.dropout, **m.deq,
         )
     common = dict(
         dim=m.dim, depth=m.depth, heads=m.heads, max_len=max_len, mixer=m.mixer,
         mixer_options=options, mlp_ratio=m.mlp_ratio, dropout=m.dropout, body=body,
+        positions=m.positions,
     )
     if task.kind == "decoder":
         return DecoderLM(task.vocab_size, **common)

@@ -66,6 +66,8 @@ class ModelConfig(StrictModel):
     dropout: float = Field(0.0, ge=0, lt=1)
     max_len: int | None = Field(None, ge=1)
     deq: dict[str, Any] | None = None
+    # learned | rope | none (formerlab.models.embedding); rope/none decode past max_len
+    positions: Literal["learned", "rope", "none"] = "learned"
 
     @field_validator("mixer")
     @classmethod

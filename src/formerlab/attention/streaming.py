@@ -1,0 +1,101 @@
+"""Shared pieces of the kernels' streaming states (``init_state`` / ``step``).
+
+A causal kernel that streams keeps what the past contributes to every future output in a
+plain dataclass of tensors, stored in the compute dtype (float32 for low-precision
+inputs, float64 for float64). This module holds what the states of several kernels
+share: checking a step's inputs against its state, growing a sequence buffer in
+preallocated chunks (amortised O(1) per token, never a ``torch.cat`` per token), and
+measuring a state's memory (for tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from formerlab.errors import check_positive_int
+from formerlab.linalg.numerics import compute_dtype
+
+# capacities are multiples of this many positions
+GROW_CHUNK = 64
+
+
+def state_dims(
+    batch: int, heads: int, head_dim: int, value_dim: int | None, dtype: torch.dtype
+) -> tuple[int, int, int, int, torch.dtype]:
+    """Validated ``(batch, heads, head_dim, value_dim, compute dtype)`` of ``init_state``."""
+    check_positive_int("batch", batch)
+    check_positive_int("heads", heads)
+    check_positive_int("head_dim", head_dim)
+    value_dim = head_dim if value_dim is None else check_positive_int("value_dim", value_dim)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not allowed; expected a floating torch.dtype")
+    return batch, heads, head_dim, value_dim, compute_dtype(dtype)
+
+
+def check_step(
+    kernel: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: Any,
+    state_type: type,
+    dims: Callable[[Any], tuple[int, int, int, int]],
+) -> None:
+    """Raise ``ValueError`` unless q, k, v (B, H, T, D) fit ``state`` (of ``state_type``).
+
+    ``dims(state)`` = the (B, H, D, E) the state was built for.
+    """
+    if not isinstance(state, state_type):
+        raise ValueError(
+            f"state must be a {state_type.__name__} from {kernel!r}.init_state(...); "
+            f"got {type(state).__name__}"
+        )
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{arg} must be a floating 4-d tensor (B, H, T, D); got {shape}")
+    b, h, d, e = dims(state)
+    t = q.shape[2]
+    want = {"q": (b, h, t, d), "k": (b, h, t, d), "v": (b, h, t, e)}
+    for arg, x in (("q", q), ("k", k), ("v", v)):
+        if tuple(x.shape) != want[arg]:
+            raise ValueError(
+                f"{arg} has shape {tuple(x.shape)}; this {kernel!r} state takes "
+                f"(B, H, T, {'E' if arg == 'v' else 'D'}) = {want[arg]} with T >= 1"
+            )
+    if t < 1:
+        raise ValueError(f"step needs T >= 1 new tokens; got T={t}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def reserve(buffer: Tensor, used: int, needed: int, dim: int = 2) -> Tensor:
+    """``buffer`` with room for ``needed`` positions along ``dim`` (first ``used`` kept).
+
+    Capacity grows geometrically (at least doubling, in multiples of ``GROW_CHUNK``), so
+    appending N tokens one at a time copies O(N) entries in total.
+    """
+    capacity = buffer.shape[dim]
+    if needed <= capacity:
+        return buffer
+    new_cap = max(needed, 2 * capacity)
+    new_cap = -(-new_cap // GROW_CHUNK) * GROW_CHUNK
+    shape = list(buffer.shape)
+    shape[dim] = new_cap
+    grown = buffer.new_zeros(shape)
+    grown.narrow(dim, 0, used).copy_(buffer.narrow(dim, 0, used))
+    return grown
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes held by the tensors of a state dataclass (allocated capacity, not only used)."""
+    return sum(
+        f.nbytes
+        for f in (getattr(state, fld.name) for fld in dataclasses.fields(state))
+        if isinstance(f, Tensor)
+    )
