@@ -18,9 +18,16 @@ app.add_typer(bench_app, name="bench")
 console = Console()
 
 
-def fail(error: Exception, code: int = 2) -> typer.Exit:
+#: exit codes (README, "Reliability"): 2 a usage / config / file error, 3 a sweep with failed
+#: trials, 130 interrupted with Ctrl-C (after saving)
+EXIT_USAGE, EXIT_TRIALS_FAILED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def fail(error: Exception, code: int = EXIT_USAGE) -> typer.Exit:
     """Print a user error without a traceback; use as ``raise fail(err)``."""
-    console.print(f"[bold red]error:[/] {error}", highlight=False)
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
     return typer.Exit(code)
 
 
@@ -32,8 +39,11 @@ def train(
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Train a model from a config; prints where the run, checkpoint and MLflow record are."""
+    import shlex
+
     from formerlab.experiments import run_training
     from formerlab.train import ConfigError, TrainingError, load_config
+    from formerlab.train.loop import TrainingInterrupted
 
     if config is not None and resume is not None:
         raise fail(ValueError("give CONFIG or --resume RUN_DIR, not both"))
@@ -44,6 +54,12 @@ def train(
         result, record = run_training(cfg, resume=resume, progress=progress, console=console)
     except (ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
         raise fail(error) from None
+    except TrainingInterrupted as stop:
+        console.print(f"[bold]interrupted[/] at step {stop.step}; checkpoint saved in {stop.run_dir}",
+                      highlight=False, soft_wrap=True)
+        console.print(f"continue with: formerlab train --resume {shlex.quote(str(stop.run_dir))}",
+                      highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     console.print(f"[bold]validation[/] at step {result.step}: {metrics}")
     if result.sample:

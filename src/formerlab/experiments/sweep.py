@@ -48,6 +48,7 @@ from formerlab.train.config import (
     TrackingConfig,
     apply_override,
     config_hash,
+    read_yaml_file,
     validate_config,
 )
 
@@ -162,7 +163,7 @@ def parse_sweep(raw: Any, source: Path | None = None) -> SweepSpec:
         path = Path(base) if source is None or Path(base).is_absolute() else source.parent / base
         if not path.is_file():
             raise ConfigError(f"base={base!r}: config file {str(path)!r} does not exist")
-        base = yaml.safe_load(path.read_text()) or {}
+        base = read_yaml_file(path, "config")
     if not isinstance(base, dict):
         raise ConfigError(f"base must be a config mapping or a YAML path; got {type(base).__name__}")
     axes_raw = raw.get("axes", {}) or {}
@@ -182,9 +183,11 @@ def parse_sweep(raw: Any, source: Path | None = None) -> SweepSpec:
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and parse a sweep YAML file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} does not exist")
-    return parse_sweep(yaml.safe_load(path.read_text()), source=path)
+    raw = read_yaml_file(path, "sweep")
+    try:
+        return parse_sweep(raw, source=path)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
 
 
 # --- trials -----------------------------------------------------------------------------
@@ -375,6 +378,7 @@ def _parent_tracker(trials: list[Trial], spec: SweepSpec, sweep_dir: Path):
     tracker = make_tracker(trials[0].config, tags={"formerlab.sweep": spec.name})
     if not isinstance(tracker, MLflowTracker):
         return None
+    tracker.skip_logged_steps = False  # sweep counters restart at the resumed count
     params = {
         "sweep.name": spec.name, "sweep.trials": len(trials),
         **{f"axis.{a.name}": ", ".join(v.label for v in a.values) for a in spec.axes},
