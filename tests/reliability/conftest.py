@@ -22,7 +22,7 @@ def tiny_args(runs_dir: Path, steps: int = 10, tracking: str = "none") -> list[s
 
 
 def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "formerlab", *args]
+    return [sys.executable, "-c", "from formerlab.cli import app; app()", *args]
 
 
 def sets(overrides: list[str]) -> list[str]:
@@ -38,6 +38,32 @@ def subprocess_env() -> dict[str, str]:
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout,
                           env=subprocess_env(), cwd=REPO)
+
+
+def _cli_child(args: list[str], out: str, go) -> None:
+    from typer.testing import CliRunner
+
+    from formerlab.cli import app
+
+    if go is not None:
+        go.wait(60)
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "1000"})
+    Path(out).write_text(f"{result.exit_code}\n{result.output}")
+
+
+def fork_cli(args: list[str], out: Path, go=None):
+    """Run ``formerlab ARGS`` in a forked process (the imports are inherited: no start-up
+    cost); its exit code and output land in ``out``. ``go`` (an Event) starts it."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("fork").Process(target=_cli_child, args=(args, str(out), go))
+    proc.start()
+    return proc
+
+
+def forked_result(out: Path) -> tuple[int, str]:
+    code, _, output = Path(out).read_text().partition("\n")
+    return int(code), output
 
 
 @pytest.fixture(scope="module")

@@ -49,8 +49,8 @@ class MLflowTracker(Tracker):
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        with store_lock(uri):
+        with store_lock(uri):  # the client may create the schema as it starts
+            self.client = MlflowClient(tracking_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
                 location = None
