@@ -241,8 +241,8 @@ def ablate(
         raise fail(error) from None
     except KeyboardInterrupt:
         console.print(f"[bold]interrupted[/]; continue with: formerlab ablate {sweep} --resume"
-                      + (f" --out {out}" if out else ""))
-        raise typer.Exit(130) from None
+                      + (f" --out {out}" if out else ""), highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     console.print(
         f"trials: {len(outcome.trials)}: {outcome.completed} completed, {outcome.failed} failed "
         f"({len(outcome.ran)} run now, {len(outcome.skipped)} skipped as already completed) "
@@ -252,6 +252,11 @@ def ablate(
     if outcome.parent_run_id:
         console.print(f"mlflow: parent run {outcome.parent_run_id} ({outcome.tracking_uri})", soft_wrap=True)
     console.print(f"report: formerlab report {outcome.sweep_dir}", soft_wrap=True)
+    if outcome.failed:
+        console.print(f"[bold red]{outcome.failed} trial(s) failed[/] (see their error above and "
+                      f"result.json); rerun them with: formerlab ablate {sweep} --resume "
+                      f"--out {outcome.sweep_dir}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_TRIALS_FAILED)
 
 
 @app.command()
