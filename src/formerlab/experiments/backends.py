@@ -188,9 +188,12 @@ def _stop(running: list[_Worker], grace_s: float = 10.0) -> None:
             worker.conn.close()
 
 
-def die_with_parent(alive: Any, parent_pid: int) -> None:
-    """Make this worker exit when ``parent_pid`` dies (see the module docstring)."""
-    if sys.platform.startswith("linux"):
+def die_with_parent(alive: Any, parent_pid: int, pdeathsig: bool = True) -> None:
+    """Make this worker exit when ``parent_pid`` dies (see the module docstring): the
+    parent-death signal (``pdeathsig``, Linux) and, given the read end ``alive`` of a pipe
+    only the parent writes to, the pipe-EOF watchdog. A third, slower net: a worker whose
+    progress report finds the pipe to the parent broken exits too (``_worker_main``)."""
+    if pdeathsig and sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
@@ -198,6 +201,8 @@ def die_with_parent(alive: Any, parent_pid: int) -> None:
             pass
     if os.getppid() != parent_pid:  # it died before the line above took effect
         os._exit(EXIT_ORPHANED)
+    if alive is None:
+        return
 
     def watch() -> None:
         try:
