@@ -95,3 +95,30 @@ def test_state_json_whose_config_does_not_fit_the_weights(run_copy):
     line = one_line_error(invoke("train", "--resume", str(run_copy)), "model.safetensors",
                           "do not match the config", "model.dim=32")
     assert "has shape" in line and len(line) < 600
+
+
+@pytest.mark.parametrize("bench", ["causal", "metric", "nystrom", "deq"])
+def test_benchmarks_share_the_repeats_check(bench, monkeypatch):
+    import importlib
+
+    from formerlab.bench import measure
+
+    module = importlib.import_module(f"formerlab.bench.{bench}")
+    entry = module.solver_comparison if bench == "deq" else module.run_benchmark
+    with pytest.raises(ValueError, match="repeats=0 is not allowed"):
+        entry(repeats=0)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_the_check(repeats, **kwargs):
+        seen.append(repeats)
+        measure_check(repeats, **kwargs)
+        raise Stop  # no benchmark work in a test
+
+    seen, measure_check = [], measure.check_repeats
+    monkeypatch.setattr(module, "check_repeats", stop_after_the_check)
+    with pytest.warns(measure.FewRepeatsWarning, match="repeats=1 is too few timing rounds"):
+        with pytest.raises(Stop):
+            entry(repeats=1)
+    assert seen == [1]
