@@ -266,8 +266,19 @@ def report(
     """Write report.md and plots for a sweep; print its tables."""
     from formerlab.experiments.report import print_tables, write_report
 
+    import json
+    from pathlib import Path
+
+    sweep_file = Path(sweep_dir) / "sweep.json"
     try:
         written = write_report(sweep_dir)
+    except json.JSONDecodeError as error:  # report.py reads only sweep.json strictly
+        raise fail(ValueError(f"{sweep_file}: not valid JSON ({error.msg} at line {error.lineno}); "
+                              "restore it, or rerun the sweep with `formerlab ablate SWEEP --resume "
+                              f"--out {sweep_dir}`")) from None
+    except (KeyError, TypeError, AttributeError) as error:
+        raise fail(ValueError(f"{sweep_file}: not a sweep record (missing or wrong field {error}); "
+                              "pass a folder made by `formerlab ablate`")) from None
     except (FileNotFoundError, ValueError) as error:
         raise fail(error) from None
     print_tables(written, console)

@@ -122,3 +122,9 @@ def test_benchmarks_share_the_repeats_check(bench, monkeypatch):
         with pytest.raises(Stop):
             entry(repeats=1)
     assert seen == [1]
+
+
+@pytest.mark.parametrize("content", ["", "{\"trials\": [", "[1, 2]"])
+def test_report_on_a_broken_sweep_json_names_it(tmp_path, content):
+    (tmp_path / "sweep.json").write_text(content)
+    one_line_error(invoke("report", str(tmp_path)), str(tmp_path / "sweep.json"))
