@@ -264,10 +264,10 @@ def report(
     sweep_dir: str = typer.Argument(..., help="A sweep folder made by `formerlab ablate`."),
 ) -> None:
     """Write report.md and plots for a sweep; print its tables."""
-    from formerlab.experiments.report import print_tables, write_report
-
     import json
     from pathlib import Path
+
+    from formerlab.experiments.report import print_tables, write_report
 
     sweep_file = Path(sweep_dir) / "sweep.json"
     try:

@@ -51,8 +51,9 @@ EXIT_ORPHANED = 75
 MAX_WORKER_DEATHS = 2
 
 
-def crashed_result(job: TrialJob, message: str) -> dict[str, Any]:
-    """The failed result of a trial whose worker died without reporting; written to disk."""
+def crashed_result(job: TrialJob, message: str, attempts: int = 0) -> dict[str, Any]:
+    """The failed result of a trial whose worker died without reporting; written to disk.
+    ``attempts``: the processes started on it as far as the caller knows."""
     from formerlab.experiments.sweep import FAILED, RESULT_FILE, read_result, write_json
 
     previous = read_result(Path(job.trial_dir)) or {}
@@ -62,12 +63,19 @@ def crashed_result(job: TrialJob, message: str) -> dict[str, Any]:
         "task": {"name": job.config.get("task", {}).get("name"), "main_metric": "accuracy"},
         "status": FAILED, "error": message, "duration_s": 0.0,
         # every start of a worker on the trial counted itself in TRIAL_DIR/attempts
-        "attempts": max(read_attempts(job.trial_dir), previous.get("attempts", 0) + 1),
+        "attempts": max(read_attempts(job.trial_dir), previous.get("attempts", 0) + 1, attempts),
         "finished": datetime.now().isoformat(timespec="seconds"),
     }
     release_dead_lock(job.trial_dir)
     write_json(Path(job.trial_dir) / RESULT_FILE, result)
     return result
+
+
+def _attempts_on_disk(job: TrialJob) -> int:
+    from formerlab.experiments.sweep import read_result
+
+    previous = read_result(Path(job.trial_dir)) or {}
+    return max(read_attempts(job.trial_dir), previous.get("attempts", 0))
 
 
 def describe_exit(code: int | None) -> str:
@@ -129,10 +137,15 @@ class LocalBackend:
         pending = list(jobs)
         running: list[_Worker] = []
         deaths: dict[int, int] = {}
+        # processes started on each trial before this call (from disk) and by this call
+        earlier = {job.index: _attempts_on_disk(job) for job in jobs}
+        starts: dict[int, int] = {}
         try:
             while pending or running:
                 while pending and len(running) < self.workers:
                     job = pending.pop(0)
+                    job.attempts_before = earlier[job.index] + starts.get(job.index, 0)
+                    starts[job.index] = starts.get(job.index, 0) + 1
                     reader, writer = context.Pipe(duplex=False)
                     process = context.Process(
                         target=_worker_main, args=(job, writer, alive_read, os.getpid()),
@@ -159,8 +172,9 @@ class LocalBackend:
                     deaths[job.index] = deaths.get(job.index, 0) + 1
                     how = describe_exit(worker.process.exitcode)
                     if deaths[job.index] >= MAX_WORKER_DEATHS:
-                        on_done(crashed_result(job, f"worker process died {deaths[job.index]} "
-                                                    f"times while running this trial (last: {how})"))
+                        on_done(crashed_result(
+                            job, f"worker process died {deaths[job.index]} times while running "
+                            f"this trial (last: {how})", attempts=earlier[job.index] + starts[job.index]))
                     else:  # only this trial is charged; it continues from its checkpoint
                         on_event({"kind": "worker-died", "index": job.index, "label": job.label,
                                   "how": how})

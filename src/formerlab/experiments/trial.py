@@ -34,7 +34,7 @@ import torch
 
 from formerlab.train import loop
 from formerlab.train.build import build_task
-from formerlab.train.checkpoint import has_checkpoint, read_config
+from formerlab.train.checkpoint import CheckpointError, has_checkpoint, read_config
 from formerlab.train.config import validate_config
 from formerlab.train.tracker import Tracker
 
@@ -193,6 +193,9 @@ class TrialJob:
     config: dict[str, Any]
     trial_dir: str
     parent_run_id: str | None = None
+    #: processes its launcher started on this trial before (a worker killed before it
+    #: could count itself still counts)
+    attempts_before: int = 0
 
 
 class ReportingTracker(Tracker):
@@ -282,11 +285,11 @@ def run_trial(job: TrialJob, report: Reporter | None = None, console=None) -> di
     }
     try:
         stolen = acquire_lock(trial_dir)
-    except TrialLocked as error:
+    except (TrialLocked, OSError) as error:  # not ours: write nothing into the folder
         from formerlab.experiments.sweep import FAILED
 
-        return {**result, "status": FAILED, "error": str(error), "duration_s": 0.0,
-                "attempts": read_attempts(trial_dir), "locked": True}
+        return {**result, "status": FAILED, "error": f"{type(error).__name__}: {error}",
+                "duration_s": 0.0, "attempts": read_attempts(trial_dir), "locked": True}
     threads = torch.get_num_threads()
     try:
         if stolen is not None:
@@ -305,7 +308,7 @@ def _run_locked(job: TrialJob, trial_dir: Path, result: dict[str, Any], report: 
     started_wall, started = datetime.now().isoformat(timespec="seconds"), time.perf_counter()
     result["started"] = started_wall
     previous = read_result(trial_dir)
-    attempts = max(read_attempts(trial_dir), (previous or {}).get("attempts", 0)) + 1
+    attempts = max(read_attempts(trial_dir), (previous or {}).get("attempts", 0), job.attempts_before) + 1
     (trial_dir / ATTEMPTS_FILE).write_text(str(attempts))
     result["attempts"] = attempts
     tracker: Tracker | None = None
@@ -315,7 +318,11 @@ def _run_locked(job: TrialJob, trial_dir: Path, result: dict[str, Any], report: 
         if previous is not None:
             _clear_folder(trial_dir)  # a failed attempt: start afresh (new MLflow child run too)
         elif has_checkpoint(trial_dir):
-            if read_config(trial_dir) == cfg:
+            try:
+                stored = read_config(trial_dir)
+            except CheckpointError:
+                stored = None  # a damaged checkpoint: start the trial afresh
+            if stored == cfg:
                 resume = trial_dir  # interrupted: continue exactly where it stopped
             else:
                 _clear_folder(trial_dir)  # a stale folder of another config
