@@ -29,6 +29,7 @@ BASE = {
 }
 # long enough to be killed mid-training, checkpointed often enough to resume cheaply
 SLOW = {"train.steps": 300, "train.eval_every": 300, "train.checkpoint_every": 20}
+LONG = {**SLOW, "train.steps": 600, "train.eval_every": 600}
 
 
 def write_sweep(tmp_path, trials, name="faults"):
@@ -59,37 +60,37 @@ def trial_dirs(out):
 
 
 def test_killed_parent_takes_its_workers_along_and_resume_takes_over_their_locks(tmp_path):
-    path = write_sweep(tmp_path, [{"label": "a", **SLOW}, {"label": "b", "model.dim": 8, **SLOW}])
+    path = write_sweep(tmp_path, [{"label": "a", **LONG}, {"label": "b", "model.dim": 8, **LONG}])
     out = tmp_path / "sweep"
     parent = fork_cli(["ablate", str(path), "--out", str(out), "--workers", "2", "--no-progress"],
                       tmp_path / "parent.txt")
 
-    def both_training():
+    def training():  # both trials started, at least one checkpointed and still running
         dirs = trial_dirs(out)
-        if len(dirs) == 2 and all((d / "checkpoint" / "state.json").is_file() for d in dirs):
+        if len(dirs) == 2 and all(owner_pid(d) for d in dirs) and any(
+                (d / "checkpoint" / "state.json").is_file() and not (d / "result.json").exists()
+                for d in dirs):
             return dirs
         return None
 
-    dirs = wait_until(both_training, what="both trials to checkpoint", process=parent)
-    workers = [owner_pid(d) for d in dirs]
-    assert None not in workers and parent.pid not in workers
-    assert not any((d / "result.json").exists() for d in dirs)  # both still training
+    dirs = wait_until(training, what="the trials to checkpoint", process=parent)
     os.kill(parent.pid, signal.SIGKILL)
     parent.join(10)
-    wait_until(lambda: not any(pid_alive(pid) for pid in workers), timeout=10,
+    running = {d: owner_pid(d) for d in dirs if not (d / "result.json").exists()}
+    assert running and parent.pid not in running.values()
+    wait_until(lambda: not any(pid_alive(pid) for pid in running.values()), timeout=10,
                what="the orphaned workers to die")
-    assert not any((d / "result.json").exists() for d in dirs)  # no "failed" written by orphans
+    assert not any((d / "result.json").exists() for d in running)  # no "failed" from orphans
 
     log = io.StringIO()
     outcome = run_sweep(path, out=out, resume=True, progress=False,
                         console=Console(file=log, width=1000))
     said = log.getvalue()
-    for pid in workers:
-        assert f"taking over the lock of process {pid}, which is no longer running" in said
     assert outcome.completed == 2
-    for result in outcome.results.values():
-        assert result["resumed_from_checkpoint"] and result["steps"] == 300
-        assert result["took_over_lock_of_pid"] in workers
+    for d, pid in running.items():
+        assert f"taking over the lock of process {pid}, which is no longer running" in said
+        result = json.loads((d / "result.json").read_text())
+        assert result["took_over_lock_of_pid"] == pid and result["steps"] == 600
         assert result["attempts"] == 2  # the killed process, then this one
     assert not any((d / LOCK_FILE).exists() for d in dirs)  # released when done
 
