@@ -18,9 +18,16 @@ app.add_typer(bench_app, name="bench")
 console = Console()
 
 
-def fail(error: Exception, code: int = 2) -> typer.Exit:
+#: exit codes (README, "Reliability"): 2 a usage / config / file error, 3 a sweep with failed
+#: trials, 130 interrupted with Ctrl-C (after saving)
+EXIT_USAGE, EXIT_TRIALS_FAILED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def fail(error: Exception, code: int = EXIT_USAGE) -> typer.Exit:
     """Print a user error without a traceback; use as ``raise fail(err)``."""
-    console.print(f"[bold red]error:[/] {error}", highlight=False)
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
     return typer.Exit(code)
 
 
@@ -32,8 +39,11 @@ def train(
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
     """Train a model from a config; prints where the run, checkpoint and MLflow record are."""
+    import shlex
+
     from formerlab.experiments import run_training
     from formerlab.train import ConfigError, TrainingError, load_config
+    from formerlab.train.loop import TrainingInterrupted
 
     if config is not None and resume is not None:
         raise fail(ValueError("give CONFIG or --resume RUN_DIR, not both"))
@@ -44,6 +54,12 @@ def train(
         result, record = run_training(cfg, resume=resume, progress=progress, console=console)
     except (ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
         raise fail(error) from None
+    except TrainingInterrupted as stop:
+        console.print(f"[bold]interrupted[/] at step {stop.step}; checkpoint saved in {stop.run_dir}",
+                      highlight=False, soft_wrap=True)
+        console.print(f"continue with: formerlab train --resume {shlex.quote(str(stop.run_dir))}",
+                      highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     console.print(f"[bold]validation[/] at step {result.step}: {metrics}")
     if result.sample:
@@ -262,8 +278,8 @@ def ablate(
         raise fail(error) from None
     except KeyboardInterrupt:
         console.print(f"[bold]interrupted[/]; continue with: formerlab ablate {sweep} --resume"
-                      + (f" --out {out}" if out else ""))
-        raise typer.Exit(130) from None
+                      + (f" --out {out}" if out else ""), highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     console.print(
         f"trials: {len(outcome.trials)}: {outcome.completed} completed, {outcome.failed} failed "
         f"({len(outcome.ran)} run now, {len(outcome.skipped)} skipped as already completed) "
@@ -273,6 +289,11 @@ def ablate(
     if outcome.parent_run_id:
         console.print(f"mlflow: parent run {outcome.parent_run_id} ({outcome.tracking_uri})", soft_wrap=True)
     console.print(f"report: formerlab report {outcome.sweep_dir}", soft_wrap=True)
+    if outcome.failed:
+        console.print(f"[bold red]{outcome.failed} trial(s) failed[/] (see their error above and "
+                      f"result.json); rerun them with: formerlab ablate {sweep} --resume "
+                      f"--out {outcome.sweep_dir}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_TRIALS_FAILED)
 
 
 @app.command()
@@ -280,10 +301,21 @@ def report(
     sweep_dir: str = typer.Argument(..., help="A sweep folder made by `formerlab ablate`."),
 ) -> None:
     """Write report.md and plots for a sweep; print its tables."""
+    import json
+    from pathlib import Path
+
     from formerlab.experiments.report import print_tables, write_report
 
+    sweep_file = Path(sweep_dir) / "sweep.json"
     try:
         written = write_report(sweep_dir)
+    except json.JSONDecodeError as error:  # report.py reads only sweep.json strictly
+        raise fail(ValueError(f"{sweep_file}: not valid JSON ({error.msg} at line {error.lineno}); "
+                              "restore it, or rerun the sweep with `formerlab ablate SWEEP --resume "
+                              f"--out {sweep_dir}`")) from None
+    except (KeyError, TypeError, AttributeError) as error:
+        raise fail(ValueError(f"{sweep_file}: not a sweep record (missing or wrong field {error}); "
+                              "pass a folder made by `formerlab ablate`")) from None
     except (FileNotFoundError, ValueError) as error:
         raise fail(error) from None
     print_tables(written, console)

@@ -54,9 +54,15 @@ def test_mlflow_parent_run_with_one_child_per_trial(reference):
 
 
 def test_worker_processes_give_the_same_results(two_by_two, tmp_path, reference):
+    # 1 worker (in-process) vs 2 workers: a trial's thread count is pinned in its config
+    # (train.threads, part of its hash), so its losses do not depend on its neighbours
     outcome = run_sweep(two_by_two(), out=tmp_path / "pool", workers=2, progress=False)
     assert outcome.completed == 4
     assert _metrics_by_hash(outcome) == _metrics_by_hash(reference)
+    for key, result in outcome.results.items():
+        same = reference.results[key]
+        assert result["threads"] == same["threads"] == result["config"]["train"]["threads"] == 1
+        assert [h["loss"] for h in result["history"]] == [h["loss"] for h in same["history"]]
     pids = {r["pid"] for r in outcome.results.values()}
     assert len(pids) == 4 and os.getpid() not in pids  # a fresh worker process per trial
 

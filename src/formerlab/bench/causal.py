@@ -32,6 +32,7 @@ import torch
 
 from formerlab.bench.measure import (
     Result,
+    check_repeats,
     peak_memory_bytes,
     run_json_worker,
     start_peak_memory,
@@ -120,6 +121,7 @@ def run_benchmark(
         check_positive_int(arg, value)
     check_positive_int("warmup", warmup, minimum=0)
     check_positive_int("repeats", repeats)
+    check_repeats(repeats)
     for n in sizes:
         check_positive_int("sizes", n)
     for method in methods:

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from formerlab import mixers, solvers
-from formerlab.bench.measure import sync, timed_passes
+from formerlab.bench.measure import check_repeats, sync, timed_passes
 from formerlab.errors import check_positive_int
 from formerlab.models.block import BlockStack, MetaFormerBlock
 from formerlab.models.deq import DEQStack, InjectedBlock
@@ -168,6 +168,7 @@ def solver_comparison(
     call, so the solver overhead is total time minus f time of the same run.
     """
     check_positive_int("repeats", repeats)
+    check_repeats(repeats)
     libraries = [("formerlab", _our_solve)]
     if compare_torchdeq and torchdeq_available():
         libraries.append(("torchdeq", _torchdeq_solve))

@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,31 @@ class Result:
     peak_bytes: int | None = None
     skipped: str | None = None
     info: dict[str, float] = field(default_factory=dict)
+
+
+#: fewer timing rounds than this cannot separate a ratio from machine noise
+MIN_REPEATS_FOR_RATIO = 3
+
+
+class FewRepeatsWarning(UserWarning):
+    """A benchmark runs too few timing rounds for its ratios to mean much."""
+
+
+def check_repeats(repeats: Any, arg: str = "repeats", minimum: int = MIN_REPEATS_FOR_RATIO) -> int:
+    """The shared check of a benchmark's timing rounds: ``ValueError`` below 1 (naming
+    ``arg``), a ``FewRepeatsWarning`` below ``minimum``: with one or two rounds a median or
+    minimum is a single noisy sample, and a ratio of two such samples can be off by more
+    than the effect measured (on a busy machine easily 2x). Returns ``repeats``."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"{arg}={repeats!r} is not allowed; expected an integer >= 1 "
+                         f"(>= {minimum} for meaningful ratios)")
+    if repeats < minimum:
+        warnings.warn(
+            f"{arg}={repeats} is too few timing rounds for a meaningful ratio: one or two "
+            f"samples per case cannot tell a speed-up from machine noise; use --repeats "
+            f"{minimum} or more (5+ on a busy machine)", FewRepeatsWarning, stacklevel=2,
+        )
+    return repeats
 
 
 def sync(device: str | torch.device) -> None:

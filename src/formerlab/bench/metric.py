@@ -35,6 +35,7 @@ from torch import Tensor
 
 from formerlab.bench.measure import (
     Result,
+    check_repeats,
     peak_memory_bytes,
     run_json_worker,
     start_peak_memory,
@@ -197,6 +198,7 @@ def run_benchmark(
     for arg, value in (("batch", batch), ("heads", heads), ("head_dim", head_dim),
                        ("warmup", warmup), ("repeats", repeats)):
         check_positive_int(arg, value, minimum=0 if arg == "warmup" else 1)
+    check_repeats(repeats)
     for n in sizes:
         check_positive_int("sizes", n)
     for method in methods:

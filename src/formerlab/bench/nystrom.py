@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from formerlab.bench.measure import peak_memory_bytes, start_peak_memory, sync
+from formerlab.bench.measure import check_repeats, peak_memory_bytes, start_peak_memory, sync
 from formerlab.errors import check_choice, check_positive_int
 
 METHODS = ("nystrom", "softmax", "nystrom-attention")
@@ -177,6 +177,7 @@ def run_benchmark(
         check_positive_int(arg, val)
     check_positive_int("warmup", warmup, minimum=0)
     check_positive_int("conv_kernel", conv_kernel)
+    check_repeats(repeats)
     has_peer = peer_available()
     torch.set_num_threads(threads)
     dim = heads * head_dim

@@ -5,31 +5,55 @@ A backend's ``run(jobs, on_event, on_done)`` runs every ``TrialJob``, calls ``on
 with each result dict as soon as its trial ends, in the calling thread. A trial never raises (see
 ``trial.run_trial``); a worker that dies outright (killed, out of memory) turns its trial
 into a failed result and the rest go on.
+
+Worker processes (``LocalBackend(workers > 1)``): one spawned process per trial, each with
+its own one-way pipe to the parent (a worker killed mid-message corrupts only its own pipe;
+a shared queue would leave its lock held and hang every other worker). Workers die with
+their parent, however it ends (SIGKILL included), by two independent means:
+
+* ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` (Linux, via ctypes): the kernel kills the worker the
+  moment its parent dies, even while it is deep in a C kernel holding the GIL;
+* a pipe-EOF watchdog thread (any POSIX system): the worker blocks reading a pipe whose only
+  write end the parent holds; the kernel closes it when the parent dies, the read returns
+  EOF and the worker exits at once. Unlike polling ``getppid()`` this has no delay and no
+  pid-reuse race.
+
+Only the trial whose worker died is charged: it gets one more try (continuing from its
+checkpoint), and at its second death is recorded as failed; the trials running beside it
+are not affected.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
-import queue as queue_module
+import pickle
+import signal
+import sys
+import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime
+from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import Any
 
-from formerlab.experiments.trial import TrialJob, run_trial
+from formerlab.experiments.trial import TrialJob, read_attempts, release_dead_lock, run_trial
 
 EventFn = Callable[[dict[str, Any]], None] | None
 DoneFn = Callable[[dict[str, Any]], None]
 
 #: environment variables a remote worker needs to find data and the tracking server
 FORWARDED_ENV = ("FORMERLAB_DATA", "MLFLOW_TRACKING_URI")
+#: exit status of a worker that found its parent gone
+EXIT_ORPHANED = 75
+#: a trial whose worker dies this many times is recorded as failed
+MAX_WORKER_DEATHS = 2
 
 
-def crashed_result(job: TrialJob, message: str) -> dict[str, Any]:
-    """The failed result of a trial whose worker died without reporting; written to disk."""
+def crashed_result(job: TrialJob, message: str, attempts: int = 0) -> dict[str, Any]:
+    """The failed result of a trial whose worker died without reporting; written to disk.
+    ``attempts``: the processes started on it as far as the caller knows."""
     from formerlab.experiments.sweep import FAILED, RESULT_FILE, read_result, write_json
 
     previous = read_result(Path(job.trial_dir)) or {}
@@ -38,18 +62,64 @@ def crashed_result(job: TrialJob, message: str) -> dict[str, Any]:
         "mechanism": job.mechanism, "dir": job.trial_dir, "config": job.config,
         "task": {"name": job.config.get("task", {}).get("name"), "main_metric": "accuracy"},
         "status": FAILED, "error": message, "duration_s": 0.0,
-        "attempts": previous.get("attempts", 0) + 1,
+        # every start of a worker on the trial counted itself in TRIAL_DIR/attempts
+        "attempts": max(read_attempts(job.trial_dir), previous.get("attempts", 0) + 1, attempts),
         "finished": datetime.now().isoformat(timespec="seconds"),
     }
+    release_dead_lock(job.trial_dir)
     write_json(Path(job.trial_dir) / RESULT_FILE, result)
     return result
 
 
+def _attempts_on_disk(job: TrialJob) -> int:
+    from formerlab.experiments.sweep import read_result
+
+    previous = read_result(Path(job.trial_dir)) or {}
+    return max(read_attempts(job.trial_dir), previous.get("attempts", 0))
+
+
+def describe_exit(code: int | None) -> str:
+    """``killed by SIGKILL`` / ``exit status 3`` for a worker's ``exitcode``."""
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (killed, or out of memory?)" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit status {code}"
+
+
+class _Worker:
+    """One running trial: its process and the pipe it reports through."""
+
+    def __init__(self, job: TrialJob, process: Any, conn: Any) -> None:
+        self.job, self.process, self.conn = job, process, conn
+        self.result: dict[str, Any] | None = None
+
+    def receive(self, on_event: Callable[[dict[str, Any]], None]) -> None:
+        """Read every message waiting on the pipe; a broken pipe is closed."""
+        while self.conn is not None:
+            try:
+                if not self.conn.poll():
+                    return
+                message = self.conn.recv()
+            except (EOFError, OSError, ValueError, TypeError, AttributeError, ImportError,
+                    pickle.UnpicklingError):
+                self.conn.close()
+                self.conn = None  # closed, or a message cut short by a kill
+                return
+            if message.get("kind") == "result":
+                self.result = message["result"]
+            else:
+                on_event(message)
+
+
 class LocalBackend:
-    """``workers=1``: trials one after another in this process. ``workers>1``: a pool of
-    that many spawned processes (spawn, not fork: torch and MLflow state must not be
-    inherited), each with ``cpu_count // workers`` torch threads and a fresh process for
-    every trial."""
+    """``workers=1``: trials one after another in this process. ``workers>1``: up to that
+    many spawned processes at a time (spawn, not fork: torch and MLflow state must not be
+    inherited), a fresh process for every trial. A trial's torch thread count is part of its
+    config (``train.threads``, pinned by the sweep), not derived from ``workers``."""
 
     def __init__(self, workers: int = 1) -> None:
         self.workers = workers
@@ -59,88 +129,120 @@ class LocalBackend:
             for job in jobs:
                 on_done(run_trial(job, report=on_event))
             return
-        on_event = on_event or (lambda event: None)
-        self._run_pool(jobs, on_event, on_done)
+        self._run_processes(jobs, on_event or (lambda event: None), on_done)
 
-    def _run_pool(self, jobs: list[TrialJob], on_event: EventFn, on_done: DoneFn) -> None:
+    def _run_processes(self, jobs: list[TrialJob], on_event: Callable, on_done: DoneFn) -> None:
         context = multiprocessing.get_context("spawn")
-        events = context.Queue()
-        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        alive_read, alive_write = context.Pipe(duplex=False)  # EOF in a worker = parent gone
         pending = list(jobs)
-        claimed: set[int] = set()
-        crashes: dict[int, int] = {}
-
-        def drain() -> None:
-            while True:
-                try:
-                    event = events.get_nowait()
-                except queue_module.Empty:
-                    return
-                if event["kind"] == "claimed":
-                    claimed.add(event["index"])
-                else:
-                    on_event(event)
-
-        while pending:
-            # a fresh process per trial: nothing leaks between trials, and each trial's
-            # peak memory is its own (the cost: one interpreter start-up per trial)
-            pool = ProcessPoolExecutor(
-                max_workers=min(self.workers, len(pending)), mp_context=context,
-                initializer=_init_worker, initargs=(events, threads), max_tasks_per_child=1,
-            )
-            futures = {pool.submit(_pool_run, job): job for job in pending}
-            broken = False
-            try:
-                while futures:
-                    finished, _ = wait(futures, timeout=0.25, return_when=FIRST_COMPLETED)
-                    drain()
-                    for future in finished:
-                        job = futures.pop(future)
-                        try:
-                            result = future.result()
-                        except BrokenProcessPool:
-                            broken = True  # decided below, once every event is in
-                            continue
-                        pending.remove(job)
-                        on_done(result)
-                    if broken:
-                        break
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-            pool.shutdown(wait=not broken, cancel_futures=True)
-            if broken:
-                drain()
-                for future, job in futures.items():  # finished just before the pool broke
-                    if future.done() and not future.cancelled() and future.exception() is None:
-                        pending.remove(job)
-                        on_done(future.result())
-                # A dead worker breaks the whole pool, so the trials running beside the one
-                # that died are cut short too. Each trial running at a crash gets one more
-                # try; at its second crash it is recorded as failed. The rest simply rerun.
-                for job in [j for j in pending if j.index in claimed]:
-                    crashes[job.index] = crashes.get(job.index, 0) + 1
-                    if crashes[job.index] >= 2:
-                        pending.remove(job)
-                        on_done(crashed_result(job, "worker process died while running this "
-                                                    "trial, twice (killed or out of memory?)"))
-                claimed.clear()
+        running: list[_Worker] = []
+        deaths: dict[int, int] = {}
+        # processes started on each trial before this call (from disk) and by this call
+        earlier = {job.index: _attempts_on_disk(job) for job in jobs}
+        starts: dict[int, int] = {}
+        try:
+            while pending or running:
+                while pending and len(running) < self.workers:
+                    job = pending.pop(0)
+                    job.attempts_before = earlier[job.index] + starts.get(job.index, 0)
+                    starts[job.index] = starts.get(job.index, 0) + 1
+                    reader, writer = context.Pipe(duplex=False)
+                    process = context.Process(
+                        target=_worker_main, args=(job, writer, alive_read, os.getpid()),
+                        name=f"formerlab-trial-{job.index}",
+                    )
+                    process.start()
+                    writer.close()  # the worker holds the only write end: EOF when it ends
+                    running.append(_Worker(job, process, reader))
+                waitables = [w.conn for w in running if w.conn is not None]
+                wait_for(waitables + [w.process.sentinel for w in running], timeout=0.5)
+                for worker in list(running):
+                    worker.receive(on_event)
+                    if worker.process.exitcode is None:
+                        continue
+                    worker.process.join()
+                    worker.receive(on_event)  # whatever it sent just before exiting
+                    running.remove(worker)
+                    if worker.conn is not None:
+                        worker.conn.close()
+                    job = worker.job
+                    if worker.result is not None:
+                        on_done(worker.result)
+                        continue
+                    deaths[job.index] = deaths.get(job.index, 0) + 1
+                    how = describe_exit(worker.process.exitcode)
+                    if deaths[job.index] >= MAX_WORKER_DEATHS:
+                        on_done(crashed_result(
+                            job, f"worker process died {deaths[job.index]} times while running "
+                            f"this trial (last: {how})", attempts=earlier[job.index] + starts[job.index]))
+                    else:  # only this trial is charged; it continues from its checkpoint
+                        on_event({"kind": "worker-died", "index": job.index, "label": job.label,
+                                  "how": how})
+                        release_dead_lock(job.trial_dir)
+                        pending.insert(0, job)
+        finally:
+            _stop(running)
+            alive_write.close()
+            alive_read.close()
 
 
-_EVENTS: Any = None
+def _stop(running: list[_Worker], grace_s: float = 10.0) -> None:
+    """On an interrupt: give workers ``grace_s`` to checkpoint (they got the Ctrl-C too),
+    then kill what is left."""
+    import time
+
+    deadline = time.monotonic() + grace_s
+    for worker in running:
+        worker.process.join(max(0.0, deadline - time.monotonic()))
+    for worker in running:
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join(5)
+        if worker.conn is not None:
+            worker.conn.close()
 
 
-def _init_worker(events: Any, threads: int) -> None:
-    global _EVENTS
-    _EVENTS = events
-    import torch
+def die_with_parent(alive: Any, parent_pid: int, pdeathsig: bool = True) -> None:
+    """Make this worker exit when ``parent_pid`` dies (see the module docstring): the
+    parent-death signal (``pdeathsig``, Linux) and, given the read end ``alive`` of a pipe
+    only the parent writes to, the pipe-EOF watchdog. A third, slower net: a worker whose
+    progress report finds the pipe to the parent broken exits too (``_worker_main``)."""
+    if pdeathsig and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # it died before the line above took effect
+        os._exit(EXIT_ORPHANED)
+    if alive is None:
+        return
 
-    torch.set_num_threads(threads)
+    def watch() -> None:
+        try:
+            alive.recv()  # the parent never writes: this returns only with EOF
+        except (EOFError, OSError):
+            pass
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="formerlab-parent-watchdog", daemon=True).start()
 
 
-def _pool_run(job: TrialJob) -> dict[str, Any]:
-    _EVENTS.put({"kind": "claimed", "index": job.index})
-    return run_trial(job, report=_EVENTS.put)
+def _worker_main(job: TrialJob, conn: Any, alive: Any, parent_pid: int) -> None:
+    die_with_parent(alive, parent_pid)
+
+    def report(event: dict[str, Any]) -> None:
+        try:
+            conn.send(event)
+        except (BrokenPipeError, OSError):
+            os._exit(EXIT_ORPHANED)  # nobody reads any more
+
+    try:
+        result = run_trial(job, report=report)
+    except KeyboardInterrupt:  # Ctrl-C reached the whole process group; checkpoint is saved
+        os._exit(130)
+    report({"kind": "result", "result": result})
+    conn.close()
 
 
 class RayBackend:

@@ -48,6 +48,7 @@ from formerlab.train.config import (
     TrackingConfig,
     apply_override,
     config_hash,
+    read_yaml_file,
     validate_config,
 )
 
@@ -57,6 +58,10 @@ SWEEP_FILE = "sweep.json"
 RESULT_FILE = "result.json"
 TRIALS_DIR = "trials"
 COMPLETED, FAILED = "completed", "failed"
+#: torch threads of a trial whose config leaves ``train.threads`` unset. Pinned in the
+#: trial's config (so in its hash), never derived from ``--workers``: float reductions
+#: depend on the thread count, and a trial's result must not depend on its neighbours.
+DEFAULT_TRIAL_THREADS = 1
 
 
 # --- the spec ---------------------------------------------------------------------------
@@ -162,7 +167,7 @@ def parse_sweep(raw: Any, source: Path | None = None) -> SweepSpec:
         path = Path(base) if source is None or Path(base).is_absolute() else source.parent / base
         if not path.is_file():
             raise ConfigError(f"base={base!r}: config file {str(path)!r} does not exist")
-        base = yaml.safe_load(path.read_text()) or {}
+        base = read_yaml_file(path, "config")
     if not isinstance(base, dict):
         raise ConfigError(f"base must be a config mapping or a YAML path; got {type(base).__name__}")
     axes_raw = raw.get("axes", {}) or {}
@@ -182,9 +187,11 @@ def parse_sweep(raw: Any, source: Path | None = None) -> SweepSpec:
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and parse a sweep YAML file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} does not exist")
-    return parse_sweep(yaml.safe_load(path.read_text()), source=path)
+    raw = read_yaml_file(path, "sweep")
+    try:
+        return parse_sweep(raw, source=path)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
 
 
 # --- trials -----------------------------------------------------------------------------
@@ -274,6 +281,9 @@ def expand(spec: SweepSpec, sweep_dir: Path, check_models: bool = True) -> list[
         try:
             for key, value in overrides.items():
                 set_dotted(raw, key, value)
+            train_section = raw.setdefault("train", {})
+            if isinstance(train_section, dict) and train_section.get("threads") is None:
+                train_section["threads"] = DEFAULT_TRIAL_THREADS
             raw["name"] = f"{index:03d} {label}"  # the MLflow child run's name
             raw["runs_dir"] = str(sweep_dir.resolve())
             cfg = validate_config(raw)
@@ -343,6 +353,79 @@ def latest_sweep_dir(spec: SweepSpec, runs_dir: str | Path = "runs") -> Path | N
     return max(found, key=lambda p: p.name) if found else None
 
 
+# --- resuming ---------------------------------------------------------------------------
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}."))
+    return flat
+
+
+_NEUTRAL = ("name", "runs_dir", "tracking")  # not part of a trial's identity (``trial_hash``)
+
+
+def check_same_settings(previous: dict[str, Any], trials: list[Trial], sweep_dir: Path) -> None:
+    """Refuse (``ConfigError``) to resume a sweep whose trials differ from the stored ones,
+    naming the keys that differ: a silent restart would overwrite the old trials."""
+    stored = {t["label"]: t for t in previous.get("trials") or [] if isinstance(t, dict) and "label" in t}
+    if not stored or {t["hash"] for t in stored.values()} == {t.key for t in trials}:
+        return
+    diffs: dict[str, tuple[Any, Any]] = {}
+    for trial in trials:
+        old = stored.get(trial.label)
+        if old is None or old.get("hash") == trial.key:
+            continue
+        a, b = _flat(old.get("config", {})), _flat(trial.config.model_dump(mode="json"))
+        for key in sorted(set(a) | set(b)):
+            if key.split(".")[0] not in _NEUTRAL and a.get(key) != b.get(key):
+                diffs.setdefault(key, (a.get(key), b.get(key)))
+    new_labels = {t.label for t in trials}
+    added, removed = sorted(new_labels - set(stored)), sorted(set(stored) - new_labels)
+    parts = []
+    if diffs:
+        shown = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in list(diffs.items())[:8]]
+        parts.append("settings that differ: " + ", ".join(shown))
+    if added:
+        parts.append(f"trials it does not hold: {added[:5]}" + (" ..." if len(added) > 5 else ""))
+    if removed:
+        parts.append(f"trials it holds that are gone: {removed[:5]}" + (" ..." if len(removed) > 5 else ""))
+    raise ConfigError(
+        f"--resume: {str(sweep_dir / SWEEP_FILE)!r} was made with other settings; "
+        + "; ".join(parts) + f". Resume it with the settings it was made with (its --set: "
+        f"{previous.get('overrides') or 'none'}), or start a new sweep: drop --resume (a new "
+        "folder is made) or pass another --out"
+    )
+
+
+def check_trial_locks(jobs: list[Any], console: Console) -> None:
+    """Before resuming: refuse while a live process owns a trial folder; say which dead
+    owners' locks will be taken over."""
+    from formerlab.experiments.trial import LOCK_FILE, owner_alive, read_owner
+
+    busy = []
+    for job in jobs:
+        lock = Path(job.trial_dir) / LOCK_FILE
+        owner = read_owner(job.trial_dir)
+        if owner is None:
+            continue
+        if owner_alive(owner, lock):
+            busy.append(f"{job.label} (process {owner.get('pid')} on {owner.get('host')}, {lock})")
+        else:
+            console.print(f"trial {escape(job.label)}: taking over the lock of process "
+                          f"{owner.get('pid')}, which is no longer running ({escape(str(lock))})",
+                          highlight=False, soft_wrap=True)
+    if busy:
+        raise ValueError(
+            f"{len(busy)} trial folder(s) are in use by a running process: " + "; ".join(busy[:5])
+            + ". Another `formerlab ablate` is running this sweep: wait for it or stop it, then "
+            "--resume (delete a lock file only if its process is gone)"
+        )
+
+
 # --- running ----------------------------------------------------------------------------
 
 
@@ -375,6 +458,7 @@ def _parent_tracker(trials: list[Trial], spec: SweepSpec, sweep_dir: Path):
     tracker = make_tracker(trials[0].config, tags={"formerlab.sweep": spec.name})
     if not isinstance(tracker, MLflowTracker):
         return None
+    tracker.skip_logged_steps = False  # sweep counters restart at the resumed count
     params = {
         "sweep.name": spec.name, "sweep.trials": len(trials),
         **{f"axis.{a.name}": ", ".join(v.label for v in a.values) for a in spec.axes},
@@ -438,11 +522,16 @@ def run_sweep(
             "another --out for a new one"
         )
     trials = expand(spec, sweep_dir)  # raises before anything is written
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     previous = {}
     if (sweep_dir / SWEEP_FILE).is_file():
-        previous = json.loads((sweep_dir / SWEEP_FILE).read_text())
+        try:
+            previous = json.loads((sweep_dir / SWEEP_FILE).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{sweep_dir / SWEEP_FILE}: not valid JSON ({error.msg}); restore it, "
+                             "or start a new sweep with another --out") from None
+        check_same_settings(previous, trials, sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     meta = {
         "name": spec.name, "description": spec.description, "spec": spec.raw,
         "axes": [{"name": a.name, "labels": [v.label for v in a.values],
@@ -469,6 +558,7 @@ def run_sweep(
             trial_dir=str((trial_dir or sweep_dir / TRIALS_DIR / trial.dirname).resolve()),
         ))
     skipped = list(results)
+    check_trial_locks(jobs, console)
 
     parent = _parent_tracker(trials, spec, sweep_dir)
     parent_id = getattr(parent, "run_id", None)
@@ -499,6 +589,11 @@ def run_sweep(
                         f"  {escape(event['label'])}", total=event["steps"], completed=event.get("step", 0), info="")
                 elif event["kind"] == "step" and index in running:
                     bars.update(running[index], completed=event["step"], info=f"loss {event['loss']:.3f}")
+                elif event["kind"] == "worker-died":
+                    if index in running:
+                        bars.remove_task(running.pop(index))
+                    bars.console.print(f"[yellow]worker died[/] {escape(event['label'])}: "
+                                       f"{event['how']}; trying it once more", highlight=False)
 
             def on_done(result: dict[str, Any]) -> None:
                 results[result["hash"]] = result
@@ -524,7 +619,8 @@ def run_sweep(
 
             if jobs:
                 runner = make_backend(backend, workers=workers, address=address)
-                runner.run(jobs, on_event if progress else None, on_done)
+                # local workers always report (a worker's death is printed even without bars)
+                runner.run(jobs, on_event if progress or backend == "local" else None, on_done)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

@@ -11,12 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from formerlab import attention, data, mixers
 
@@ -25,8 +35,29 @@ class ConfigError(ValueError):
     """A configuration problem: which key, which value, what is allowed."""
 
 
+def _numeric_kinds(annotation: Any) -> set[type]:
+    """``{int}`` / ``{float}`` for fields annotated ``int``, ``float | None``, ..."""
+    if annotation in (int, float):
+        return {annotation}
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return {a for a in typing.get_args(annotation) if a in (int, float)}
+    return set()
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode turns `steps: true` into 1; a YAML bool is never a number here
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None:
+            kinds = _numeric_kinds(field.annotation)
+            if kinds and bool not in typing.get_args(field.annotation) and field.annotation is not bool:
+                name = "an integer" if kinds == {int} else "a number"
+                raise ValueError(f"expected {name}, not a boolean")
+        return value
 
 
 class TaskConfig(StrictModel):
@@ -258,6 +289,34 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(format_validation_error(error)) from None
 
 
+def parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` with a one-line ``ConfigError`` naming ``where`` on a syntax error."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error{at}: {problem}; fix the YAML there "
+                          "(quote values that hold ':', '#', '[' or '{')") from None
+
+
+def read_yaml_file(path: str | Path, what: str = "config") -> Any:
+    """Read a YAML file; missing, unreadable, empty or malformed files raise ``ConfigError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file {str(path)!r} does not exist")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read this {what} file ({error})") from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raise ConfigError(f"{path}: the {what} file is empty; write the keys to set "
+                          "(see configs/ for examples), or leave the file out to use the defaults")
+    return raw
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one ``dotted.key=value`` override in place (value parsed as YAML)."""
     if "=" not in assignment:
@@ -271,22 +330,25 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    node[parts[-1]] = parse_yaml(text, f"--set {assignment!r}: the value") if text.strip() else ""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or start from defaults), apply overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml_file(path, "config")
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a config must be a mapping of keys")
+            raise ConfigError(f"{path}: a config must be a mapping of keys (key: value lines); "
+                              f"got a {type(raw).__name__}")
     for assignment in overrides or []:
         apply_override(raw, assignment)
-    return validate_config(raw)
+    try:
+        return validate_config(raw)
+    except ConfigError as error:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {error}") from None
 
 
 def config_hash(cfg: RunConfig) -> str:

@@ -95,13 +95,31 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack([loss.float() for loss in losses]).sum() if losses else None
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the checkpoint at ``step`` is saved in ``run_dir``."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint saved in {run_dir}")
+        self.run_dir, self.step = Path(run_dir), step
+
+
 def new_run_dir(cfg: RunConfig) -> Path:
+    """Create and return ``runs_dir/<name>-<time>-<hash>`` (``-1``, ``-2``, ... on a collision).
+
+    ``mkdir`` without ``exist_ok`` is atomic: of processes racing for one name exactly one
+    creates it, the others move on to the next suffix, so two runs never share a folder.
+    """
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.runs_dir) / f"{cfg.name}-{stamp}-{config_hash(cfg)[:6]}"
-    run_dir, n = base, 1
-    while run_dir.exists():
-        run_dir, n = Path(f"{base}-{n}"), n + 1
-    return run_dir
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(10_000):
+        run_dir = base if n == 0 else Path(f"{base}-{n}")
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            continue
+        return run_dir
+    raise TrainingError(f"could not create a new run folder next to {base} (10000 taken)")
 
 
 def peak_memory_mb(device: str) -> float:
@@ -247,7 +265,7 @@ def train(
     except KeyboardInterrupt:
         status = "KILLED"
         checkpoint()
-        raise
+        raise TrainingInterrupted(run_dir, step) from None
     finally:
         tracker.finish(status) if status != "FINISHED" else None
 

@@ -1,0 +1,82 @@
+"""Tiny runs for the reliability tests (faults: crashes, kills, broken files, races)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_args(runs_dir: Path, steps: int = 10, tracking: str = "none") -> list[str]:
+    """``--set`` overrides of a run that trains in about a second."""
+    return [
+        "model.dim=16", "model.depth=1", "model.heads=2", "task.options.context=16",
+        f"train.steps={steps}", "train.batch_size=2", "train.warmup=1", "train.eval_every=5",
+        "train.eval_batches=1", "train.log_every=1", "sample.tokens=0", f"runs_dir={runs_dir}",
+        f"tracking={tracking}",
+    ]
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from formerlab.cli import app; app()", *args]
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [item for override in overrides for item in ("--set", override)]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="1000")
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env(), cwd=REPO)
+
+
+def _cli_child(args: list[str], out: str, go) -> None:
+    from typer.testing import CliRunner
+
+    from formerlab.cli import app
+
+    if go is not None:
+        go.wait(60)
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "1000"})
+    Path(out).write_text(f"{result.exit_code}\n{result.output}")
+
+
+def fork_cli(args: list[str], out: Path, go=None):
+    """Run ``formerlab ARGS`` in a forked process (the imports are inherited: no start-up
+    cost); its exit code and output land in ``out``. ``go`` (an Event) starts it."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("fork").Process(target=_cli_child, args=(args, str(out), go))
+    proc.start()
+    return proc
+
+
+def forked_result(out: Path) -> tuple[int, str]:
+    code, _, output = Path(out).read_text().partition("\n")
+    return int(code), output
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished 10-step run (checkpoint at step 10), trained once per module."""
+    from formerlab.train import load_config, train
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = load_config(None, tiny_args(root / "runs"))
+    return train(cfg, run_dir=root / "run", progress=False).run_dir
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """A private copy of ``trained_run`` that a test may damage."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
