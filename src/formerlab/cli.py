@@ -30,20 +30,34 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.steps=100."),
     resume: str = typer.Option(None, "--resume", help="Continue the run in RUN_DIR exactly."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    nproc: int = typer.Option(
+        1, "--nproc", min=1,
+        help="Data-parallel processes on this machine (as torchrun --nproc_per_node=N).",
+    ),
 ) -> None:
     """Train a model from a config; prints where the run, checkpoint and MLflow record are."""
     from formerlab.experiments import run_training
-    from formerlab.train import ConfigError, TrainingError, load_config
+    from formerlab.train import ConfigError, TrainingError, distributed, load_config
 
     if config is not None and resume is not None:
         raise fail(ValueError("give CONFIG or --resume RUN_DIR, not both"))
+    if nproc > 1:
+        raise typer.Exit(distributed.launch(_rank_command(config, set_, resume, progress), nproc))
     try:
         cfg = None if resume else load_config(config, set_)
         if resume and set_:
             raise ConfigError("--set cannot change a resumed run; its stored config is used")
         result, record = run_training(cfg, resume=resume, progress=progress, console=console)
     except (ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
-        raise fail(error) from None
+        raise fail(_rank_failure(error, distributed)) from None
+    except Exception as error:
+        if distributed.rank_and_world()[1] == 1:
+            raise
+        raise fail(_rank_failure(error, distributed), code=1) from None
+    finally:
+        distributed.shutdown()
+    if distributed.rank_and_world()[0] != 0:
+        return  # rank 0 reports
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     console.print(f"[bold]validation[/] at step {result.step}: {metrics}")
     if result.sample:
@@ -53,6 +67,24 @@ def train(
     console.print(f"run:        {result.run_dir}")
     console.print(f"checkpoint: {result.run_dir / 'checkpoint'}")
     console.print(f"mlflow:     {record or 'disabled (tracking: none)'}")
+
+
+def _rank_command(config, set_, resume, progress) -> list[str]:
+    """The command each rank of ``train --nproc N`` runs (this one, in one process)."""
+    import sys
+
+    command = [sys.executable, "-m", "formerlab", "train"]
+    command += [config] if config else []
+    command += [arg for item in set_ for arg in ("--set", item)]
+    command += ["--resume", resume] if resume else []
+    return command + ([] if progress else ["--no-progress"])
+
+
+def _rank_failure(error: Exception, distributed) -> Exception | str:
+    """In a multi-process job, name the rank (and leave the error for the launcher)."""
+    if distributed.rank_and_world()[1] == 1:
+        return error
+    return distributed.record_failure(error)
 
 
 @app.command()
