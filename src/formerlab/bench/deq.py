@@ -35,9 +35,12 @@ comparable quantity.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -193,10 +196,27 @@ def solver_comparison(
     return rows
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Drop what native code writes to file descriptor 2 meanwhile: the profiler (Kineto)
+    prints ``profiler_start``/``profiler_stop`` and allocator lines there on every use."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_bytes(step: Callable[[], Any]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with native_stderr_silenced(), profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         step()
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     running = itertools.accumulate(e.self_cpu_memory_usage for e in events)
