@@ -325,14 +325,33 @@ def bench_causal(
     head_dim: int = typer.Option(64, min=1),
     warmup: int = typer.Option(1, min=0),
     repeats: int = typer.Option(3, min=1),
-    threads: int = typer.Option(None, min=1, help="torch threads per case (default: torch's)."),
-    device: str = typer.Option("cpu"),
+    threads: str = typer.Option(None, help="torch threads per case (default: torch's); a list like 1,2 times every method at each count, interleaved."),
+    device: str = typer.Option("cpu", help="cpu or cuda (cuda adds SDPA's flash and memory-efficient backends)."),
     max_exact_n: int = typer.Option(16384, min=1, help="Skip exact softmax above this N (it grows as N²)."),
     markdown: bool = typer.Option(False, help="Print a markdown table instead of a rich one."),
 ) -> None:
     """Causal kernels vs exact causal softmax (SDPA): forward + backward time, peak memory."""
-    from formerlab.bench.causal import memory_growth, run_benchmark, summary_rows
+    from formerlab.bench.causal import memory_growth, run_benchmark, summary_rows, thread_scaling
     from formerlab.bench.measure import markdown_table
+    from formerlab.bench.threads import parse_threads, scaling_table
+
+    methods = _with_sdpa_backends(methods, device)
+    try:
+        counts = None if threads is None else parse_threads(threads)
+    except ValueError as error:
+        raise fail(error) from None
+    if counts is not None and len(counts) > 1:
+        for n in sizes:
+            try:
+                times = thread_scaling(n, counts, tuple(methods), batch, heads, head_dim,
+                                       warmup, repeats, device)
+            except ValueError as error:
+                raise fail(error) from None
+            console.print(f"causal, forward + backward, N={n}, B={batch}, H={heads}, D={head_dim}, "
+                          f"{device}; min of {repeats} interleaved rounds", highlight=False)
+            typer.echo(scaling_table(times, reference=methods[0]))
+        return
+    threads = None if counts is None else counts[0]
 
     def progress(result) -> None:
         status = result.skipped or f"{result.time_s * 1e3:.0f} ms"
@@ -376,9 +395,23 @@ def bench_deq(
     repeats: int = typer.Option(3, min=1),
     torchdeq: bool = typer.Option(True, help="Compare with the torchdeq package if installed."),
     device: str = typer.Option("cpu"),
+    threads: str = typer.Option(None, help="Thread counts like 1,2: time every solver (ours, torchdeq) at each, interleaved, at the first --gain."),
 ) -> None:
     """DEQ solvers (ours vs torchdeq) on DEQ-Transformer fixed points; DEQ vs explicit training memory."""
-    from formerlab.bench.deq import run
+    from formerlab.bench.deq import run, thread_scaling
+    from formerlab.bench.threads import parse_threads, scaling_table
+
+    if threads is not None:
+        try:
+            counts = parse_threads(threads)
+            times = thread_scaling(counts, dim, seq, batch, gains[0], tol, max_iter,
+                                   compare_torchdeq=torchdeq, repeats=repeats, device=device)
+        except ValueError as error:
+            raise fail(error) from None
+        console.print(f"DEQ solves, d={dim}, N={seq}, B={batch}, gain {gains[0]:g}, tol {tol:g}, "
+                      f"{device}; min of {repeats} interleaved rounds", highlight=False)
+        typer.echo(scaling_table(times, label="solver"))
+        return
 
     try:
         run(
@@ -388,6 +421,44 @@ def bench_deq(
         )
     except ValueError as error:
         raise fail(error) from None
+
+
+@bench_app.command("compile")
+def bench_compile(
+    targets: list[str] = typer.Option(["decoder", "nystrom"], "--target", help="decoder (the demo LM's training step) and/or nystrom (the attention module); repeat."),
+    size: int = typer.Option(4096, "--size", min=2, help="N for the nystrom target."),
+    warmup: int = typer.Option(2, min=0),
+    repeats: int = typer.Option(5, min=1, help="Interleaved rounds (time = minimum)."),
+    threads: int = typer.Option(1, min=1, help="torch threads."),
+    device: str = typer.Option("cpu"),
+    backend: str = typer.Option("inductor", help="torch.compile backend."),
+) -> None:
+    """Eager vs torch.compile step time (and compile time) of the demo decoder and the
+    Nyström module."""
+    import torch
+
+    from formerlab.bench import compile as bench
+
+    torch.set_num_threads(threads)
+    rows = []
+    for target in targets:
+        try:
+            row = bench.compare(target, n=size, warmup=warmup, repeats=repeats, device=device,
+                                backend=backend)
+        except ValueError as error:
+            raise fail(error) from None
+        console.print(f"  {target}: eager {row.eager_ms:.1f} ms, compiled {row.compiled_ms:.1f} ms "
+                      f"(compile {row.compile_s:.0f} s)", highlight=False)
+        rows.append(row)
+    typer.echo(bench.markdown_table(rows, threads))
+
+
+def _with_sdpa_backends(methods: list[str], device: str) -> list[str]:
+    """On CUDA, exact attention on SDPA's flash and memory-efficient backends joins the
+    comparison (unless already asked for)."""
+    if not device.startswith("cuda"):
+        return list(methods)
+    return list(methods) + [m for m in ("sdpa-flash", "sdpa-efficient") if m not in methods]
 
 
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -485,8 +556,8 @@ def bench_nystrom(
     conv_kernel: int = typer.Option(33, min=1),
     warmup: int = typer.Option(1, min=0),
     repeats: int = typer.Option(5, min=1, help="Interleaved timing rounds (time = minimum)."),
-    threads: int = typer.Option(1, min=1, help="torch threads."),
-    device: str = typer.Option("cpu"),
+    threads: str = typer.Option("1", help="torch threads; a list like 1,2 times every method at each count, interleaved (time only)."),
+    device: str = typer.Option("cpu", help="cpu or cuda (cuda adds SDPA's flash and memory-efficient backends)."),
     max_exact_n: int = typer.Option(16384, help="Skip exact softmax above this N."),
     memory: bool = typer.Option(True, help="Measure peak memory (one subprocess per case)."),
     markdown: bool = typer.Option(False, help="Print a markdown table instead of a rich one."),
@@ -494,7 +565,26 @@ def bench_nystrom(
     """Nyström vs exact softmax vs the nystrom-attention package: forward + backward of the
     whole module (projections included), time and peak memory, ratios from one run."""
     from formerlab.bench import nystrom as bench
+    from formerlab.bench.threads import parse_threads, scaling_table
 
+    methods = _with_sdpa_backends(methods, device)
+    try:
+        counts = parse_threads(threads)
+    except ValueError as error:
+        raise fail(error) from None
+    if len(counts) > 1:
+        for n in sizes:
+            try:
+                times = bench.thread_scaling(n, counts, tuple(methods), batch, heads, head_dim,
+                                             landmarks, conv_kernel, warmup, repeats, device)
+            except ValueError as error:
+                raise fail(error) from None
+            console.print(f"nystrom module, forward + backward, N={n}, B={batch}, heads={heads}, "
+                          f"d={head_dim}, m={landmarks}, {device}; min of {repeats} interleaved "
+                          "rounds", highlight=False)
+            typer.echo(scaling_table(times, reference="nystrom" if "nystrom" in times else None))
+        return
+    threads = counts[0]
     try:
         results = bench.run_benchmark(
             sizes=tuple(sizes), methods=tuple(methods), batch=batch, heads=heads,
