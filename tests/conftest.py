@@ -19,6 +19,18 @@ def tiny_overrides(tmp_path: Path, steps: int = 20) -> list[str]:
     ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """``cuda``-marked tests skip visibly (reason in the ``-rs`` summary) without a GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine (cuda-marked test)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny(tmp_path):
     return lambda steps=20: tiny_overrides(tmp_path, steps)

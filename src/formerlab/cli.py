@@ -37,29 +37,43 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.steps=100."),
     resume: str = typer.Option(None, "--resume", help="Continue the run in RUN_DIR exactly."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    nproc: int = typer.Option(
+        1, "--nproc", min=1,
+        help="Data-parallel processes on this machine (as torchrun --nproc_per_node=N).",
+    ),
 ) -> None:
     """Train a model from a config; prints where the run, checkpoint and MLflow record are."""
     import shlex
 
     from formerlab.experiments import run_training
-    from formerlab.train import ConfigError, TrainingError, load_config
+    from formerlab.train import ConfigError, TrainingError, distributed, load_config
     from formerlab.train.loop import TrainingInterrupted
 
     if config is not None and resume is not None:
         raise fail(ValueError("give CONFIG or --resume RUN_DIR, not both"))
+    if nproc > 1:
+        raise typer.Exit(distributed.launch(_rank_command(config, set_, resume, progress), nproc))
     try:
         cfg = None if resume else load_config(config, set_)
         if resume and set_:
             raise ConfigError("--set cannot change a resumed run; its stored config is used")
         result, record = run_training(cfg, resume=resume, progress=progress, console=console)
     except (ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
-        raise fail(error) from None
+        raise fail(_rank_failure(error, distributed)) from None
     except TrainingInterrupted as stop:
         console.print(f"[bold]interrupted[/] at step {stop.step}; checkpoint saved in {stop.run_dir}",
                       highlight=False, soft_wrap=True)
         console.print(f"continue with: formerlab train --resume {shlex.quote(str(stop.run_dir))}",
                       highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as error:
+        if distributed.rank_and_world()[1] == 1:
+            raise
+        raise fail(_rank_failure(error, distributed), code=1) from None
+    finally:
+        distributed.shutdown()
+    if distributed.rank_and_world()[0] != 0:
+        return  # rank 0 reports
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     console.print(f"[bold]validation[/] at step {result.step}: {metrics}")
     if result.sample:
@@ -69,6 +83,24 @@ def train(
     console.print(f"run:        {result.run_dir}")
     console.print(f"checkpoint: {result.run_dir / 'checkpoint'}")
     console.print(f"mlflow:     {record or 'disabled (tracking: none)'}")
+
+
+def _rank_command(config, set_, resume, progress) -> list[str]:
+    """The command each rank of ``train --nproc N`` runs (this one, in one process)."""
+    import sys
+
+    command = [sys.executable, "-m", "formerlab", "train"]
+    command += [config] if config else []
+    command += [arg for item in set_ for arg in ("--set", item)]
+    command += ["--resume", resume] if resume else []
+    return command + ([] if progress else ["--no-progress"])
+
+
+def _rank_failure(error: Exception, distributed) -> Exception | str:
+    """In a multi-process job, name the rank (and leave the error for the launcher)."""
+    if distributed.rank_and_world()[1] == 1:
+        return error
+    return distributed.record_failure(error)
 
 
 @app.command()
@@ -362,14 +394,33 @@ def bench_causal(
     head_dim: int = typer.Option(64, min=1),
     warmup: int = typer.Option(1, min=0),
     repeats: int = typer.Option(3, min=1),
-    threads: int = typer.Option(None, min=1, help="torch threads per case (default: torch's)."),
-    device: str = typer.Option("cpu"),
+    threads: str = typer.Option(None, help="torch threads per case (default: torch's); a list like 1,2 times every method at each count, interleaved."),
+    device: str = typer.Option("cpu", help="cpu or cuda (cuda adds SDPA's flash and memory-efficient backends)."),
     max_exact_n: int = typer.Option(16384, min=1, help="Skip exact softmax above this N (it grows as N²)."),
     markdown: bool = typer.Option(False, help="Print a markdown table instead of a rich one."),
 ) -> None:
     """Causal kernels vs exact causal softmax (SDPA): forward + backward time, peak memory."""
-    from formerlab.bench.causal import memory_growth, run_benchmark, summary_rows
+    from formerlab.bench.causal import memory_growth, run_benchmark, summary_rows, thread_scaling
     from formerlab.bench.measure import markdown_table
+    from formerlab.bench.threads import parse_threads, scaling_table
+
+    methods = _with_sdpa_backends(methods, device)
+    try:
+        counts = None if threads is None else parse_threads(threads)
+    except ValueError as error:
+        raise fail(error) from None
+    if counts is not None and len(counts) > 1:
+        for n in sizes:
+            try:
+                times = thread_scaling(n, counts, tuple(methods), batch, heads, head_dim,
+                                       warmup, repeats, device)
+            except ValueError as error:
+                raise fail(error) from None
+            console.print(f"causal, forward + backward, N={n}, B={batch}, H={heads}, D={head_dim}, "
+                          f"{device}; min of {repeats} interleaved rounds", highlight=False)
+            typer.echo(scaling_table(times, reference=methods[0]))
+        return
+    threads = None if counts is None else counts[0]
 
     def progress(result) -> None:
         status = result.skipped or f"{result.time_s * 1e3:.0f} ms"
@@ -413,9 +464,23 @@ def bench_deq(
     repeats: int = typer.Option(3, min=1),
     torchdeq: bool = typer.Option(True, help="Compare with the torchdeq package if installed."),
     device: str = typer.Option("cpu"),
+    threads: str = typer.Option(None, help="Thread counts like 1,2: time every solver (ours, torchdeq) at each, interleaved, at the first --gain."),
 ) -> None:
     """DEQ solvers (ours vs torchdeq) on DEQ-Transformer fixed points; DEQ vs explicit training memory."""
-    from formerlab.bench.deq import run
+    from formerlab.bench.deq import run, thread_scaling
+    from formerlab.bench.threads import parse_threads, scaling_table
+
+    if threads is not None:
+        try:
+            counts = parse_threads(threads)
+            times = thread_scaling(counts, dim, seq, batch, gains[0], tol, max_iter,
+                                   compare_torchdeq=torchdeq, repeats=repeats, device=device)
+        except ValueError as error:
+            raise fail(error) from None
+        console.print(f"DEQ solves, d={dim}, N={seq}, B={batch}, gain {gains[0]:g}, tol {tol:g}, "
+                      f"{device}; min of {repeats} interleaved rounds", highlight=False)
+        typer.echo(scaling_table(times, label="solver"))
+        return
 
     try:
         run(
@@ -490,6 +555,44 @@ def bench_generate(
         typer.echo(markdown_table(rows))
     else:
         _print_table(title, list(rows[0]), [list(r.values()) for r in rows])
+
+
+@bench_app.command("compile")
+def bench_compile(
+    targets: list[str] = typer.Option(["decoder", "nystrom"], "--target", help="decoder (the demo LM's training step) and/or nystrom (the attention module); repeat."),
+    size: int = typer.Option(4096, "--size", min=2, help="N for the nystrom target."),
+    warmup: int = typer.Option(2, min=0),
+    repeats: int = typer.Option(5, min=1, help="Interleaved rounds (time = minimum)."),
+    threads: int = typer.Option(1, min=1, help="torch threads."),
+    device: str = typer.Option("cpu"),
+    backend: str = typer.Option("inductor", help="torch.compile backend."),
+) -> None:
+    """Eager vs torch.compile step time (and compile time) of the demo decoder and the
+    Nyström module."""
+    import torch
+
+    from formerlab.bench import compile as bench
+
+    torch.set_num_threads(threads)
+    rows = []
+    for target in targets:
+        try:
+            row = bench.compare(target, n=size, warmup=warmup, repeats=repeats, device=device,
+                                backend=backend)
+        except ValueError as error:
+            raise fail(error) from None
+        console.print(f"  {target}: eager {row.eager_ms:.1f} ms, compiled {row.compiled_ms:.1f} ms "
+                      f"(compile {row.compile_s:.0f} s)", highlight=False)
+        rows.append(row)
+    typer.echo(bench.markdown_table(rows, threads))
+
+
+def _with_sdpa_backends(methods: list[str], device: str) -> list[str]:
+    """On CUDA, exact attention on SDPA's flash and memory-efficient backends joins the
+    comparison (unless already asked for)."""
+    if not device.startswith("cuda"):
+        return list(methods)
+    return list(methods) + [m for m in ("sdpa-flash", "sdpa-efficient") if m not in methods]
 
 
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -587,8 +690,8 @@ def bench_nystrom(
     conv_kernel: int = typer.Option(33, min=1),
     warmup: int = typer.Option(1, min=0),
     repeats: int = typer.Option(5, min=1, help="Interleaved timing rounds (time = minimum)."),
-    threads: int = typer.Option(1, min=1, help="torch threads."),
-    device: str = typer.Option("cpu"),
+    threads: str = typer.Option("1", help="torch threads; a list like 1,2 times every method at each count, interleaved (time only)."),
+    device: str = typer.Option("cpu", help="cpu or cuda (cuda adds SDPA's flash and memory-efficient backends)."),
     max_exact_n: int = typer.Option(16384, help="Skip exact softmax above this N."),
     memory: bool = typer.Option(True, help="Measure peak memory (one subprocess per case)."),
     markdown: bool = typer.Option(False, help="Print a markdown table instead of a rich one."),
@@ -596,7 +699,26 @@ def bench_nystrom(
     """Nyström vs exact softmax vs the nystrom-attention package: forward + backward of the
     whole module (projections included), time and peak memory, ratios from one run."""
     from formerlab.bench import nystrom as bench
+    from formerlab.bench.threads import parse_threads, scaling_table
 
+    methods = _with_sdpa_backends(methods, device)
+    try:
+        counts = parse_threads(threads)
+    except ValueError as error:
+        raise fail(error) from None
+    if len(counts) > 1:
+        for n in sizes:
+            try:
+                times = bench.thread_scaling(n, counts, tuple(methods), batch, heads, head_dim,
+                                             landmarks, conv_kernel, warmup, repeats, device)
+            except ValueError as error:
+                raise fail(error) from None
+            console.print(f"nystrom module, forward + backward, N={n}, B={batch}, heads={heads}, "
+                          f"d={head_dim}, m={landmarks}, {device}; min of {repeats} interleaved "
+                          "rounds", highlight=False)
+            typer.echo(scaling_table(times, reference="nystrom" if "nystrom" in times else None))
+        return
+    threads = counts[0]
     try:
         results = bench.run_benchmark(
             sizes=tuple(sizes), methods=tuple(methods), batch=batch, heads=heads,

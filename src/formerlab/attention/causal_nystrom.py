@@ -320,7 +320,8 @@ def causal_nystrom_attention(
     # queries that see none (padding): output 0, and no 0/0 gradient
     out = sums[..., :dv] / torch.where(den > 0, den, torch.ones_like(den))
 
-    with torch.no_grad():
+    total = dropped = 0  # the diagnostic needs host syncs: eager only (no graph break)
+    if not torch.compiler.is_compiling():
         candidates = real.reshape(b, 1, npad, 1) & (seg > 0).reshape(1, 1, npad, 1)
         total = int(candidates.sum()) * h
         dropped = int((candidates & ~use_far & has.any(-1)[..., None, None]).sum())

@@ -313,6 +313,12 @@ class NystromAttention(AttentionKernel):
     # ------------------------------------------------------------------ inverses
 
     def _pinv(self, W: Tensor) -> tuple[Tensor, PinvInfo]:
+        if torch.compiler.is_compiling():  # dynamo cannot trace catch_warnings
+            return pinv(
+                W, order=self.pinv_order, init=self.pinv_init, iters=self.pinv_iters,
+                tol=self.pinv_tol, max_iter=self.pinv_max_iter, backward=self.pinv_backward,
+                on_fail=self.pinv_on_fail, return_info=True,
+            )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             Z, info = pinv(

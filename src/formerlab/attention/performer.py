@@ -183,9 +183,13 @@ class PerformerAttention(AttentionKernel):
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self._cache: tuple[tuple, Tensor] | None = None
+        self._register_load_state_dict_pre_hook(lambda *_: setattr(self, "_cache", None))
 
     def projection(self, dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """The (num_features, dim) projection of the current draw (cached)."""
+        cached = self._cache  # in a compiled graph: no host read of `draws` (a graph break);
+        if torch.compiler.is_compiling() and cached and cached[0][1:] == (dim, device, dtype):
+            return cached[1]  # redraw() and load_state_dict() clear the cache
         key = (int(self.draws), dim, device, dtype)
         if self._cache is None or self._cache[0] != key:
             # a distinct stream per (seed, draw): reproducible and independent draws
@@ -197,6 +201,7 @@ class PerformerAttention(AttentionKernel):
     def redraw(self) -> None:
         """Switch to the next random draw of features."""
         self.draws += 1
+        self._cache = None
 
     def attend(self, q, k, v, key_padding_mask, causal, need_weights):
         if self.training and self.redraw_interval:

@@ -20,6 +20,7 @@ skipped above ``max_exact_n`` (its time grows as N² — say so next to the numb
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -41,6 +42,9 @@ from formerlab.bench.measure import (
 from formerlab.errors import check_choice, check_positive_int
 
 METHODS = ("softmax", "causal_nystrom", "linear", "performer")
+#: exact causal softmax pinned to one SDPA backend (the GPU baselines, ``--device cuda``)
+SDPA_METHODS = ("sdpa-flash", "sdpa-efficient")
+ALL_METHODS = METHODS + SDPA_METHODS
 SIZES = (1024, 4096, 16384, 32768)
 
 
@@ -63,25 +67,10 @@ class Case:
 
 def run_case(case: Case) -> Result:
     """Measure one case in this process (the body of the subprocess worker)."""
-    from formerlab import attention
 
     if case.threads is not None:
         torch.set_num_threads(case.threads)
-    torch.manual_seed(case.seed)
-    options = dict(case.options)
-    if case.method == "causal_nystrom":
-        # the O(N^1.5) setting; the kernel's default segment size is fixed (prefix consistency)
-        options.setdefault("segment_size", max(1, math.ceil(math.sqrt(case.n))))
-    kernel = attention.build(case.method, **options).to(case.device)
-    shape = (case.batch, case.heads, case.n, case.head_dim)
-    q, k, v = (torch.randn(shape, device=case.device, requires_grad=True) for _ in range(3))
-    grad_out = torch.randn(shape, device=case.device)
-
-    def step() -> None:
-        out = kernel(q, k, v, causal=True)
-        out.backward(grad_out)
-        q.grad = k.grad = v.grad = None
-
+    step, kernel = causal_step(case)
     for _ in range(case.warmup):
         step()
     base = start_peak_memory(case.device)
@@ -89,6 +78,62 @@ def run_case(case: Case) -> Result:
     peak = peak_memory_bytes(case.device, base)
     info = kernel.last_info if isinstance(kernel.last_info, dict) else {}
     return Result(case.method, case.n, statistics.median(times), peak, info=dict(info))
+
+
+def causal_step(case: Case) -> tuple[Callable[[], None], Any]:
+    """``(step, kernel)``: one causal forward + backward of ``case`` (inputs built once)."""
+    from formerlab import attention
+
+    check_choice("methods", case.method, ALL_METHODS)
+    torch.manual_seed(case.seed)
+    pinned = case.method in SDPA_METHODS
+    options = dict(case.options)
+    if case.method == "causal_nystrom":
+        # the O(N^1.5) setting; the kernel's default segment size is fixed (prefix consistency)
+        options.setdefault("segment_size", max(1, math.ceil(math.sqrt(case.n))))
+    kernel = attention.build("softmax" if pinned else case.method, **options).to(case.device)
+    shape = (case.batch, case.heads, case.n, case.head_dim)
+    q, k, v = (torch.randn(shape, device=case.device, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(shape, device=case.device)
+    backend = _sdpa_backend(case.method) if pinned else None
+
+    def step() -> None:
+        with contextlib.nullcontext() if backend is None else _pinned(backend):
+            out = kernel(q, k, v, causal=True)
+        out.backward(grad_out)
+        q.grad = k.grad = v.grad = None
+
+    return step, kernel
+
+
+def _sdpa_backend(method: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"sdpa-flash": SDPBackend.FLASH_ATTENTION,
+            "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}[method]
+
+
+def _pinned(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(backend)
+
+
+def thread_scaling(
+    n: int, threads: tuple[int, ...], methods: tuple[str, ...] = METHODS, batch: int = 1,
+    heads: int = 4, head_dim: int = 64, warmup: int = 1, repeats: int = 3,
+    device: str = "cpu", options: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, dict[int, float]]:
+    """``{method: {threads: ms}}`` at one N, interleaved over thread counts and methods."""
+    from formerlab.bench.threads import time_over_threads
+
+    options = options or {}
+    steps = {
+        m: causal_step(Case(m, n, batch, heads, head_dim, dict(options.get(m, {})),
+                            device=device))[0]
+        for m in methods
+    }
+    return time_over_threads(steps, threads, warmup, repeats, device)
 
 
 def run_in_subprocess(case: Case, timeout_s: float = 1800.0) -> Result:
@@ -125,14 +170,15 @@ def run_benchmark(
     for n in sizes:
         check_positive_int("sizes", n)
     for method in methods:
-        check_choice("methods", method, METHODS)
+        check_choice("methods", method, ALL_METHODS)
     if max_exact_n is not None:
         check_positive_int("max_exact_n", max_exact_n)
     options = options or {}
     results = []
     for n in sizes:
         for method in methods:
-            if method == "softmax" and max_exact_n is not None and n > max_exact_n:
+            exact = method == "softmax" or method in SDPA_METHODS
+            if exact and max_exact_n is not None and n > max_exact_n:
                 result = Result(method, n, skipped=f"skipped: N > max_exact_n={max_exact_n}")
             else:
                 case = Case(
@@ -154,7 +200,7 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "–" if a is None or b is None or a <= 0 else f"{b / a:.1f}×"
 
 
-def summary_rows(results: list[Result], methods: tuple[str, ...] = METHODS) -> list[dict[str, str]]:
+def summary_rows(results: list[Result], methods: tuple[str, ...] = ALL_METHODS) -> list[dict[str, str]]:
     """One row per size: time and peak memory per method, and speed-ups over exact softmax."""
     by = {(r.method, r.n): r for r in results}
     present = [m for m in methods if any(r.method == m for r in results)]

@@ -35,9 +35,12 @@ comparable quantity.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -194,10 +197,48 @@ def solver_comparison(
     return rows
 
 
+def thread_scaling(
+    threads: tuple[int, ...], dim: int = 256, seq: int = 128, batch: int = 8,
+    gain: float = 1.0, tol: float = 1e-3, max_iter: int = 100,
+    methods: tuple[str, ...] = OUR_SOLVERS, compare_torchdeq: bool = True, warmup: int = 1,
+    repeats: int = 3, device: str = "cpu",
+) -> dict[str, dict[int, float]]:
+    """``{"library solver": {threads: ms}}``: each solve of one problem at each thread
+    count, ours and torchdeq's interleaved (``bench.threads``)."""
+    from formerlab.bench.threads import time_over_threads
+
+    f, z0 = deq_problem(dim, seq, batch, gain, device=device)
+    libraries = [("formerlab", _our_solve)]
+    if compare_torchdeq and torchdeq_available():
+        libraries.append(("torchdeq", _torchdeq_solve))
+    steps = {
+        f"{library} {name}": (lambda s=solve, n=name: s(n, f, z0, tol, max_iter))
+        for name in methods for library, solve in libraries
+    }
+    return time_over_threads(steps, threads, warmup, repeats, device)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Drop what native code writes to file descriptor 2 meanwhile: the profiler (Kineto)
+    prints ``profiler_start``/``profiler_stop`` and allocator lines there on every use."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_bytes(step: Callable[[], Any]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with native_stderr_silenced(), profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         step()
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     running = itertools.accumulate(e.self_cpu_memory_usage for e in events)

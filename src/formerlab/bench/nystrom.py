@@ -39,6 +39,10 @@ from formerlab.bench.measure import check_repeats, peak_memory_bytes, start_peak
 from formerlab.errors import check_choice, check_positive_int
 
 METHODS = ("nystrom", "softmax", "nystrom-attention")
+#: exact attention pinned to one of SDPA's fused backends (``torch.nn.attention.sdpa_kernel``);
+#: flash and memory-efficient are the GPU baselines (``--device cuda`` adds them)
+SDPA_METHODS = ("sdpa-flash", "sdpa-efficient")
+ALL_METHODS = METHODS + SDPA_METHODS
 DEFAULT_SIZES = (1024, 4096, 8192, 16384, 32768)
 
 
@@ -62,9 +66,31 @@ def peer_available() -> bool:
     return True
 
 
+class PinnedSDPA(torch.nn.Module):
+    """``module`` run under ``sdpa_kernel(backend)``: exact attention on that backend only."""
+
+    def __init__(self, module: torch.nn.Module, backend: str) -> None:
+        super().__init__()
+        from torch.nn.attention import SDPBackend
+
+        self.module = module
+        self.backend = {"flash": SDPBackend.FLASH_ATTENTION,
+                        "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+
+    def forward(self, x):
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(self.backend):
+            return self.module(x)
+
+
 def build_module(method: str, dim: int, heads: int, landmarks: int, conv_kernel: int):
     """The module a case times (see the module docs)."""
-    check_choice("method", method, METHODS)
+    check_choice("method", method, ALL_METHODS)
+    if method in SDPA_METHODS:
+        from formerlab.mixers.self_attention import SelfAttention
+
+        return PinnedSDPA(SelfAttention(dim, heads, kernel="softmax"), method.split("-")[1])
     if method == "nystrom-attention":
         from nystrom_attention import NystromAttention as PeerNystrom
 
@@ -171,7 +197,7 @@ def run_benchmark(
     for s in sizes:
         check_positive_int("sizes", s, minimum=2)
     for m in methods:
-        check_choice("method", m, METHODS)
+        check_choice("method", m, ALL_METHODS)
     for arg, val in (("batch", batch), ("heads", heads), ("head_dim", head_dim),
                      ("landmarks", landmarks), ("repeats", repeats), ("threads", threads)):
         check_positive_int(arg, val)
@@ -186,8 +212,9 @@ def run_benchmark(
         notes = {}
         if "nystrom-attention" in methods and not has_peer:
             notes["nystrom-attention"] = "not installed"
-        if "softmax" in methods and n > max_exact_n:
-            notes["softmax"] = f"skipped (N > {max_exact_n})"
+        for exact in ("softmax", *SDPA_METHODS):
+            if exact in methods and n > max_exact_n:
+                notes[exact] = f"skipped (N > {max_exact_n})"
         run = tuple(m for m in methods if m not in notes)
         if progress is not None:
             progress(f"N={n}: timing {', '.join(run)} interleaved")
@@ -234,7 +261,7 @@ def linearity(results: list[Result], method: str = "nystrom") -> list[tuple[int,
 
 def markdown_table(results: list[Result]) -> str:
     """The table as markdown (for the README)."""
-    methods = [m for m in METHODS if any(r.method == m for r in results)]
+    methods = [m for m in ALL_METHODS if any(r.method == m for r in results)]
     head = ["N"] + [f"{m} ms (MiB)" for m in methods] + [
         f"{m} / nystrom" for m in methods if m != "nystrom"
     ]
@@ -255,7 +282,28 @@ def markdown_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def thread_scaling(
+    n: int, threads: tuple[int, ...], methods: tuple[str, ...] = METHODS, batch: int = 1,
+    heads: int = 4, head_dim: int = 64, landmarks: int = 64, conv_kernel: int = 33,
+    warmup: int = 1, repeats: int = 5, device: str = "cpu", seed: int = 0,
+) -> dict[str, dict[int, float]]:
+    """``{method: {threads: ms}}`` at one N: every method at every thread count,
+    interleaved (``bench.threads``); the peer is left out when not installed."""
+    from formerlab.bench.threads import time_over_threads
+
+    check_positive_int("n", n, minimum=2)
+    for m in methods:
+        check_choice("method", m, ALL_METHODS)
+    run = tuple(m for m in methods if m != "nystrom-attention" or peer_available())
+    torch.manual_seed(seed)
+    dim = heads * head_dim
+    x = torch.randn(batch, n, dim, device=device, requires_grad=True)
+    steps = {m: _step_fn(build_module(m, dim, heads, landmarks, conv_kernel).to(device), x)
+             for m in run}
+    return time_over_threads(steps, threads, warmup, repeats, device)
+
+
 __all__ = [
-    "DEFAULT_SIZES", "METHODS", "Result", "build_module", "linearity", "markdown_table",
+    "ALL_METHODS", "DEFAULT_SIZES", "METHODS", "PinnedSDPA", "SDPA_METHODS", "thread_scaling", "Result", "build_module", "linearity", "markdown_table",
     "measure_memory", "peer_available", "run_benchmark", "summary_rows", "time_interleaved",
 ]

@@ -151,7 +151,9 @@ def segment_means(
         layout = segment_layout(x.shape[-2], num_segments, key_padding_mask, x.shape[0], x.device)
     _check_x(x, layout)
     b, n, m = x.shape[0], x.shape[-2], layout.num_segments
-    if n >= m and n % m == 0 and bool((layout.lengths == n).all()):
+    # (under torch.compile the general path: this data-dependent test would break the graph)
+    equal = not torch.compiler.is_compiling() and n >= m and n % m == 0
+    if equal and bool((layout.lengths == n).all()):
         # equal contiguous segments: a reshape is the cheapest exact reduction
         work = compute_dtype(x.dtype)
         means = x.to(work).unflatten(-2, (m, n // m)).mean(dim=-2).to(x.dtype)

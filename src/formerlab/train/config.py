@@ -193,6 +193,7 @@ class TrainConfig(StrictModel):
     bf16: bool = False
     device: str = "cpu"
     threads: int | None = Field(None, ge=1)
+    compile: bool = Field(False, description="torch.compile the model (inductor)")
     time_budget_s: float | None = Field(None, gt=0)
 
     @field_validator("device")

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from formerlab.data import Task
+from formerlab.train import distributed
 from formerlab.train.build import build_model, build_task
 from formerlab.train.checkpoint import (
     TrainerState,
@@ -31,8 +32,9 @@ from formerlab.train.checkpoint import (
     read_config,
     save_checkpoint,
 )
+from formerlab.train.compile import compile_model
 from formerlab.train.config import RunConfig, config_hash
-from formerlab.train.evaluate import autocast, evaluate, task_loss
+from formerlab.train.evaluate import autocast, task_loss
 from formerlab.train.tracker import Tracker
 
 
@@ -170,15 +172,20 @@ def train(
         run_dir = Path(resume)
     elif cfg is None:
         raise ValueError("train() needs a config (cfg=...) or a run to resume (resume=RUN_DIR)")
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    # one process, or this rank of a torchrun job (train/distributed.py): rank 0 writes
+    ddp = distributed.setup(cfg.train.device)
+    run_dir = ddp.from_main(lambda: Path(run_dir) if run_dir is not None else new_run_dir(cfg))
+    if not ddp.is_main:
+        tracker, progress = Tracker(), False
     t = cfg.train
+    ddp.check(t.batch_size)
     if t.threads:
         torch.set_num_threads(t.threads)
 
     # --- task, model, optimizer (seeded), or their state from the checkpoint -------------
     torch.manual_seed(cfg.seed)
     task = build_task(cfg)
-    model = build_model(cfg, task).to(t.device)
+    model = ddp.prepare(build_model(cfg, task).to(t.device))
     optimizer = make_optimizer(model, cfg)
     data_rng = torch.Generator().manual_seed(cfg.seed + 1)
     step, history, evals = 0, [], []
@@ -189,17 +196,20 @@ def train(
         history = [h for h in history if "eval" not in h]
         torch.set_rng_state(state.torch_rng)
         data_rng.set_state(state.data_rng)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(_yaml(cfg))
+    if ddp.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(_yaml(cfg))
+    net = compile_model(ddp.wrap(model), t.device) if t.compile else ddp.wrap(model)
     parameters = sum(p.numel() for p in model.parameters())
     params = {**_flatten(cfg.model_dump(mode="json")), "parameters": parameters}
     tracker.start(cfg.name, run_dir, params)
 
     def checkpoint() -> None:
-        save_checkpoint(
-            run_dir, cfg, model, optimizer,
-            TrainerState(step, history + evals, torch.get_rng_state(), data_rng.get_state()),
-        )
+        if ddp.is_main:
+            save_checkpoint(
+                run_dir, cfg, model, optimizer,
+                TrainerState(step, history + evals, torch.get_rng_state(), data_rng.get_state()),
+            )
 
     # --- the loop ------------------------------------------------------------------------
     model.train()
@@ -218,15 +228,18 @@ def train(
                 lr = learning_rate(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = task.batch("train", t.batch_size, data_rng).to(t.device)
+                batch = task.batch("train", t.batch_size, data_rng)
+                part, weight = ddp.shard(batch, task)  # this rank's rows (all of them alone)
+                part = part.to(t.device)
                 with autocast(t.device, t.bf16):
-                    logits = model(batch.inputs, key_padding_mask=batch.key_padding_mask)
-                loss = task_loss(logits, batch, task)
+                    logits = net(part.inputs, key_padding_mask=part.key_padding_mask)
+                loss = task_loss(logits, part, task) * weight
                 extra = auxiliary_loss(model)
                 total = loss if extra is None else loss + extra
-                if not torch.isfinite(total):
+                checked = ddp.mean(total)  # the global loss: every rank stops together
+                if not torch.isfinite(checked):
                     raise TrainingError(
-                        f"loss became {total.item()} at step {step}; stopping. The last good "
+                        f"loss became {checked.item()} at step {step}; stopping. The last good "
                         f"checkpoint is {_last_checkpoint(run_dir)}"
                     )
                 optimizer.zero_grad(set_to_none=True)
@@ -236,7 +249,7 @@ def train(
                 optimizer.step()
                 step += 1
                 tokens += batch.inputs.numel()
-                history.append({"step": step, "loss": loss.item(), "lr": lr})
+                history.append({"step": step, "loss": ddp.mean(loss).item(), "lr": lr})
 
                 elapsed = time.perf_counter() - started
                 if step % t.log_every == 0 or step == t.steps:
@@ -246,12 +259,13 @@ def train(
                     metrics.update({f"diag/{k}": v for k, v in model_diagnostics(model).items()})
                     if extra is not None:
                         metrics["train/aux_loss"] = extra.item()
+                    metrics = ddp.mean_metrics(metrics)
                     tracker.log_metrics(metrics, step)
                     bar.update(job, completed=step, info=(
                         f"loss {metrics['train/loss']:.3f}  lr {lr:.2e}  "
                         f"{metrics['train/tokens_per_s']:,.0f} tok/s"))
                 if step % t.eval_every == 0 or step == t.steps:
-                    scores = evaluate(model, task, "val", t.batch_size, t.eval_batches, t.device, t.bf16)
+                    scores = ddp.evaluate(model, task, "val", t.batch_size, t.eval_batches, t.device, t.bf16)
                     evals.append({"step": step, "eval": scores})
                     tracker.log_metrics({f"val/{k}": v for k, v in scores.items()}, step)
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or step % t.eval_every == 0:
@@ -272,7 +286,7 @@ def train(
     # --- wrap up: final metrics, a sample, artifacts ---------------------------------------
     elapsed = max(time.perf_counter() - started, 1e-9)
     metrics = evals[-1]["eval"] if evals else {}
-    sample = generate_sample(model, task, cfg) if step >= t.steps else None
+    sample = generate_sample(model, task, cfg) if step >= t.steps and ddp.is_main else None
     if sample is not None:
         (run_dir / "sample.txt").write_text(sample)
         tracker.log_artifact(run_dir / "sample.txt")
