@@ -86,10 +86,6 @@ class LayerAttention(nn.Module):
             self.recorder(q, k, v, key_padding_mask, self.causal)
         return self.kernel(q, k, v, key_padding_mask=key_padding_mask, causal=self.causal)
 
-    def diagnostics(self) -> dict[str, float]:
-        diag = getattr(self.kernel, "diagnostics", None)
-        return diag() if callable(diag) else {}
-
     def extra_repr(self) -> str:
         return f"kernel={self.kernel_name!r}, causal={self.causal}"
 

@@ -45,6 +45,27 @@ class TaskConfig(StrictModel):
         return self
 
 
+class HFConfig(StrictModel):
+    """A local Hugging Face checkpoint to fine-tune with a formerlab kernel in its attention
+    (``formerlab.integrations.hf``; needs ``pip install formerlab[hf]``)."""
+
+    path: str
+    kernel: str
+    kernel_options: dict[str, Any] = Field(default_factory=dict)
+    layers: list[int] | None = None
+
+    @field_validator("kernel")
+    @classmethod
+    def _known_kernel(cls, value: str) -> str:
+        attention.KERNELS.entry(value)
+        return value
+
+    @model_validator(mode="after")
+    def _known_options(self) -> HFConfig:
+        attention.KERNELS.check_options(self.kernel, self.kernel_options)
+        return self
+
+
 class ModelConfig(StrictModel):
     """Model shape and the token mixer / attention kernel plugged into every block.
 
@@ -64,6 +85,7 @@ class ModelConfig(StrictModel):
     dropout: float = Field(0.0, ge=0, lt=1)
     max_len: int | None = Field(None, ge=1)
     deq: dict[str, Any] | None = None
+    hf: HFConfig | None = None  # set: the HF model replaces the formerlab model above
 
     @field_validator("mixer")
     @classmethod
