@@ -111,6 +111,19 @@ class HFSequenceModel(nn.Module):
             return self.head(hidden)
         return self.head(masked_mean(hidden, key_padding_mask))
 
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Save the (fine-tuned) HF model with its original attention, as a plain HF
+        checkpoint (``from_pretrained``-loadable); the adapter stays swapped."""
+        from formerlab.integrations.hf import restore_attention
+
+        record = self.hf._formerlab_swap
+        restore_attention(self.hf)
+        try:
+            self.hf.save_pretrained(str(folder))
+        finally:
+            swap_attention(self.hf, record.kernel, layers=record.layers, **record.options)
+        return Path(folder)
+
     @torch.no_grad()
     def generate(
         self, ids: Tensor, tokens: int, temperature: float = 1.0, top_k: int | None = None,
