@@ -59,6 +59,19 @@ def test_decoder_fine_tune_lowers_the_loss_and_resumes_exactly(saved, tmp_path):
     assert a.hf.config._attn_implementation == "formerlab"
     out = a.generate(torch.tensor([[1, 2, 3]]), 4, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 7) and torch.equal(out[:, :3], torch.tensor([[1, 2, 3]]))
+    # the fine-tuned weights export as a plain HF model: with exact attention it matches
+    # the adapter run with exact (segment 1) causal Nyström
+    import transformers
+
+    from formerlab.integrations.hf import swap_attention
+
+    exported = transformers.AutoModelForCausalLM.from_pretrained(a.save_pretrained(tmp_path / "export")).eval()
+    x = torch.randint(0, 11, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = exported(input_ids=x, use_cache=False).logits
+        swap_attention(a.hf, "causal_nystrom", segment_size=1)
+        assert torch.allclose(a(x), plain, atol=1e-5)
+        assert not torch.allclose(plain, tiny_model("gpt2", head="lm", vocab=16)(input_ids=x).logits, atol=1e-2)
 
 
 def test_encoder_classification_fine_tune_lowers_the_loss(saved, tmp_path):
