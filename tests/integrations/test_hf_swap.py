@@ -177,6 +177,8 @@ def test_bad_arguments_fail_before_any_change():
     with pytest.raises(ValueError, match="unknown|not a"):
         swap_attention(model, "no-such-kernel")
     assert not swapped_layers(model) and model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="cross-attention"):
+        swap_attention(tiny_model("gpt2", add_cross_attention=True), "linear")
     with pytest.raises(ValueError, match="no swapped attention"):
         restore_attention(model)
 

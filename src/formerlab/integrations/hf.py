@@ -373,6 +373,13 @@ def swap_attention(
     if is_swapped(model):
         restore_attention(model)
     found = attention_modules(model)
+    crossed = [type(m).__name__ for m in model.modules()
+               if getattr(m, "is_cross_attention", False) or "CrossAttention" in type(m).__name__]
+    if crossed:
+        raise ValueError(
+            f"{type(model).__name__} has cross-attention ({crossed[0]}); swap_attention supports "
+            "self-attention-only encoders and decoders"
+        )
     causal = any(bool(getattr(m, "is_causal", False)) for _, _, m in found)
     if kernel is None:
         kernel = "nystrom"
