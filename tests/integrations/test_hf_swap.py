@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("transformers")
 
@@ -190,3 +192,50 @@ def test_kv_cache_decoding_is_refused_clearly():
     out = model(input_ids=ids[:, :5], use_cache=True)
     with pytest.raises(ValueError, match="use_cache=False"):
         model(input_ids=ids[:, 5:6], cache=out.cache, use_cache=True)
+
+
+MODELS = {}
+
+
+def cached(family):
+    if family not in MODELS:
+        MODELS[family] = tiny_model(family)
+    return MODELS[family]
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    family=st.sampled_from(["bert", "llama"]),
+    n=st.integers(2, 20),
+    lengths=st.lists(st.integers(1, 20), min_size=1, max_size=3),
+    left=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_exactness_holds_for_any_lengths_and_padding_side(family, n, lengths, left, seed):
+    model = cached(family)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (len(lengths), n), generator=gen)
+    mask = (torch.arange(n)[None, :] < torch.tensor([min(L, n) for L in lengths])[:, None]).long()
+    if left:
+        mask = mask.flip(-1)
+    try:
+        with torch.no_grad():
+            ref = hidden(model, ids, mask)
+            kernel, options = EXACT[kind(family)]
+            swap_attention(model, kernel, **options)
+            out = hidden(model, ids, mask)
+    finally:
+        if swapped_layers(model):
+            restore_attention(model)
+    sel = mask.bool()
+    assert rel(out[sel], ref[sel]) <= 1e-4
+
+
+def test_without_transformers_the_import_error_says_how_to_install(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "formerlab.integrations.hf")
+    with pytest.raises(ImportError, match=r"pip install formerlab\[hf\]"):
+        importlib.import_module("formerlab.integrations.hf")
