@@ -90,17 +90,6 @@ class LayerAttention(nn.Module):
         return f"kernel={self.kernel_name!r}, causal={self.causal}"
 
 
-_EXACT = None
-
-
-def _exact_kernel():
-    """Exact softmax for the layers of a swapped model that were left out (stateless)."""
-    global _EXACT
-    if _EXACT is None:
-        _EXACT = attention.build("softmax")
-    return _EXACT
-
-
 # --------------------------------------------------------------------------- masks
 
 
@@ -223,7 +212,8 @@ def formerlab_attention(
     q = _scaled_query(query, scaling)
     layer = getattr(module, "formerlab_attention", None)
     if layer is None:
-        out = _exact_kernel()(q, key, value, key_padding_mask=kpm, causal=causal)
+        # a layer left out of ``layers``: exact softmax (a fresh, stateless kernel)
+        out = attention.build("softmax")(q, key, value, key_padding_mask=kpm, causal=causal)
     else:
         out = layer(q, key, value, kpm)
     return out.transpose(1, 2).contiguous(), None
