@@ -362,18 +362,25 @@ app.add_typer(viz_app, name="viz")
 
 @viz_app.command("attention")
 def viz_attention(
-    run_dir: str = typer.Argument(..., help="A trained run (or a sweep's trial folder)."),
+    run_dir: str = typer.Argument(None, help="A trained run (or a sweep's trial folder); or use --hf."),
     text: str = typer.Option(..., "--text", help="Input text (tokens separated by spaces for tasks without a text encoder)."),
     layer: int = typer.Option(0, "--layer", min=0, help="Which block's attention."),
     head: int = typer.Option(0, "--head", min=0, help="Which head."),
     kernels: list[str] = typer.Option([], "--kernel", help="Another kernel to draw, e.g. performer or nystrom:num_landmarks=4 (repeat)."),
     landmarks: int = typer.Option(None, "--landmarks", min=1, help="Nyström landmarks (default: the run's, else N/4)."),
     out: str = typer.Option(None, "--out", help="PNG path (default RUN_DIR/attention-layerL-headH.png)."),
+    hf: str = typer.Option(None, "--hf", help="MODEL_DIR: a local Hugging Face model (and tokenizer) instead of a run."),
+    every: bool = typer.Option(False, "--every", help="With --hf: one PNG per layer and head (in --out as a folder)."),
 ) -> None:
     """Exact softmax vs Nyström (6 iterations, to tolerance, exact pinv) vs other kernels on
     the same q/k of a trained model, side by side, relative error in each title."""
     from formerlab.experiments.viz import attention_figure
 
+    if hf is not None:
+        _viz_attention_hf(hf, text, layer, head, kernels, landmarks, out, every)
+        return
+    if run_dir is None:
+        raise fail(ValueError("give RUN_DIR or --hf MODEL_DIR"))
     try:
         path, panels = attention_figure(run_dir, text, layer, head, kernels, landmarks, out)
     except (FileNotFoundError, ValueError) as error:
@@ -381,6 +388,38 @@ def viz_attention(
     for panel in panels[1:]:
         console.print(f"  {panel.title:<48} relative error {panel.error:.3e}", highlight=False)
     console.print(f"attention maps: {path}", soft_wrap=True)
+
+
+def _viz_attention_hf(model_dir, text, layer, head, kernels, landmarks, out, every) -> None:
+    """``viz attention --hf``: maps of a Hugging Face model, one PNG per layer/head asked."""
+    from pathlib import Path
+
+    from formerlab.experiments.viz import AttentionMap, draw_attention, parse_kernel_spec
+
+    try:
+        from formerlab.integrations import hf_study
+
+        specs = [parse_kernel_spec(spec) for spec in kernels]
+        first = hf_study.attention_maps(model_dir, text, layer, head, specs, landmarks)
+        pairs = [(layer, head)]
+        if every:
+            model, _, _ = hf_study.load_study_model(model_dir)
+            count = len(hf_study.attention_modules(model))
+            heads = model.config.num_attention_heads
+            pairs = [(i, h) for i in range(count) for h in range(heads)]
+        folder = Path(out) if (out and every) else Path(model_dir)
+        for i, h in pairs:
+            tokens, maps, facts = first if (i, h) == (layer, head) else hf_study.attention_maps(
+                model_dir, text, i, h, specs, landmarks)
+            panels = [AttentionMap(m.title, m.weights, m.error) for m in maps]
+            name = f"attention-layer{i}-head{h}.png"
+            path = Path(out) if (out and not every) else folder / name
+            path = draw_attention(tokens, panels, facts, path)
+            for panel in panels[1:]:
+                console.print(f"  layer {i} head {h}: {panel.title:<40} relative error {panel.error:.3e}", highlight=False)
+            console.print(f"attention maps: {path}", soft_wrap=True)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        raise fail(error) from None
 
 
 @bench_app.command("causal")
@@ -651,11 +690,20 @@ def approx(
     weights: bool = typer.Option(True, help="Also compare the N×N matrices (memory N²)."),
     seed: int = typer.Option(0, "--seed"),
     markdown: bool = typer.Option(False, help="Print markdown instead of a rich table."),
+    hf: str = typer.Option(None, "--hf", help="MODEL_DIR: q, k, v of a local Hugging Face model (with its tokenizer)."),
+    text: str = typer.Option(None, "--text", help="With --hf: FILE of text to run the model on."),
+    layers: list[int] = typer.Option([], "--layers", help="With --hf: layers to study (repeat; default all)."),
+    max_tokens: int = typer.Option(512, "--max-tokens", min=4, help="With --hf: cut the text to this many tokens."),
+    loss: bool = typer.Option(True, help="With --hf: also the model's own loss change per kernel setting."),
+    plot: str = typer.Option(None, "--plot", help="With --hf: PNG of loss increase vs cost (default runs/hf-approx/MODEL-loss.png)."),
 ) -> None:
     """Approximation error of every registered approximate kernel against exact softmax,
     and Nyström's error by pseudoinverse iteration (semi-convergence)."""
     from formerlab.bench import approx as study
 
+    if hf is not None:
+        _approx_hf(hf, text, layers, landmarks, max_tokens, curve_iters, weights, loss, plot, markdown, seed)
+        return
     try:
         report = study.run_approx(
             n=n, landmarks=landmarks, head_dim=head_dim, heads=heads, batch=batch,
@@ -675,6 +723,50 @@ def approx(
     )
     for line in study.curve_lines(report):
         console.print(line, highlight=False)
+
+
+def _approx_hf(model_dir, text, layers, landmarks, max_tokens, curve_iters, weights, loss, plot,
+               markdown, seed) -> None:
+    """``approx --hf``: kernel errors by layer, pinv curves, and the loss change per setting."""
+    from pathlib import Path
+
+    from formerlab.bench import approx as study
+
+    if text is None:
+        raise fail(ValueError("--hf needs --text FILE (the text to run the model on)"))
+    try:
+        from formerlab.integrations import hf_study
+
+        content = hf_study.read_text(text)
+        report = hf_study.approx_report(
+            model_dir, content, list(layers) or None, landmarks, max_tokens, curve_iters,
+            weights, seed,
+        )
+        s = report.settings
+        title = (f"{Path(model_dir).name} ({s['kind']}): error vs exact {'causal ' if s['causal'] else ''}"
+                 f"attention by layer, N={s['n']}, m={landmarks}, heads={s['heads']}, d={s['head_dim']}")
+        if markdown:
+            typer.echo(study.markdown(report))
+        else:
+            _print_table(title, *study.table(report))
+            for line in study.curve_lines(report):
+                console.print(line, highlight=False)
+        if not loss:
+            return
+        base, rows, facts = hf_study.loss_study(
+            model_dir, content, layers=list(layers) or None, max_tokens=max_tokens, seed=seed)
+        cols, table_rows = hf_study.loss_table(base, rows)
+        caption = (f"{facts['loss']} loss on the text after swapping (N={facts['n']}; time: "
+                   f"median of 3 forwards, {facts['threads']} threads, noisy on a shared machine)")
+        if markdown:
+            lines = [caption, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            typer.echo("\n".join(lines + ["| " + " | ".join(r) + " |" for r in table_rows]))
+        else:
+            _print_table(caption, cols, table_rows)
+        path = Path(plot) if plot else Path("runs") / "hf-approx" / f"{Path(model_dir).name}-loss.png"
+        console.print(f"plot: {hf_study.loss_plot(base, rows, facts, path)}", soft_wrap=True)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        raise fail(error) from None
 
 
 @bench_app.command("nystrom")

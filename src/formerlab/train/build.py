@@ -33,10 +33,23 @@ def check_causal_support(model_cfg: ModelConfig, task: Task) -> None:
         )
 
 
+def build_hf_model(m: ModelConfig, task: Task) -> nn.Module:
+    """``model.hf``: the local HF checkpoint with its attention swapped, as a formerlab model."""
+    from formerlab.integrations.hf_model import HFSequenceModel
+
+    hf = m.hf
+    return HFSequenceModel(
+        hf.path, task.kind, task.vocab_size, hf.kernel, hf.kernel_options,
+        num_classes=task.num_classes, layers=hf.layers, max_len=task.max_len,
+    )
+
+
 def build_model(cfg: RunConfig, task: Task) -> nn.Module:
     """``DecoderLM`` for decoder tasks, ``EncoderClassifier`` for encoder tasks,
     ``TokenTagger`` for tagger tasks (one bidirectional prediction per position)."""
     m = cfg.model
+    if m.hf is not None:
+        return build_hf_model(m, task)
     check_causal_support(m, task)
     max_len = m.max_len or task.max_len
     if max_len < task.max_len:

@@ -78,6 +78,27 @@ class TaskConfig(StrictModel):
         return self
 
 
+class HFConfig(StrictModel):
+    """A local Hugging Face checkpoint to fine-tune with a formerlab kernel in its attention
+    (``formerlab.integrations.hf``; needs ``pip install formerlab[hf]``)."""
+
+    path: str
+    kernel: str
+    kernel_options: dict[str, Any] = Field(default_factory=dict)
+    layers: list[int] | None = None
+
+    @field_validator("kernel")
+    @classmethod
+    def _known_kernel(cls, value: str) -> str:
+        attention.KERNELS.entry(value)
+        return value
+
+    @model_validator(mode="after")
+    def _known_options(self) -> HFConfig:
+        attention.KERNELS.check_options(self.kernel, self.kernel_options)
+        return self
+
+
 class ModelConfig(StrictModel):
     """Model shape and the token mixer / attention kernel plugged into every block.
 
@@ -99,6 +120,7 @@ class ModelConfig(StrictModel):
     deq: dict[str, Any] | None = None
     # learned | rope | none (formerlab.models.embedding); rope/none decode past max_len
     positions: Literal["learned", "rope", "none"] = "learned"
+    hf: HFConfig | None = None  # set: the HF model replaces the formerlab model above
 
     @field_validator("mixer")
     @classmethod

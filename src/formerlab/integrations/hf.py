@@ -1,0 +1,441 @@
+"""formerlab attention kernels inside Hugging Face transformers models.
+
+``swap_attention(model, kernel="nystrom", layers=None, **kernel_options)`` replaces the
+self-attention *computation* of BERT, RoBERTa, GPT-2 and Llama-family (Llama, Mistral,
+Qwen2) models by a formerlab kernel; the model's own projections, rotary positions and
+grouped-query heads stay. ``restore_attention(model)`` undoes it.
+
+How it plugs in (transformers >= 5, checked against 5.24's source):
+
+* These models look their attention function up per call in ``ALL_ATTENTION_FUNCTIONS``
+  under ``config._attn_implementation``. One stateless function, :func:`formerlab_attention`,
+  is registered under ``"formerlab"``; it reads the kernel from the attention module it is
+  called with (``module.formerlab_attention``), so all per-model state lives on the model.
+* Masks are built by ``create_causal_mask`` / ``create_bidirectional_mask``, which return
+  *no mask at all* for an implementation missing from the mask interface. So
+  :func:`formerlab_mask` is registered in ``AttentionMaskInterface`` too: it hands the 2-d
+  padding mask (True = real token) through, which becomes the kernel's ``key_padding_mask``.
+  Masks that are not plain causal / bidirectional + padding (sliding windows shorter than
+  the sequence, packed sequences) raise ``ValueError`` instead of being ignored.
+* The swapped model gets its own copy of its config (a config object shared with another
+  model is left alone), with ``_attn_implementation = "formerlab"``.
+* HF's ``NystromformerModel`` computes attention inside its module: its self-attention
+  modules are replaced (:class:`NystromformerSwap`), reusing q/k/v projections and conv skip.
+
+Encoders (bidirectional attention) take any kernel; decoders (causal attention modules)
+take causal kernels only. Attention-probability dropout is not applied by formerlab
+kernels, and incremental decoding with a KV cache (query length != key length) is not
+supported: call decoders on whole sequences (``use_cache=False``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+try:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "formerlab.integrations.hf needs the transformers package: pip install formerlab[hf]"
+    ) from error
+
+from formerlab import attention
+from formerlab.attention.nystrom import DepthwiseConvSkip
+
+IMPLEMENTATION = "formerlab"
+
+#: model_type -> class names of its self-attention modules (cross-attention excluded)
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "bert": ("BertSelfAttention",),
+    "roberta": ("RobertaSelfAttention",),
+    "gpt2": ("GPT2Attention",),
+    "llama": ("LlamaAttention",),
+    "mistral": ("MistralAttention",),
+    "qwen2": ("Qwen2Attention",),
+    "nystromformer": ("NystromformerSelfAttention",),
+}
+
+
+# --------------------------------------------------------------------------- per layer
+
+
+class LayerAttention(nn.Module):
+    """The formerlab kernel of one swapped layer (a submodule of HF's attention module).
+
+    ``recorder``: optional callable ``(q, k, v, key_padding_mask, causal)`` called with the
+    per-head inputs of every call (used by the studies to capture q, k, v).
+    """
+
+    def __init__(self, kernel: str, options: dict[str, Any], causal: bool) -> None:
+        super().__init__()
+        self.kernel_name = kernel
+        self.options = dict(options)
+        self.causal = causal
+        self.kernel = attention.build(kernel, **options)
+        self.recorder = None
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        if self.recorder is not None:
+            self.recorder(q, k, v, key_padding_mask, self.causal)
+        return self.kernel(q, k, v, key_padding_mask=key_padding_mask, causal=self.causal)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel_name!r}, causal={self.causal}"
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _check_positional(mask_function, batch_size: int, q_length: int, kv_length: int,
+                      q_offset: int, kv_offset: int, device) -> None:
+    """Accept plain causal / bidirectional masks; evaluate anything else on the index grid
+    (sliding windows, packing) and accept it only if it is one of the two there."""
+    if mask_function in (causal_mask_function, bidirectional_mask_function):
+        return
+    b = torch.arange(batch_size, device=device)[:, None, None]
+    qi = torch.arange(q_length, device=device)[None, :, None] + q_offset
+    ki = torch.arange(kv_length, device=device)[None, None, :] + kv_offset
+    grid = torch.as_tensor(mask_function(b, 0, qi, ki), device=device).expand(batch_size, q_length, kv_length)
+    if bool(grid.all()) or torch.equal(grid, (ki <= qi).expand_as(grid)):
+        return
+    raise ValueError(
+        "formerlab attention supports plain causal or bidirectional masks with padding; this "
+        "call builds another pattern (a sliding window shorter than the sequence, or packed "
+        "sequences): shorten the input, raise config.sliding_window, or pass an attention_mask"
+    )
+
+
+def formerlab_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: Tensor | None = None,
+    **kwargs: Any,
+) -> Tensor | None:
+    """Mask interface of ``"formerlab"``: the 2-d bool padding mask (True = real), or None.
+
+    Causality is not encoded here: each attention module knows it (``is_causal``)."""
+    device = kwargs.get("device") or (attention_mask.device if attention_mask is not None else "cpu")
+    _check_positional(mask_function, batch_size, q_length, kv_length, int(q_offset),
+                      int(kv_offset), device)
+    if attention_mask is None:
+        return None
+    mask = attention_mask.to(torch.bool)
+    if mask.shape[-1] != kv_length:
+        mask = mask[:, int(kv_offset): int(kv_offset) + kv_length]
+    return None if bool(mask.all()) else mask
+
+
+def key_padding_mask_from(attention_mask: Tensor | None, b: int, n: int, causal: bool) -> Tensor | None:
+    """The (B, N) bool key padding mask from what reaches an attention function.
+
+    2-d: from :func:`formerlab_mask`. 4-d (a mask the caller built, or an eager/sdpa mask):
+    bool (True = attend) or additive float (0 = attend); it must be padding on top of the
+    plain causal / bidirectional pattern, otherwise ``ValueError``.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask.to(torch.bool)
+    if attention_mask.dim() != 4:
+        raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} is not supported")
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    allowed = allowed[:, 0].expand(b, n, n)
+    if causal:
+        # key j is real iff query j (itself) may see it, or any later query does
+        kpm = allowed.any(dim=1)
+        expected = kpm[:, None, :] & torch.ones(n, n, dtype=torch.bool, device=allowed.device).tril()
+    else:
+        kpm = allowed.any(dim=1)
+        expected = kpm[:, None, :].expand(b, n, n)
+    real_rows = expected.any(-1)  # rows HF fills arbitrarily where a query sees nothing
+    if not torch.equal(allowed[real_rows], expected[real_rows]):
+        raise ValueError(
+            "the 4-d attention_mask is not padding on top of a plain "
+            f"{'causal' if causal else 'bidirectional'} pattern; formerlab kernels take a "
+            "key padding mask only"
+        )
+    return None if bool(kpm.all()) else kpm
+
+
+# --------------------------------------------------------------------------- the function
+
+
+def _scaled_query(query: Tensor, scaling: float | None) -> Tensor:
+    """formerlab kernels use 1/√D; fold the model's own scaling into q."""
+    if scaling is None:
+        return query
+    factor = scaling * math.sqrt(query.shape[-1])
+    return query if abs(factor - 1.0) < 1e-12 else query * factor
+
+
+def formerlab_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """Attention-interface function of ``"formerlab"``: (B, H, N, D) in, (B, N, H, D) out."""
+    b, h, n, _ = query.shape
+    if key.shape[-2] != n:
+        raise ValueError(
+            f"formerlab attention needs as many keys as queries (got {n} queries, "
+            f"{key.shape[-2]} keys): incremental decoding with a KV cache is not supported; "
+            "call the model on whole sequences with use_cache=False"
+        )
+    window = kwargs.get("sliding_window")
+    if window is not None and window < n:
+        raise ValueError(
+            f"sliding_window={window} is shorter than the sequence ({n} tokens); formerlab "
+            "kernels attend to the whole (causal) past"
+        )
+    if key.shape[1] != h:  # grouped-query attention: kv head i serves q heads i·g … i·g+g-1
+        groups = h // key.shape[1]
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    causal = bool(getattr(module, "is_causal", False))
+    kpm = key_padding_mask_from(attention_mask, b, n, causal)
+    q = _scaled_query(query, scaling)
+    layer = getattr(module, "formerlab_attention", None)
+    if layer is None:
+        # a layer left out of ``layers``: exact softmax (a fresh, stateless kernel)
+        out = attention.build("softmax")(q, key, value, key_padding_mask=kpm, causal=causal)
+    else:
+        out = layer(q, key, value, kpm)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(IMPLEMENTATION, formerlab_attention)
+AttentionMaskInterface.register(IMPLEMENTATION, formerlab_mask)
+
+
+# --------------------------------------------------------------------------- Nystromformer
+
+
+class NystromformerSwap(nn.Module):
+    """Replacement of HF's ``NystromformerSelfAttention``: the same q/k/v projections, a
+    formerlab kernel, and the model's depthwise conv skip on V (its weights, padding-aware).
+    """
+
+    def __init__(self, original: nn.Module, layer: LayerAttention) -> None:
+        super().__init__()
+        self.query, self.key, self.value = original.query, original.key, original.value
+        self.heads = original.num_attention_heads
+        self.head_dim = original.attention_head_size
+        self.formerlab_attention = layer
+        self.conv = None
+        if getattr(original, "conv_kernel_size", None) is not None:
+            self.conv = DepthwiseConvSkip(original.conv_kernel_size, heads=self.heads)
+            with torch.no_grad():
+                self.conv.weight.copy_(original.conv.weight[:, 0, :, 0])
+            self.conv.to(original.conv.weight.device)
+        object.__setattr__(self, "_original", original)  # not a submodule: kept for restore
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                output_attentions: bool = False):
+        b, n, _ = hidden_states.shape
+        q, k, v = (
+            proj(hidden_states).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+            for proj in (self.query, self.key, self.value)
+        )
+        kpm = key_padding_mask_from(attention_mask, b, n, causal=False)
+        out = self.formerlab_attention(q, k, v, kpm)
+        if self.conv is not None:
+            conv = self.conv(v, kpm)
+            out = out + (conv if kpm is None else conv * kpm[:, None, :, None].to(conv.dtype))
+        out = out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
+        return (out, None) if output_attentions else (out,)
+
+    def restore(self) -> nn.Module:
+        """The original module, with this module's (possibly trained) conv weights."""
+        original = self._original
+        if self.conv is not None:
+            with torch.no_grad():
+                original.conv.weight.copy_(self.conv.weight.detach()[:, None, :, None])
+        return original
+
+
+def nystromformer_options(config) -> dict[str, Any]:
+    """formerlab ``nystrom`` options matching an HF Nystromformer config: its landmark count
+    and the paper's 6 pinv iterations (the conv skip is carried by :class:`NystromformerSwap`).
+    formerlab's defaults stay: per-matrix pinv init, landmarks over real tokens only."""
+    return {"num_landmarks": int(config.num_landmarks), "pinv_iters": 6}
+
+
+# --------------------------------------------------------------------------- swap / restore
+
+
+@dataclass
+class SwapRecord:
+    """What :func:`restore_attention` needs to undo a swap."""
+
+    config: Any
+    config_holders: list[nn.Module]
+    swapped: list[nn.Module] = field(default_factory=list)
+    replaced: list[tuple[nn.Module, str, NystromformerSwap]] = field(default_factory=list)
+    kernel: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    layers: list[int] = field(default_factory=list)
+    causal: bool = False
+
+
+def attention_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, attribute, module)`` of every self-attention module, in layer order."""
+    model_type = _model_type(model)
+    names = FAMILIES[model_type]
+    found = []
+    for parent in model.modules():
+        for attr, child in parent.named_children():
+            if type(child).__name__ in names and not getattr(child, "is_cross_attention", False):
+                found.append((parent, attr, child))
+    if not found:
+        raise ValueError(f"found no self-attention modules ({names}) in this {model_type} model")
+    return found
+
+
+def _model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"swap_attention supports transformers models of types {sorted(FAMILIES)}; got "
+            f"{type(model).__name__} (model_type={model_type!r})"
+        )
+    return model_type
+
+
+def is_swapped(model: nn.Module) -> bool:
+    return getattr(model, "_formerlab_swap", None) is not None
+
+
+def _check_layers(layers, count: int) -> list[int]:
+    if layers is None:
+        return list(range(count))
+    chosen = list(layers)
+    bad = [i for i in chosen if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < count]
+    if bad or not chosen:
+        raise ValueError(
+            f"layers={layers!r} is not allowed; expected a non-empty list of layer indices in "
+            f"0..{count - 1}"
+        )
+    return sorted(set(chosen))
+
+
+def _check_kernel(kernel: str, options: dict[str, Any], causal: bool, what: str) -> None:
+    entry = attention.KERNELS.entry(kernel)  # unknown name: ValueError listing the valid ones
+    if causal and not entry.causal:
+        raise ValueError(
+            f"kernel={kernel!r} cannot run causally, which this {what} (a decoder) needs; "
+            f"causal kernels: {attention.available(causal=True)}"
+        )
+    attention.KERNELS.check_options(kernel, options)
+    attention.build(kernel, **options)  # option values are checked here, before any swap
+
+
+def swap_attention(
+    model: nn.Module, kernel: str | None = "nystrom", layers: list[int] | None = None,
+    **kernel_options: Any,
+) -> nn.Module:
+    """Run ``kernel`` (a name of ``formerlab.attention.available()``) in the self-attention
+    of every layer (or ``layers``) of ``model``; returns the same model, swapped in place.
+
+    Encoders take any kernel (bidirectional, padding as ``key_padding_mask``); decoders
+    only causal ones (``ValueError`` otherwise, naming them). A model that is already
+    swapped is restored first. For HF's ``NystromformerModel``, ``kernel="nystrom"`` (or
+    None) defaults to the model's landmark count and 6 pinv iterations, and its conv skip
+    is kept; ``kernel_options`` override.
+    """
+    model_type = _model_type(model)
+    if is_swapped(model):
+        restore_attention(model)
+    found = attention_modules(model)
+    crossed = [type(m).__name__ for m in model.modules()
+               if getattr(m, "is_cross_attention", False) or "CrossAttention" in type(m).__name__]
+    if crossed:
+        raise ValueError(
+            f"{type(model).__name__} has cross-attention ({crossed[0]}); swap_attention supports "
+            "self-attention-only encoders and decoders"
+        )
+    causal = any(bool(getattr(m, "is_causal", False)) for _, _, m in found)
+    if kernel is None:
+        kernel = "nystrom"
+    options = dict(kernel_options)
+    if model_type == "nystromformer" and kernel == "nystrom":
+        options = {**nystromformer_options(model.config), **options}
+    _check_kernel(kernel, options, causal, f"{type(model).__name__}")
+    chosen = _check_layers(layers, len(found))
+    device = next(model.parameters()).device
+
+    record = SwapRecord(model.config, [], kernel=kernel, options=options, layers=chosen, causal=causal)
+    if model_type == "nystromformer":
+        for i in chosen:
+            parent, attr, module = found[i]
+            swap = NystromformerSwap(module, LayerAttention(kernel, options, False).to(device))
+            setattr(parent, attr, swap)
+            record.replaced.append((parent, attr, swap))
+    else:
+        own = copy.deepcopy(model.config)
+        own._attn_implementation = IMPLEMENTATION
+        for module in model.modules():
+            if getattr(module, "config", None) is record.config:
+                module.config = own
+                record.config_holders.append(module)
+        for i in chosen:
+            module = found[i][2]
+            layer_causal = bool(getattr(module, "is_causal", False))
+            module.formerlab_attention = LayerAttention(kernel, options, layer_causal).to(device)
+            record.swapped.append(module)
+    model._formerlab_swap = record
+    return model
+
+
+def restore_attention(model: nn.Module) -> nn.Module:
+    """Undo :func:`swap_attention`: the original attention modules, config and implementation
+    come back (weights trained meanwhile are kept, they are the same tensors)."""
+    record: SwapRecord | None = getattr(model, "_formerlab_swap", None)
+    if record is None:
+        raise ValueError(f"{type(model).__name__} has no swapped attention to restore")
+    for module in record.swapped:
+        del module.formerlab_attention
+    for parent, attr, swap in record.replaced:
+        setattr(parent, attr, swap.restore())
+    for module in record.config_holders:
+        module.config = record.config
+    del model._formerlab_swap
+    return model
+
+
+def swapped_layers(model: nn.Module) -> list[LayerAttention]:
+    """The :class:`LayerAttention` of every swapped layer of ``model``, in layer order."""
+    return [m for m in model.modules() if isinstance(m, LayerAttention)]
+
+
+__all__ = [
+    "FAMILIES",
+    "IMPLEMENTATION",
+    "LayerAttention",
+    "NystromformerSwap",
+    "attention_modules",
+    "formerlab_attention",
+    "formerlab_mask",
+    "is_swapped",
+    "key_padding_mask_from",
+    "nystromformer_options",
+    "restore_attention",
+    "swap_attention",
+    "swapped_layers",
+]
