@@ -376,7 +376,7 @@ def test_registry_and_errors():
         solvers.solve_fixed_point(lambda z: z, z0, method="newton")
     with pytest.raises(ValueError, match="memry.*valid options"):
         solvers.build("anderson", memry=3)
-    with pytest.raises(ValueError, match="fixed-point problems.*only.*broyden"):
+    with pytest.raises(ValueError, match="fixed-point problems.*only.*broyden_newton.*newton_krylov"):
         solvers.solve_root(lambda z: z, z0, method="anderson")
     with pytest.raises(ValueError, match="stop='max'"):
         solvers.solve_fixed_point(lambda z: z, z0, stop="max")
