@@ -169,3 +169,29 @@ def test_newton_krylov_solves_powell_badly_scaled():
     assert info.all_converged
     # the root: x1 x2 = 1e-4 and exp(-x1) + exp(-x2) = 1.0001 (x1 = 1.098e-5, x2 = 9.106)
     torch.testing.assert_close(z, torch.tensor([[1.098159e-5, 9.106146]], dtype=F64), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("method", ["newton_krylov", "broyden_newton"])
+def test_per_sample_stopping_freezes_the_easy_sample(method):
+    # sample 0: root near the start; sample 1: z^3 + z = 40, far away
+    c = torch.tensor([[0.1] * 4, [40.0] * 4], dtype=F64)
+    seen = []
+
+    def g(z):
+        seen.append(z.clone())
+        return z**3 + z - c
+
+    z, info = solvers.solve_root(g, torch.zeros(2, 4, dtype=F64), method=method, tol=1e-12,
+                                 stop="abs")
+    assert info.all_converged
+    easy, hard = info.iterations.tolist()
+    assert easy < hard
+    moved = [i for i, s in enumerate(seen) if not torch.equal(s[0], z[0])]
+    # after its last move sample 0 is only ever evaluated at its returned point, while
+    # sample 1 keeps being evaluated elsewhere
+    tail = seen[moved[-1] + 1:]
+    assert len(tail) > 3 and all(torch.equal(s[0], z[0]) for s in tail)
+    assert any(not torch.equal(s[1], z[1]) for s in tail)
+    alone, _ = solvers.solve_root(lambda v: v**3 + v - c[:1], torch.zeros(1, 4, dtype=F64),
+                                  method=method, tol=1e-12, stop="abs")
+    torch.testing.assert_close(z[:1], alone, atol=1e-14, rtol=0)
