@@ -4,6 +4,7 @@ J-v products, the Broyden probe."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from formerlab import solvers
@@ -144,3 +145,18 @@ def test_rewind_returns_active_samples_to_their_best_point():
     run.rewind()
     assert run.z.tolist() == [[0.5], [4.0]] and run.g.tolist() == [[0.5], [4.0]]
     assert run.residual.tolist() == [0.5, 4.0]
+
+
+def test_eisenstat_walker_forcing_terms_by_hand():
+    # choice 2 of Eisenstat & Walker (1996): eta = 0.9 (||g|| / ||g_old||)^2, safeguarded
+    # by 0.9 eta_old^2 when that exceeds 0.1, capped by eta_max, floored at 0.5 tau / ||g||
+    nk = solvers.NewtonKrylov()
+    run = SolveRun(lambda z: z.clone(), torch.full((1, 1), 0.05, dtype=F64), problem="root",
+                   tol=1e-2, max_iter=5, stop="abs", method="test")
+    eta = lambda prev, g, g_old: float(nk._next_eta(  # noqa: E731
+        run, torch.tensor([prev], dtype=F64), torch.tensor([g], dtype=F64),
+        torch.tensor([g_old], dtype=F64)))
+    assert eta(0.5, 0.8, 1.0) == pytest.approx(0.9 * 0.64)  # plain choice 2
+    assert eta(0.9, 0.1, 1.0) == pytest.approx(0.9 * 0.81)  # safeguard: 0.729 > 0.009
+    assert eta(0.1, 0.05, 1.0) == pytest.approx(0.5 * 1e-2 / 0.05)  # floor 0.1 > 0.00225
+    assert eta(0.5, 2.0, 1.0) == pytest.approx(0.9)  # capped at eta_max
