@@ -195,3 +195,24 @@ def test_per_sample_stopping_freezes_the_easy_sample(method):
     alone, _ = solvers.solve_root(lambda v: v**3 + v - c[:1], torch.zeros(1, 4, dtype=F64),
                                   method=method, tol=1e-12, stop="abs")
     torch.testing.assert_close(z[:1], alone, atol=1e-14, rtol=0)
+
+
+def test_default_hands_over_to_newton_from_the_best_point():
+    # Powell badly scaled: when Broyden stalls its last iterate is far worse than its
+    # best; Newton-Krylov must start from the best one
+    from formerlab.bench.roots import powell_badly_scaled
+
+    bn = solvers.BroydenNewton()
+    entry = {}
+
+    def capture(run, start=0):
+        entry.update(z=run.z.clone(), best=run.best_z.clone(), res=run.residual.clone(),
+                     best_res=run.best_res.clone(), last=run._trace[-1].clone())
+        return start
+
+    bn._newton.iterate = capture
+    solvers.solve_root(powell_badly_scaled, torch.tensor([[0.0, 1.0]], dtype=F64), method=bn,
+                       tol=1e-9, stop="abs", max_iter=50)
+    assert float(entry["last"][0]) > 10 * float(entry["best_res"][0])  # Broyden ended badly
+    assert torch.equal(entry["z"], entry["best"])
+    assert torch.equal(entry["res"], entry["best_res"])
