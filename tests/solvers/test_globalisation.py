@@ -160,3 +160,34 @@ def test_eisenstat_walker_forcing_terms_by_hand():
     assert eta(0.9, 0.1, 1.0) == pytest.approx(0.9 * 0.81)  # safeguard: 0.729 > 0.009
     assert eta(0.1, 0.05, 1.0) == pytest.approx(0.5 * 1e-2 / 0.05)  # floor 0.1 > 0.00225
     assert eta(0.5, 2.0, 1.0) == pytest.approx(0.9)  # capped at eta_max
+
+
+def test_forward_difference_of_a_zero_direction_is_zero_and_stays_finite():
+    inputs = []
+
+    def g(z):
+        inputs.append(z.clone())
+        return torch.sin(z)
+
+    # sample 0 at |z| ~ 1e9 with v = 0: the step e = sqrt(eps)(1 + |z|) / |v| would be
+    # inf there, and z + inf * 0 = NaN
+    z0 = torch.tensor([[1e9, 1e9, 1e9], [1.0, 1.0, 1.0]], dtype=F64)
+    run = SolveRun(g, z0, problem="root", tol=0.0, max_iter=1, stop="abs", method="test")
+    v = torch.zeros(2, 3, dtype=F64)
+    v[1, 0] = 1.0
+    jv = fd_jvp(run, run.z, run.g, v)
+    assert jv[0].tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(jv[1], torch.tensor([0.5403023, 0.0, 0.0], dtype=F64), atol=1e-7, rtol=0)
+    assert all(bool(torch.isfinite(z).all()) for z in inputs)
+
+
+def test_an_infinite_iterate_of_a_root_problem_is_not_a_root():
+    # g can be finite (even 0) at an infinite z, e.g. 1 / (1 + z^2): such a step stops the
+    # sample as non-finite instead of claiming a root
+    run = SolveRun(lambda z: 1 / (1 + z * z), torch.ones(1, 1, dtype=F64), problem="root",
+                   tol=1e-8, max_iter=5, stop="abs", method="test")
+    z_inf = torch.full((1, 1), float("inf"), dtype=F64)
+    run.accept(z_inf, 1 / (1 + z_inf * z_inf))
+    assert run.nonfinite.tolist() == [True] and run.converged.tolist() == [False]
+    z, info = run.result()
+    assert z.tolist() == [[1.0]] and not info.all_converged
