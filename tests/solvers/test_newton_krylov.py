@@ -216,3 +216,20 @@ def test_default_hands_over_to_newton_from_the_best_point():
     assert float(entry["last"][0]) > 10 * float(entry["best_res"][0])  # Broyden ended badly
     assert torch.equal(entry["z"], entry["best"])
     assert torch.equal(entry["res"], entry["best_res"])
+
+
+def test_gmres_stays_accurate_on_an_ill_conditioned_system():
+    # cond(A) = 1e10, d = 40, one Newton step with a full Krylov space: with a single
+    # Gram-Schmidt pass the basis loses orthogonality and the step is useless (residual
+    # ~||b||); with the second pass it reduces the residual by > 1e5
+    g = torch.Generator().manual_seed(0)
+    d = 40
+    q1, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    q2, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    a = q1 @ torch.diag(torch.logspace(0, -10, d, dtype=F64)) @ q2.T
+    b = torch.randn(1, d, generator=g, dtype=F64)
+    _, info = solvers.solve_root(
+        lambda z: z @ a.T - b, torch.zeros(1, d, dtype=F64), method="newton_krylov",
+        jvp="autograd", forcing=1e-13, krylov_dim=d, tol=1e-12, stop="abs", max_iter=1,
+    )
+    assert float(info.abs_residual[0]) <= 1e-5 * float(b.norm())
