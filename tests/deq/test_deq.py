@@ -129,6 +129,26 @@ def test_phantom_and_unroll_approach_the_implicit_gradient_with_k(backward):
     assert errors[0] > 1e-3  # one step is a genuinely different (approximate) gradient
 
 
+@pytest.mark.parametrize("backward,tau", [("phantom", 0.5), ("phantom", 0.3), ("unroll", 1.0)])
+def test_phantom_gradient_matches_its_closed_form_on_a_linear_cell(backward, tau):
+    # f(z, x) = W z + U x + b. k damped steps z <- (1 - tau) z + tau f(z, x) from the
+    # (detached) fixed point give dz_k/dx = tau sum_{j<k} M^j U, M = (1 - tau) I + tau W
+    k = 3
+    cell = RotationCell()
+    x = torch.randn(2, 8, dtype=F64, requires_grad=True)
+    c = torch.randn(2, 32, dtype=F64)
+    kw = {"phantom_steps": k, "phantom_damping": tau} if backward == "phantom" else {"unroll_steps": k}
+    deq = exact_deq(cell, backward, max_iter=400, **kw)
+    z = deq(x, z0=torch.zeros(2, 32, dtype=F64))
+    (gx,) = torch.autograd.grad((z * c).sum(), x)
+    with torch.no_grad():
+        w, u = cell.w, cell.u
+        m = (1 - tau) * torch.eye(32, dtype=F64) + tau * w
+        total = sum(torch.linalg.matrix_power(m, j) for j in range(k)) * tau
+        want = c @ (total @ u)
+    torch.testing.assert_close(gx, want, atol=1e-10, rtol=0)
+
+
 def count_saved(fn):
     """Tensors and bytes autograd saves for backward during ``fn()``."""
     count, nbytes = 0, 0
@@ -221,7 +241,14 @@ def test_fixed_point_correction_keeps_differentiable_intermediate_estimates():
     # later iterates are closer to the fixed point
     dists = [float((c - z).detach().norm()) for c in deq.corrections]
     assert dists == sorted(dists, reverse=True)
-    assert deq.reg_loss is not None and deq.reg_loss.item() > 0
+    # the loss by hand: weight * sum_i decay^(n-1-i) mean((step_i - z*)^2) / mean(z*^2)
+    target = z.detach()
+    want = sum(
+        0.8 ** (2 - i) * (step - target).pow(2).mean() / target.pow(2).mean()
+        for i, step in enumerate(deq.corrections)
+    )
+    assert deq.reg_loss is not None
+    torch.testing.assert_close(deq.reg_loss.detach(), want.detach().float(), rtol=1e-6, atol=0)
     deq.reg_loss.backward()
     assert cell.w.grad is not None and cell.w.grad.abs().max() > 0
 

@@ -119,3 +119,18 @@ def test_benchmark_on_two_problems():
     assert any(line.startswith("default: solved 2/2") for line in roots.summary(rows))
     with pytest.raises(ValueError, match="unknown problem"):
         roots.run_benchmark(["nope"], repeats=1)
+
+
+def test_bench_roots_command():
+    pytest.importorskip("scipy")
+    from typer.testing import CliRunner
+
+    from formerlab.cli import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["bench", "roots", "--problem", "rosenbrock", "--repeats", "1"],
+                        env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "| rosenbrock | 2 |" in out.output and "default: solved 1/1" in out.output
+    bad = runner.invoke(app, ["bench", "roots", "--problem", "nope"])
+    assert bad.exit_code != 0 and "unknown problem" in bad.output

@@ -4,6 +4,7 @@ J-v products, the Broyden probe."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from formerlab import solvers
@@ -144,3 +145,49 @@ def test_rewind_returns_active_samples_to_their_best_point():
     run.rewind()
     assert run.z.tolist() == [[0.5], [4.0]] and run.g.tolist() == [[0.5], [4.0]]
     assert run.residual.tolist() == [0.5, 4.0]
+
+
+def test_eisenstat_walker_forcing_terms_by_hand():
+    # choice 2 of Eisenstat & Walker (1996): eta = 0.9 (||g|| / ||g_old||)^2, safeguarded
+    # by 0.9 eta_old^2 when that exceeds 0.1, capped by eta_max, floored at 0.5 tau / ||g||
+    nk = solvers.NewtonKrylov()
+    run = SolveRun(lambda z: z.clone(), torch.full((1, 1), 0.05, dtype=F64), problem="root",
+                   tol=1e-2, max_iter=5, stop="abs", method="test")
+    eta = lambda prev, g, g_old: float(nk._next_eta(  # noqa: E731
+        run, torch.tensor([prev], dtype=F64), torch.tensor([g], dtype=F64),
+        torch.tensor([g_old], dtype=F64)))
+    assert eta(0.5, 0.8, 1.0) == pytest.approx(0.9 * 0.64)  # plain choice 2
+    assert eta(0.9, 0.1, 1.0) == pytest.approx(0.9 * 0.81)  # safeguard: 0.729 > 0.009
+    assert eta(0.1, 0.05, 1.0) == pytest.approx(0.5 * 1e-2 / 0.05)  # floor 0.1 > 0.00225
+    assert eta(0.5, 2.0, 1.0) == pytest.approx(0.9)  # capped at eta_max
+
+
+def test_forward_difference_of_a_zero_direction_is_zero_and_stays_finite():
+    inputs = []
+
+    def g(z):
+        inputs.append(z.clone())
+        return torch.sin(z)
+
+    # sample 0 at |z| ~ 1e9 with v = 0: the step e = sqrt(eps)(1 + |z|) / |v| would be
+    # inf there, and z + inf * 0 = NaN
+    z0 = torch.tensor([[1e9, 1e9, 1e9], [1.0, 1.0, 1.0]], dtype=F64)
+    run = SolveRun(g, z0, problem="root", tol=0.0, max_iter=1, stop="abs", method="test")
+    v = torch.zeros(2, 3, dtype=F64)
+    v[1, 0] = 1.0
+    jv = fd_jvp(run, run.z, run.g, v)
+    assert jv[0].tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(jv[1], torch.tensor([0.5403023, 0.0, 0.0], dtype=F64), atol=1e-7, rtol=0)
+    assert all(bool(torch.isfinite(z).all()) for z in inputs)
+
+
+def test_an_infinite_iterate_of_a_root_problem_is_not_a_root():
+    # g can be finite (even 0) at an infinite z, e.g. 1 / (1 + z^2): such a step stops the
+    # sample as non-finite instead of claiming a root
+    run = SolveRun(lambda z: 1 / (1 + z * z), torch.ones(1, 1, dtype=F64), problem="root",
+                   tol=1e-8, max_iter=5, stop="abs", method="test")
+    z_inf = torch.full((1, 1), float("inf"), dtype=F64)
+    run.accept(z_inf, 1 / (1 + z_inf * z_inf))
+    assert run.nonfinite.tolist() == [True] and run.converged.tolist() == [False]
+    z, info = run.result()
+    assert z.tolist() == [[1.0]] and not info.all_converged

@@ -169,3 +169,67 @@ def test_newton_krylov_solves_powell_badly_scaled():
     assert info.all_converged
     # the root: x1 x2 = 1e-4 and exp(-x1) + exp(-x2) = 1.0001 (x1 = 1.098e-5, x2 = 9.106)
     torch.testing.assert_close(z, torch.tensor([[1.098159e-5, 9.106146]], dtype=F64), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("method", ["newton_krylov", "broyden_newton"])
+def test_per_sample_stopping_freezes_the_easy_sample(method):
+    # sample 0: root near the start; sample 1: z^3 + z = 40, far away
+    c = torch.tensor([[0.1] * 4, [40.0] * 4], dtype=F64)
+    seen = []
+
+    def g(z):
+        seen.append(z.clone())
+        return z**3 + z - c
+
+    z, info = solvers.solve_root(g, torch.zeros(2, 4, dtype=F64), method=method, tol=1e-12,
+                                 stop="abs")
+    assert info.all_converged
+    easy, hard = info.iterations.tolist()
+    assert easy < hard
+    moved = [i for i, s in enumerate(seen) if not torch.equal(s[0], z[0])]
+    # after its last move sample 0 is only ever evaluated at its returned point, while
+    # sample 1 keeps being evaluated elsewhere
+    tail = seen[moved[-1] + 1:]
+    assert len(tail) > 3 and all(torch.equal(s[0], z[0]) for s in tail)
+    assert any(not torch.equal(s[1], z[1]) for s in tail)
+    alone, _ = solvers.solve_root(lambda v: v**3 + v - c[:1], torch.zeros(1, 4, dtype=F64),
+                                  method=method, tol=1e-12, stop="abs")
+    torch.testing.assert_close(z[:1], alone, atol=1e-14, rtol=0)
+
+
+def test_default_hands_over_to_newton_from_the_best_point():
+    # Powell badly scaled: when Broyden stalls its last iterate is far worse than its
+    # best; Newton-Krylov must start from the best one
+    from formerlab.bench.roots import powell_badly_scaled
+
+    bn = solvers.BroydenNewton()
+    entry = {}
+
+    def capture(run, start=0):
+        entry.update(z=run.z.clone(), best=run.best_z.clone(), res=run.residual.clone(),
+                     best_res=run.best_res.clone(), last=run._trace[-1].clone())
+        return start
+
+    bn._newton.iterate = capture
+    solvers.solve_root(powell_badly_scaled, torch.tensor([[0.0, 1.0]], dtype=F64), method=bn,
+                       tol=1e-9, stop="abs", max_iter=50)
+    assert float(entry["last"][0]) > 10 * float(entry["best_res"][0])  # Broyden ended badly
+    assert torch.equal(entry["z"], entry["best"])
+    assert torch.equal(entry["res"], entry["best_res"])
+
+
+def test_gmres_stays_accurate_on_an_ill_conditioned_system():
+    # cond(A) = 1e10, d = 40, one Newton step with a full Krylov space: with a single
+    # Gram-Schmidt pass the basis loses orthogonality and the step is useless (residual
+    # ~||b||); with the second pass it reduces the residual by > 1e5
+    g = torch.Generator().manual_seed(0)
+    d = 40
+    q1, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    q2, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    a = q1 @ torch.diag(torch.logspace(0, -10, d, dtype=F64)) @ q2.T
+    b = torch.randn(1, d, generator=g, dtype=F64)
+    _, info = solvers.solve_root(
+        lambda z: z @ a.T - b, torch.zeros(1, d, dtype=F64), method="newton_krylov",
+        jvp="autograd", forcing=1e-13, krylov_dim=d, tol=1e-12, stop="abs", max_iter=1,
+    )
+    assert float(info.abs_residual[0]) <= 1e-5 * float(b.norm())

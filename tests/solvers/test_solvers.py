@@ -376,7 +376,7 @@ def test_registry_and_errors():
         solvers.solve_fixed_point(lambda z: z, z0, method="newton")
     with pytest.raises(ValueError, match="memry.*valid options"):
         solvers.build("anderson", memry=3)
-    with pytest.raises(ValueError, match="fixed-point problems.*only.*broyden"):
+    with pytest.raises(ValueError, match="fixed-point problems.*only.*broyden_newton.*newton_krylov"):
         solvers.solve_root(lambda z: z, z0, method="anderson")
     with pytest.raises(ValueError, match="stop='max'"):
         solvers.solve_fixed_point(lambda z: z, z0, stop="max")
@@ -408,3 +408,21 @@ def test_public_solver_classes_are_exported_and_registered_directly():
         assert isinstance(cls, type) and issubclass(cls, solvers.Solver)
         assert cls.__name__ in solvers.__all__ and getattr(solvers, cls.__name__) is cls
         assert type(solvers.build(name)) is cls and cls.name == name
+
+
+def test_sample_that_overflows_mid_solve_is_stopped_at_that_iteration():
+    # plain iteration of z <- z^2 + 1 from 0 overflows float64 after a dozen steps; the
+    # step whose evaluation overflows counts as the sample's last iteration
+    z_py, k = 0.0, 0
+    while math.isfinite(z_py * z_py + 1):
+        z_py, k = z_py * z_py + 1, k + 1
+    z, info = solvers.solve_fixed_point(
+        lambda z: z * z + 1, torch.zeros(1, 1, dtype=F64), method="fixed_point", tol=1e-8,
+        max_iter=50,
+    )
+    assert info.nonfinite.tolist() == [True] and not info.all_converged
+    # iteration k makes z_k (finite) and evaluates f(z_k) = inf: it counts, and stops it
+    assert info.iterations.tolist() == [k]
+    assert math.isinf(float(info.residual[0]))
+    assert info.reasons() == ["nonfinite"]
+    assert bool(torch.isfinite(z).all())

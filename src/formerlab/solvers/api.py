@@ -58,7 +58,8 @@ def solve_fixed_point(
 ) -> tuple[Tensor, SolverInfo]:
     """Find z = f(z), starting from ``z0`` (first dimension = batch, solved per sample).
 
-    ``method``: ``"fixed_point"``, ``"anderson"`` or ``"broyden"`` (or a built ``Solver``);
+    ``method``: ``"fixed_point"``, ``"anderson"``, ``"broyden"``, ``"newton_krylov"`` or
+    ``"broyden_newton"`` (or a built ``Solver``);
     ``options`` go to the method (e.g. ``memory=5``). ``stop="rel"`` stops a sample when
     ||f(z) - z|| / ||f(z)|| <= ``tol``, ``"abs"`` when ||f(z) - z|| <= ``tol``.
     Runs without autograd. Returns ``(z, info)``: the lowest-residual iterate per sample
