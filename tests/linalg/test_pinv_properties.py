@@ -158,3 +158,17 @@ def test_power_of_two_scaling_is_exact():
     for e in (-900, -300, 300, 900):
         Z2 = pinv(A * 2.0**e, iters=9)
         assert torch.equal(Z2 * 2.0**e, Z1)  # bit for bit: only exponents change
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_a_half_inverted_value_just_below_the_cut_off_is_never_certified(order):
+    # σ = 0.9–0.99 × the cut-off is dropped by the target but grows like the kept ones;
+    # while it is half inverted the iterate is far from A⁺_rcond, so whatever tolerance
+    # is asked, a converged claim must come with a bound that covers the error
+    for ratio in (0.9, 0.95, 0.99):
+        A = prescribed(4, 4, [1.0, 0.3, 0.1, 0.01 * ratio], 1.0, seed=5)
+        ref = torch.linalg.pinv(A, rtol=0.01)
+        for k in range(1, 40):
+            Z, info = pinv(A, iters=k, tol=100.0, rcond=0.01, return_info=True)
+            if bool(info.converged):
+                assert rel(Z, ref) <= info.bound.item()

@@ -36,9 +36,38 @@ def test_tikhonov_damps_what_the_exact_inverse_amplifies():
     assert torch.linalg.matrix_norm(torch.linalg.pinv(A), ord=2) > 1e7
 
 
-def test_tsvd_matches_torch_pinv_with_rcond_and_per_matrix_parameters():
+def tsvd(A, rcond):
+    """V·diag(1/σ for σ >= rcond·σ_max, else 0)·Uᵀ from an SVD truncated here."""
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    keep = S >= rcond * S[..., :1]
+    inv = torch.where(keep, 1.0 / S.clamp(min=1e-300), torch.zeros_like(S))
+    return Vh.mT @ torch.diag_embed(inv) @ U.mT
+
+
+@pytest.mark.parametrize("shape", [(4, 9, 9), (7, 4), (4, 7)])
+def test_tsvd_matches_a_hand_truncated_svd(shape):
+    # singular values 1, 0.1, …, 1e-k: rcond = 3e-3 keeps exactly those >= 1e-2
+    g = torch.Generator().manual_seed(2)
+    m, n = shape[-2:]
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(*shape[:-2], m, k, generator=g, dtype=D))
+    V, _ = torch.linalg.qr(torch.randn(*shape[:-2], n, k, generator=g, dtype=D))
+    S = 10.0 ** -torch.arange(k, dtype=D)
+    A = U @ torch.diag_embed(S) @ V.mT
+    Z = pinv_reg(A, method="tsvd", rcond=3e-3)
+    torch.testing.assert_close(Z, tsvd(A, 3e-3), rtol=1e-9, atol=1e-9)
+    assert torch.linalg.matrix_norm(Z, ord=2).max() <= 100 * (1 + 1e-9)  # 1/σ of the kept
+    # per-matrix rcond: a tensor with the batch shape
+    if len(shape) == 3:
+        rc = torch.tensor([0.5, 3e-2, 3e-3, 3e-9], dtype=D)
+        Z = pinv_reg(A, method="tsvd", rcond=rc)
+        for b in range(4):  # b = 3 keeps σ = 1e-8: compare relative to its norm 1e8
+            ref = tsvd(A[b], rc[b].item())
+            assert (Z[b] - ref).norm() <= 1e-7 * ref.norm()
+
+
+def test_tikhonov_per_matrix_parameters():
     A = torch.rand(4, 9, 9, generator=torch.Generator().manual_seed(2), dtype=D)
-    torch.testing.assert_close(pinv_reg(A, method="tsvd", rcond=1e-2), torch.linalg.pinv(A, rtol=1e-2))
     lam = torch.tensor([1e-6, 1e-4, 1e-2, 1.0], dtype=D)
     Z = pinv_reg(A, lam=lam)
     for b in range(4):
