@@ -1,14 +1,9 @@
 """Tiny runs for the reliability tests (faults: crashes, kills, broken files, races)."""
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_args(runs_dir: Path, steps: int = 10, tracking: str = "none") -> list[str]:
@@ -21,23 +16,8 @@ def tiny_args(runs_dir: Path, steps: int = 10, tracking: str = "none") -> list[s
     ]
 
 
-def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from formerlab.cli import app; app()", *args]
-
-
 def sets(overrides: list[str]) -> list[str]:
     return [item for override in overrides for item in ("--set", override)]
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="1000")
-    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout,
-                          env=subprocess_env(), cwd=REPO)
 
 
 def _cli_child(args: list[str], out: str, go) -> None:

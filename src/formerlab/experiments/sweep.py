@@ -19,7 +19,13 @@ On disk (``SWEEP_DIR``): ``sweep.json`` (the spec and the trial list), ``trials/
 per trial (the run: config, checkpoint, ``result.json``), ``mlflow.db`` (the default
 tracking store: one parent run for the sweep, one child run per trial). A trial's identity
 is the hash of its config without ``name``, ``runs_dir`` and ``tracking``, so ``--resume``
-recognises finished trials whatever the sweep folder is called.
+recognises finished trials whatever the sweep folder is called. Its torch thread count is
+part of that config (``train.threads``, pinned to ``DEFAULT_TRIAL_THREADS`` when unset), so
+results do not depend on ``--workers``.
+
+Resuming is refused when the trials' settings differ from those stored in ``sweep.json``
+(``check_same_settings`` names the keys) and while a live process owns a trial folder
+(``check_trial_locks``; locks of dead owners are taken over, see ``trial``).
 """
 
 from __future__ import annotations
@@ -489,7 +495,8 @@ def run_sweep(
     and the sweep goes on.
     ``resume=True`` continues ``out`` (default: the newest ``runs/<name>-*``), skipping
     completed trials; failed trials are run again, interrupted ones continue from their
-    checkpoint. Without ``resume`` an ``out`` that already holds a sweep is an error.
+    checkpoint; other settings than the stored ones are refused (``ConfigError``). Without
+    ``resume`` an ``out`` that already holds a sweep is an error.
     ``overrides`` (``["train.device=cuda"]``) change the base config before the axes apply;
     they change the trials' hashes, so a resumed sweep needs the same ones.
     """
