@@ -180,8 +180,9 @@ def test_metrics_are_averaged_over_ranks_and_logged_by_rank_0_only(job):
 
 
 def test_resume_under_ddp_from_the_command_line(tiny, tmp_path):
-    """10 steps in one process, the next 10 with ``formerlab train --resume ... --nproc 2``."""
-    overrides = tiny(20) + ["model.dropout=0.1"]
+    """10 steps in one process, the next 10 with ``formerlab train --resume ... --nproc 2``,
+    tracked by MLflow (rank 0 alone opens the store)."""
+    overrides = tiny(20) + ["model.dropout=0.1", "tracking=mlflow"]
     straight = train(load_config(None, overrides), run_dir=tmp_path / "straight", progress=False)
     train(load_config(None, overrides), run_dir=tmp_path / "split", stop_after=10, progress=False)
     resumed = cli("--resume", str(tmp_path / "split"), "--nproc", "2", "--no-progress")
@@ -190,6 +191,7 @@ def test_resume_under_ddp_from_the_command_line(tiny, tmp_path):
     assert stored_losses(tmp_path / "split") == pytest.approx(expected, abs=1e-5)
     assert f"loss {straight.metrics['loss']:.4f}" in resumed.stdout  # rank 0 reports
     assert resumed.stdout.count("validation") == 1  # once, not once per rank
+    assert "mlflow.db" in resumed.stdout.replace("\n", "") and "run id" in resumed.stdout
 
 
 def test_a_failing_rank_stops_the_job_naming_rank_and_error(tmp_path, capfd):
