@@ -51,13 +51,18 @@ def train(
 
     if config is not None and resume is not None:
         raise fail(ValueError("give CONFIG or --resume RUN_DIR, not both"))
+    rank, world = distributed.rank_and_world()
     if nproc > 1:
+        if world > 1:
+            raise fail(ValueError(f"--nproc={nproc} inside a {world}-process job: use one or the other"))
         raise typer.Exit(distributed.launch(_rank_command(config, set_, resume, progress), nproc))
     try:
         cfg = None if resume else load_config(config, set_)
         if resume and set_:
             raise ConfigError("--set cannot change a resumed run; its stored config is used")
-        result, record = run_training(cfg, resume=resume, progress=progress, console=console)
+        # only rank 0 tracks: the others must not even open the MLflow store
+        runner = run_training if rank == 0 else _untracked_training
+        result, record = runner(cfg, resume=resume, progress=progress, console=console)
     except (ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
         raise fail(_rank_failure(error, distributed)) from None
     except TrainingInterrupted as stop:
@@ -72,7 +77,7 @@ def train(
         raise fail(_rank_failure(error, distributed), code=1) from None
     finally:
         distributed.shutdown()
-    if distributed.rank_and_world()[0] != 0:
+    if rank != 0:
         return  # rank 0 reports
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     console.print(f"[bold]validation[/] at step {result.step}: {metrics}")
@@ -94,6 +99,13 @@ def _rank_command(config, set_, resume, progress) -> list[str]:
     command += [arg for item in set_ for arg in ("--set", item)]
     command += ["--resume", resume] if resume else []
     return command + ([] if progress else ["--no-progress"])
+
+
+def _untracked_training(cfg, resume, progress, console):
+    """``run_training`` without a tracker (ranks other than 0)."""
+    from formerlab.train import train as train_run
+
+    return train_run(cfg, resume=resume, progress=progress, console=console), None
 
 
 def _rank_failure(error: Exception, distributed) -> Exception | str:

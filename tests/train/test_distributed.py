@@ -5,6 +5,7 @@ The multi-process tests launch real ranks (``distributed.launch``, what ``former
 """
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -138,6 +139,9 @@ CASES = {  # name -> (steps, overrides)
     # shard's solver stops where the whole batch's does
     "deq-implicit": (4, ["model.deq={backward: implicit, jac_reg: 0.0, tol: 1.0e-7, "
                          "max_iter: 200, backward_tol: 1.0e-7, backward_max_iter: 200}"]),
+    # DEQStack's default: + the Jacobian penalty (a double backward inside DDP's forward);
+    # its random probes have the shard's shape, so only "it trains" is checked
+    "deq-default": (4, ["model.deq={}"]),
 }
 
 
@@ -164,13 +168,20 @@ def test_two_processes_reproduce_the_one_process_losses_with_dropout(job):
     assert got["metrics"] == pytest.approx(one.metrics, abs=1e-5)  # evaluation over ranks
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n != "dropout"])
+@pytest.mark.parametrize("name", [n for n in CASES if n not in ("dropout", "deq-default")])
 def test_every_mixer_and_the_implicit_deq_train_the_same_on_two_ranks(job, name):
     cases, results = job
     one = one_process(cases[name])
     assert results[name]["losses"] == pytest.approx([h["loss"] for h in one.history], abs=1e-5)
     if name.startswith("deq"):  # the adjoint solves ran, and their statistics were logged
         assert results[name]["logged"]["diag/deq_backward_iterations"] >= 1
+
+
+def test_the_default_deq_with_jacobian_penalty_trains_under_ddp(job):
+    _, results = job
+    losses = results["deq-default"]["losses"]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert results["deq-default"]["logged"]["diag/deq_jac_loss"] > 0
 
 
 def test_metrics_are_averaged_over_ranks_and_logged_by_rank_0_only(job):
@@ -180,8 +191,9 @@ def test_metrics_are_averaged_over_ranks_and_logged_by_rank_0_only(job):
 
 
 def test_resume_under_ddp_from_the_command_line(tiny, tmp_path):
-    """10 steps in one process, the next 10 with ``formerlab train --resume ... --nproc 2``."""
-    overrides = tiny(20) + ["model.dropout=0.1"]
+    """10 steps in one process, the next 10 with ``formerlab train --resume ... --nproc 2``,
+    tracked by MLflow (rank 0 alone opens the store)."""
+    overrides = tiny(20) + ["model.dropout=0.1", "tracking=mlflow"]
     straight = train(load_config(None, overrides), run_dir=tmp_path / "straight", progress=False)
     train(load_config(None, overrides), run_dir=tmp_path / "split", stop_after=10, progress=False)
     resumed = cli("--resume", str(tmp_path / "split"), "--nproc", "2", "--no-progress")
@@ -190,6 +202,7 @@ def test_resume_under_ddp_from_the_command_line(tiny, tmp_path):
     assert stored_losses(tmp_path / "split") == pytest.approx(expected, abs=1e-5)
     assert f"loss {straight.metrics['loss']:.4f}" in resumed.stdout  # rank 0 reports
     assert resumed.stdout.count("validation") == 1  # once, not once per rank
+    assert "mlflow.db" in resumed.stdout.replace("\n", "") and "run id" in resumed.stdout
 
 
 def test_a_failing_rank_stops_the_job_naming_rank_and_error(tmp_path, capfd):

@@ -130,9 +130,19 @@ class Distributed:
         """Average of a tensor over ranks (the global loss from the ranks' weighted ones)."""
         if not self.enabled:
             return value
-        value = value.detach().clone()
+        value = value.detach().float().clone()
         dist.all_reduce(value)
         return value / self.world
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (so that every rank takes the same branch)."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([float(flag)])
+        if dist.get_backend() == "nccl":
+            value = value.cuda()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Average of scalar metrics over ranks (keys every rank reports)."""

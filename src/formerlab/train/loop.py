@@ -196,10 +196,10 @@ def train(
         history = [h for h in history if "eval" not in h]
         torch.set_rng_state(state.torch_rng)
         data_rng.set_state(state.data_rng)
+    net = compile_model(ddp.wrap(model), t.device) if t.compile else ddp.wrap(model)
     if ddp.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(_yaml(cfg))
-    net = compile_model(ddp.wrap(model), t.device) if t.compile else ddp.wrap(model)
     parameters = sum(p.numel() for p in model.parameters())
     params = {**_flatten(cfg.model_dump(mode="json")), "parameters": parameters}
     tracker.start(cfg.name, run_dir, params)
@@ -270,7 +270,7 @@ def train(
                     tracker.log_metrics({f"val/{k}": v for k, v in scores.items()}, step)
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or step % t.eval_every == 0:
                     checkpoint()
-                if t.time_budget_s is not None and elapsed > t.time_budget_s:
+                if t.time_budget_s is not None and ddp.any(elapsed > t.time_budget_s):
                     raise TrainingError(
                         f"time budget train.time_budget_s={t.time_budget_s} exceeded at step {step}"
                     )
