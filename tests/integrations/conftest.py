@@ -2,7 +2,7 @@
 
 import pytest
 
-transformers = pytest.importorskip("transformers")
+# transformers is imported inside the helpers: each test file skips itself without it
 
 VOCAB = 40
 ENCODERS = ("bert", "roberta")
@@ -14,7 +14,8 @@ INIT = 0.3
 
 def tiny_config(family: str, vocab: int = VOCAB, **overrides):
     """2 layers, width 32, 4 heads (2 kv heads for the Llama family); ``overrides`` win."""
-    t = transformers
+    import transformers as t
+
     if family in ENCODERS:
         cls = t.BertConfig if family == "bert" else t.RobertaConfig
         kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -39,6 +40,7 @@ def tiny_config(family: str, vocab: int = VOCAB, **overrides):
 def tiny_model(family: str, head: str = "base", seed: int = 0, vocab: int = VOCAB, **overrides):
     """``head``: "base" (AutoModel), "lm" (masked-LM for encoders, causal LM for decoders)."""
     import torch
+    import transformers
 
     torch.manual_seed(seed)
     config = tiny_config(family, vocab, **overrides)
