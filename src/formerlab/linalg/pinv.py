@@ -514,7 +514,9 @@ def _iterate(
     for _ in range(steps):
         if check_each:
             active = active & ~converged
-        if not bool(active.any()):
+        # a compiled fixed-count run skips this data-dependent exit (no graph break): once
+        # every matrix has stopped, the remaining steps change nothing
+        if (check_each or not torch.compiler.is_compiling()) and not bool(active.any()):
             break
         Z_new = _step(Z, X, order, eye)
         X_new = a @ Z_new
