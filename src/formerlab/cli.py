@@ -56,6 +56,7 @@ def train(
         if world > 1:
             raise fail(ValueError(f"--nproc={nproc} inside a {world}-process job: use one or the other"))
         raise typer.Exit(distributed.launch(_rank_command(config, set_, resume, progress), nproc))
+    finished = False
     try:
         cfg = None if resume else load_config(config, set_)
         if resume and set_:
@@ -63,6 +64,7 @@ def train(
         # only rank 0 tracks: the others must not even open the MLflow store
         runner = run_training if rank == 0 else _untracked_training
         result, record = runner(cfg, resume=resume, progress=progress, console=console)
+        finished = True
     except (ConfigError, TrainingError, FileNotFoundError, ValueError) as error:
         raise fail(_rank_failure(error, distributed)) from None
     except TrainingInterrupted as stop:
@@ -76,7 +78,7 @@ def train(
             raise
         raise fail(_rank_failure(error, distributed), code=1) from None
     finally:
-        distributed.shutdown()
+        distributed.shutdown(sync=finished)
     if rank != 0:
         return  # rank 0 reports
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())

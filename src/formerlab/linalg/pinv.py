@@ -284,6 +284,14 @@ def scale_pow2(x: Tensor, e: Tensor) -> Tensor:
     return x * f1 * f2
 
 
+def power_start(n: int, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+    """The fixed start vector (n,) of :func:`spectral_norm_estimate`: pseudo-random entries
+    in [−0.5, 0.5) from a hash of the index, not a ``torch.Generator`` (which would break a
+    ``torch.compile`` graph), so every call and every compiled graph sees the same vector."""
+    i = torch.arange(1, n + 1, dtype=torch.float64, device=device)
+    return (torch.frac(torch.sin(i * 12.9898) * 43758.5453) - 0.5).to(dtype)
+
+
 def spectral_norm_estimate(A: Tensor, steps: int = SPECTRAL_POWER_STEPS) -> Tensor:
     """σ̂ <= σ_max(A) for each matrix of a (b, m, n) batch, by power iteration on AᵀA.
 
@@ -291,9 +299,7 @@ def spectral_norm_estimate(A: Tensor, steps: int = SPECTRAL_POWER_STEPS) -> Tens
     is the larger of the Rayleigh quotient and the certain lower bound ‖A‖_F/√min(m, n).
     """
     b, m, n = A.shape
-    # a fixed, generator-free pseudo-random start (a Generator would break torch.compile graphs)
-    i = torch.arange(1, n + 1, dtype=torch.float64, device=A.device)
-    v = (torch.frac(torch.sin(i * 12.9898) * 43758.5453) - 0.5).to(A.dtype)
+    v = power_start(n, A.dtype, A.device)
     v = (v / v.norm()).expand(b, n).unsqueeze(-1)
     for _ in range(steps):
         w = A.mT @ (A @ v)

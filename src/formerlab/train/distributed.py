@@ -237,9 +237,16 @@ def setup(device: str) -> Distributed:
     return Distributed(rank, world, local_rank)
 
 
-def shutdown() -> None:
-    """Leave the process group (no-op when none was joined)."""
+def shutdown(sync: bool = False) -> None:
+    """Leave the process group (no-op when none was joined).
+
+    ``sync``: meet the other ranks first (a barrier), so no rank tears its connections
+    down while another still talks to it (under load, gloo then aborted a finished rank).
+    Only on success: after a failure the launcher stops the others.
+    """
     if dist.is_available() and dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 
