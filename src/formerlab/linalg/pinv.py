@@ -511,9 +511,10 @@ def _iterate(
     diverged_at = torch.full((b,), -1, dtype=torch.long, device=dev)
     res = torch.where(_fro(ad) > 0, 1.0, 0.0).to(a.dtype)  # nothing known about Z₀
     inf = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
-    bound = certify(ad, Z.detach(), iterations, reach, sigma_hi, rcond)
-    converged = bound <= tol
     check_each = iters is None or early_stop
+    # a fixed count certifies its last iterate only (after the loop): skip Z₀'s bound
+    bound = certify(ad, Z.detach(), iterations, reach, sigma_hi, rcond) if check_each else inf
+    converged = bound <= tol
     best_Z, best_res, best_k, best_bound = Z, res.clone(), iterations.clone(), bound.clone()
     ref, since = res.clone(), iterations.clone()  # step at the last halving; iterations since
     x_limit = 2.0 * math.sqrt(m) * (1 + 1e-3)
