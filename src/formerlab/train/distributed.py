@@ -46,8 +46,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from formerlab.data import IGNORE_INDEX, Batch, Task
-from formerlab.train.evaluate import autocast
 from formerlab.train.evaluate import evaluate as evaluate_one
+from formerlab.train.evaluate import metric_totals
 
 T = TypeVar("T")
 
@@ -162,20 +162,8 @@ class Distributed:
         and their metric sums added up: the same numbers as one process."""
         if not self.enabled:
             return evaluate_one(model, task, split, batch_size, batches, device, bf16)
-        was_training = model.training
-        model.eval()
-        totals: dict[str, float] = {}
-        try:
-            for i, batch in enumerate(task.eval_batches(split, batch_size, batches, seed=1234)):
-                if i % self.world != self.rank:
-                    continue
-                batch = batch.to(device)
-                with autocast(device, bf16):
-                    logits = model(batch.inputs, key_padding_mask=batch.key_padding_mask)
-                for key, value in task.metrics(logits, batch).items():
-                    totals[key] = totals.get(key, 0.0) + value
-        finally:
-            model.train(was_training)
+        totals = metric_totals(model, task, split, batch_size, batches, device, bf16,
+                               shard=(self.rank, self.world))
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, totals)
         summed: dict[str, float] = {}

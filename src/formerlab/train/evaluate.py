@@ -29,6 +29,40 @@ def autocast(device: str, bf16: bool):
 
 
 @torch.no_grad()
+def metric_totals(
+    model: nn.Module,
+    task: Task,
+    split: str = "val",
+    batch_size: int = 32,
+    batches: int = 20,
+    device: str = "cpu",
+    bf16: bool = False,
+    seed: int = 1234,
+    shard: tuple[int, int] = (0, 1),
+) -> dict[str, float]:
+    """Summed ``task.metrics`` over the fixed evaluation batches, before ``task.summarize``.
+
+    ``shard = (rank, world)`` keeps batches ``i`` with ``i % world == rank`` only, so the
+    ranks of a data-parallel job split the set and their sums add up to one process's.
+    """
+    rank, world = shard
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    try:
+        for i, batch in enumerate(task.eval_batches(split, batch_size, batches, seed=seed)):
+            if i % world != rank:
+                continue
+            batch = batch.to(device)
+            with autocast(device, bf16):
+                logits = model(batch.inputs, key_padding_mask=batch.key_padding_mask)
+            for key, value in task.metrics(logits, batch).items():
+                totals[key] = totals.get(key, 0.0) + value
+    finally:
+        model.train(was_training)
+    return totals
+
+
 def evaluate(
     model: nn.Module,
     task: Task,
@@ -40,16 +74,5 @@ def evaluate(
     seed: int = 1234,
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``task``'s fixed evaluation set (same batches every call)."""
-    was_training = model.training
-    model.eval()
-    totals: dict[str, float] = {}
-    try:
-        for batch in task.eval_batches(split, batch_size, batches, seed=seed):
-            batch = batch.to(device)
-            with autocast(device, bf16):
-                logits = model(batch.inputs, key_padding_mask=batch.key_padding_mask)
-            for key, value in task.metrics(logits, batch).items():
-                totals[key] = totals.get(key, 0.0) + value
-    finally:
-        model.train(was_training)
+    totals = metric_totals(model, task, split, batch_size, batches, device, bf16, seed)
     return task.summarize(totals)
