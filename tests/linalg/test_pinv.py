@@ -270,3 +270,67 @@ def test_implicit_backward_with_fixed_iterations_is_refused():
     A = well_conditioned((5, 5), seed=3)
     with pytest.raises(ValueError, match=r"backward='implicit' is not allowed with iters=6"):
         pinv(A, iters=6, backward="implicit")
+
+
+def _with_and_without_the_unguarded_run(monkeypatch, A, **kw):
+    """pinv(A) and its gradient as computed, and with the unguarded fixed-count run off."""
+    import importlib
+
+    P = importlib.import_module("formerlab.linalg.pinv")  # the module, not the function
+
+    def solve():
+        a = A.clone().requires_grad_()
+        Z, info = pinv(a, return_info=True, **kw)
+        (g,) = torch.autograd.grad(Z.square().sum(), a)
+        return Z.detach(), info, g
+
+    fast = solve()
+    with monkeypatch.context() as patch:
+        patch.setattr(P, "_unguarded", lambda *args: None)
+        guarded = solve()
+    return fast, guarded
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D])
+def test_fixed_count_unguarded_run_equals_the_guarded_loop(monkeypatch, dtype):
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(3, 4, 16, 16, generator=g, dtype=D).mul(3).softmax(-1).to(dtype)
+    (Z, info, grad), (Z_ref, info_ref, grad_ref) = _with_and_without_the_unguarded_run(
+        monkeypatch, A, iters=6)
+    torch.testing.assert_close(Z, Z_ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
+    for name in ("iterations", "residual", "bound", "converged", "diverged"):
+        assert torch.equal(getattr(info, name), getattr(info_ref, name)), name
+
+
+def test_fixed_count_run_with_a_diverging_matrix_falls_back_to_the_guarded_loop(monkeypatch):
+    # batch: a matrix that blows up in 60 float32 steps (see the divergence test) and a
+    # benign one; the guarded loop stops the first at its last good iterate
+    g = torch.Generator().manual_seed(0)
+    bad = (torch.randn(32, 6, generator=g, dtype=D) @ torch.randn(6, 32, generator=g, dtype=D))
+    good = torch.randn(32, 32, generator=g, dtype=D) + 8 * torch.eye(32, dtype=D)
+    A = torch.stack([bad, good]).float()
+    with pytest.warns(UserWarning, match="diverged: 1"):
+        (Z, info, grad), (Z_ref, info_ref, grad_ref) = _with_and_without_the_unguarded_run(
+            monkeypatch, A, iters=60, on_fail="warn")
+    assert bool(info.diverged[0]) and not bool(info.diverged[1])
+    assert torch.equal(Z, Z_ref) and torch.equal(grad, grad_ref)
+    assert torch.equal(info.iterations, info_ref.iterations)
+    assert int(info.iterations[1]) == 60 and torch.isfinite(grad).all()
+
+
+def test_fixed_count_run_that_grows_past_the_limit_but_stays_finite_is_caught(monkeypatch):
+    # a spectral init fooled by the power iteration (α·σ_max² ≈ 3.7 > 2): Newton–Schulz
+    # grows, still finite after 3 steps; only the ‖AZ‖_F <= 2√m test can stop it
+    from formerlab.linalg.pinv import power_start
+
+    n = 6
+    v0 = power_start(n, D)
+    basis = torch.linalg.qr(torch.cat([v0[:, None], torch.randn(n, n - 1, dtype=D)], 1))[0]
+    U = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(1), dtype=D))[0]
+    A = U @ torch.diag(torch.tensor([1.0, 0.5, 0.4, 0.3, 0.2, 0.1], dtype=D)) @ basis[:, [1, 0, 2, 3, 4, 5]].mT
+    with pytest.warns(UserWarning, match="diverged: 1"):
+        (Z, info, grad), (Z_ref, info_ref, grad_ref) = _with_and_without_the_unguarded_run(
+            monkeypatch, A, init="spectral", order=2, iters=3, on_fail="warn")
+    assert bool(info.diverged) and int(info.iterations) < 3
+    assert torch.equal(Z, Z_ref) and torch.equal(grad, grad_ref)

@@ -11,10 +11,12 @@ import pkgutil
 
 from formerlab.attention.base import AttentionKernel, check_kernel_options, compute_dtype
 from formerlab.attention.causal_nystrom import CausalNystromAttention
+from formerlab.attention.conv_skip import DepthwiseConvSkip
 from formerlab.attention.double_softmax import DoubleSoftmaxAttention
 from formerlab.attention.landmark import LandmarkAttention
 from formerlab.attention.linear import LinearAttention
 from formerlab.attention.nystrom import NystromAttention
+from formerlab.attention.nystrom_product import NystromProduct, nystrom_product
 from formerlab.attention.performer import PerformerAttention
 from formerlab.attention.registry import KERNELS, available, build, describe, register
 from formerlab.attention.softmax import SoftmaxAttention
@@ -28,10 +30,12 @@ __all__ = [
     "KERNELS",
     "AttentionKernel",
     "CausalNystromAttention",
+    "DepthwiseConvSkip",
     "DoubleSoftmaxAttention",
     "LandmarkAttention",
     "LinearAttention",
     "NystromAttention",
+    "NystromProduct",
     "PerformerAttention",
     "SoftmaxAttention",
     "available",
@@ -39,5 +43,6 @@ __all__ = [
     "check_kernel_options",
     "compute_dtype",
     "describe",
+    "nystrom_product",
     "register",
 ]

@@ -19,7 +19,9 @@ What this implementation guarantees (tests in tests/attention/test_nystrom*.py):
   inverse) per head and call by the error on a few exactly computed rows — the exact
   pseudoinverse of an ill-conditioned W amplifies the landmark error (semi-convergence,
   see ``formerlab approx`` and the README);
-* optional depthwise convolution skip on V (as in the paper's code), padding-aware.
+* optional depthwise convolution skip on V (as in the paper's code), padding-aware;
+* unpadded calls run the same computation as one autograd function with a hand-written
+  backward (:mod:`formerlab.attention.nystrom_product`), tested against this general path.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as TF
-from torch import Tensor, nn
+from torch import Tensor
 
 from formerlab.attention.base import AttentionKernel, check_kernel_options
+from formerlab.attention.conv_skip import DepthwiseConvSkip, depthwise_conv_seq
 from formerlab.attention.landmark import LandmarkFactors, landmark_factors
+from formerlab.attention.nystrom_product import nystrom_product
 from formerlab.attention.registry import register
 from formerlab.errors import check_choice, check_positive_float, check_positive_int
-from formerlab.linalg.numerics import relative_step
+from formerlab.linalg.numerics import compute_dtype, relative_step
 from formerlab.linalg.pinv import (
     AUTO_INIT,
     BACKWARDS,
@@ -109,64 +112,6 @@ def _rel_err(approx: Tensor, ref: Tensor) -> Tensor:
     """Relative Frobenius error per (B, H) over the last two dims; inf if non-finite."""
     err = (approx - ref).flatten(-2).norm(dim=-1) / ref.flatten(-2).norm(dim=-1).clamp(min=1e-30)
     return torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
-
-
-def depthwise_conv_seq(v: Tensor, weight: Tensor) -> Tensor:
-    """Depthwise convolution along the sequence with zero padding ("same" size).
-
-    out[b, h, n, :] = Σ_t weight[h, t] · v[b, h, n + t − K//2, :] for v (B, H, N, D) and
-    an odd-sized weight (H, K). Computed as one matrix product per head: the sequence is
-    cut into blocks of L tokens, and each block's output is a banded Toeplitz matrix
-    (L × (L + K − 1), built from the weights) times the block's input window. This does
-    (L + K − 1)/K times the multiply-adds of a direct convolution but runs as a large GEMM;
-    on CPU it measured ~7× faster than ``conv2d`` with a (K, 1) kernel, forward+backward.
-    """
-    b, h, n, d = v.shape
-    k = weight.shape[-1]
-    p = k // 2
-    block = max(16, 2 * p)
-    nb = -(-n // block)
-    vp = TF.pad(v, (0, 0, p, p + nb * block - n))  # (B, H, nb·L + 2p, D)
-    windows = vp.unfold(2, block + 2 * p, block)  # (B, H, nb, D, L + 2p), a view
-    i = torch.arange(block, device=v.device)[:, None]
-    j = torch.arange(block + 2 * p, device=v.device)[None, :]
-    offset = j - i
-    band = (offset >= 0) & (offset < k)
-    toeplitz = weight[:, offset.clamp(0, k - 1)] * band.to(weight.dtype)  # (H, L, L + 2p)
-    rhs = windows.permute(0, 1, 4, 2, 3).reshape(b, h, block + 2 * p, nb * d)
-    out = (toeplitz @ rhs).view(b, h, block, nb, d).transpose(2, 3).reshape(b, h, nb * block, d)
-    return out[:, :, :n]
-
-
-class DepthwiseConvSkip(nn.Module):
-    """Depthwise convolution of V along the sequence, added to the output (Nyströmformer's
-    code uses a kernel of 33). Padded tokens are zeroed first, so real outputs do not see
-    padding; ``heads=None`` shares one filter across heads.
-    """
-
-    def __init__(self, kernel_size: int, heads: int | None = None) -> None:
-        super().__init__()
-        check_positive_int("conv_kernel", kernel_size)
-        if kernel_size % 2 == 0:
-            raise ValueError(
-                f"conv_kernel={kernel_size} is not allowed; expected an odd integer so the "
-                "output stays aligned with the input"
-            )
-        self.kernel_size = kernel_size
-        self.heads = None if heads is None else check_positive_int("conv_heads", heads)
-        bound = 1.0 / math.sqrt(kernel_size)  # nn.Conv2d's default init for fan_in = k
-        self.weight = nn.Parameter(torch.empty(heads or 1, kernel_size).uniform_(-bound, bound))
-
-    def forward(self, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-        h = v.shape[1]
-        if self.heads is not None and self.heads != h:
-            raise ValueError(f"conv_heads={self.heads} does not match the {h} heads of the input")
-        if key_padding_mask is not None:
-            v = v * key_padding_mask[:, None, :, None].to(v.dtype)
-        return depthwise_conv_seq(v, self.weight.to(v.dtype).expand(h, -1))
-
-    def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, heads={self.heads or 'shared'}"
 
 
 @register(
@@ -434,6 +379,10 @@ class NystromAttention(AttentionKernel):
             if self.pinv_reg is None:
                 return self._select_iterations(W, F_s.detach(), RV.detach(), target)
             return self._select_regularised(W, F_s.detach(), RV.detach(), target)
+        return self._direct_inverse(W)
+
+    def _direct_inverse(self, W: Tensor) -> tuple[Tensor, NystromInfo]:
+        """The iterative pinv or the regularised inverse of W (no sampled-row selection)."""
         if self.pinv_reg is None:
             Z, info = self._pinv(W)
             return Z, NystromInfo(pinv=info)
@@ -447,6 +396,10 @@ class NystromAttention(AttentionKernel):
     def attend(self, q, k, v, key_padding_mask, causal, need_weights):
         b, h, n, _ = q.shape
         m = self.num_landmarks
+        fusable = key_padding_mask is None and n > m and not need_weights
+        # (torch.compile traces the plain ops below and fuses them itself)
+        if fusable and self.pinv_select is None and not torch.compiler.is_compiling():
+            return self._attend_unmasked(q, k, v), None
         fac = landmark_factors(q, k, v, key_padding_mask, m, self.scale)
         # sequences with <= m real tokens: every token is its own landmark -> exact
         exact = fac.layout.exact if (n <= m or key_padding_mask is not None) else None
@@ -472,6 +425,29 @@ class NystromAttention(AttentionKernel):
         if self.conv is not None:
             out = out + self.conv(fac.v, key_padding_mask)
         return out, (weights.to(q.dtype) if weights is not None else None)
+
+    def _attend_unmasked(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The common case (no padding, N > m, no weights, no selection) in fewer passes:
+        the same landmarks and inverse as :meth:`attend`, fused into one autograd function
+        (:func:`~formerlab.attention.nystrom_product.nystrom_product`)."""
+        d = q.shape[-1]
+        work = compute_dtype(q.dtype)
+        scale = 1.0 / math.sqrt(d) if self.scale is None else self.scale
+        infos: list[NystromInfo] = []
+
+        def inverse(W: Tensor) -> Tensor:
+            Z, info = self._direct_inverse(W)
+            infos.append(info)
+            return Z
+
+        vw = v.to(work)
+        out = nystrom_product(q.to(work), k.to(work), vw, self.num_landmarks, inverse, scale)
+        self.last_info = infos[0]
+        if self.conv is not None:
+            # the convolution's (B, N, H, D) layout first: the sum takes it, and merging
+            # the heads afterwards is then a view, not a copy
+            out = self.conv(vw, None) + out
+        return out
 
     def diagnostics(self) -> dict[str, float]:
         """Per-call statistics of the last forward for training logs."""

@@ -1,0 +1,207 @@
+"""The fused unpadded Nyström path (``nystrom_product``), the convolution skip's own
+backward and the qkv split: each against ground truth built here from first principles
+(dense matrices, shifted sums) or against the independent general code path."""
+
+import pytest
+import torch
+
+from formerlab.attention.conv_skip import depthwise_conv_seq
+from formerlab.attention.nystrom import NystromAttention
+from formerlab.attention.nystrom_product import nystrom_product
+from formerlab.mixers.self_attention import SelfAttention, _SplitQKV
+
+D64 = torch.float64
+
+
+def qkv(b=2, h=2, n=37, d=5, dtype=D64, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g, dtype=D64).to(dtype).requires_grad_(requires_grad)
+            for _ in range(3)]
+
+
+def segment_matrix(n: int, m: int) -> torch.Tensor:
+    """(m, N) mean over segment floor(r·m/N), written out densely."""
+    S = torch.zeros(m, n, dtype=D64)
+    for r in range(n):
+        S[r * m // n, r] = 1.0
+    return S / S.sum(-1, keepdim=True)
+
+
+def dense_nystrom(q, k, v, m, scale):
+    """F · pinv(W) · R · V from explicit matrices (exact pseudoinverse)."""
+    S = segment_matrix(q.shape[-2], m)
+    ql, kl = S @ q * scale, S @ k
+    F = (q * scale @ kl.mT).softmax(-1)
+    W = (ql @ kl.mT).softmax(-1)
+    R = (ql @ k.mT).softmax(-1)
+    return F @ torch.linalg.pinv(W) @ R @ v
+
+
+@pytest.mark.parametrize("n,m", [(37, 4), (64, 8), (9, 8)])
+def test_product_equals_dense_formula_with_the_exact_inverse(n, m):
+    q, k, v = qkv(n=n)
+    out = nystrom_product(q, k, v, m, torch.linalg.pinv, 0.4)
+    torch.testing.assert_close(out, dense_nystrom(q, k, v, m, 0.4), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,m", [(7, 2), (8, 2)])
+def test_product_gradcheck_and_gradgradcheck(n, m):
+    q, k, v = qkv(b=1, h=2, n=n, d=2, requires_grad=True)
+
+    def f(q, k, v):
+        return nystrom_product(q, k, v, m, torch.linalg.pinv, 0.7)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+    assert torch.autograd.gradgradcheck(f, (q, k, v))  # the create_graph recompute path
+
+
+def run(kern, q, k, v, mask):
+    out, _ = kern.attend(q, k, v, mask, False, False)
+    return out
+
+
+@pytest.mark.parametrize("n,m", [(37, 4), (64, 8), (9, 8)])
+@pytest.mark.parametrize("options", [
+    dict(pinv_iters=6),
+    dict(pinv_iters=6, conv_kernel=5, conv_heads=2),
+    dict(pinv_iters=None, pinv_tol=1e-8, pinv_backward="implicit"),
+    dict(pinv_reg="tikhonov", conv_kernel=3),
+])
+def test_fused_path_matches_the_general_path_forward_and_backward(n, m, options):
+    # an all-True mask sends the same call down the general (landmark_factors) path
+    kern = NystromAttention(num_landmarks=m, **options).double()
+    q, k, v = qkv(n=n, requires_grad=True)
+    mask = torch.ones(2, n, dtype=torch.bool)
+    fused, general = run(kern, q, k, v, None), run(kern, q, k, v, mask)
+    torch.testing.assert_close(fused, general, rtol=1e-9, atol=1e-11)
+    params = [q, k, v] + list(kern.parameters())
+    g = torch.randn(fused.shape, generator=torch.Generator().manual_seed(1), dtype=D64)
+    # the implicit derivative is that of A⁺, evaluated at an iterate certified within
+    # tol = 1e-8: the landmarks' rounding (scaled before or after the mean) can move the
+    # stopping iteration, so the two paths agree to ~tol there, to rounding elsewhere
+    implicit = options.get("pinv_backward") == "implicit"
+    rtol, atol = (1e-5, 1e-7) if implicit else (1e-8, 1e-10)
+    for a, b in zip(torch.autograd.grad(fused, params, g), torch.autograd.grad(general, params, g)):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def test_fused_path_keeps_the_pinv_diagnostics():
+    kern = NystromAttention(num_landmarks=8, pinv_iters=6)
+    q, k, v = qkv(n=40, dtype=torch.float32)
+    kern.attend(q, k, v, None, False, False)
+    fused = kern.last_info.pinv
+    kern.attend(q, k, v, torch.ones(2, 40, dtype=torch.bool), False, False)
+    general = kern.last_info.pinv
+    assert fused.iterations.shape == (2, 2)
+    assert torch.equal(fused.iterations, general.iterations)
+    assert torch.equal(fused.converged, general.converged)
+    torch.testing.assert_close(fused.bound, general.bound)
+    assert kern.diagnostics()["pinv_iterations"] == 6
+
+
+def test_backward_twice_with_retain_graph_gives_the_same_gradients():
+    q, k, v = qkv(n=20, requires_grad=True)
+    out = nystrom_product(q, k, v, 4, torch.linalg.pinv, 0.5)
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+    second = torch.autograd.grad(out, (q, k, v), g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_are_computed_in_float32(dtype):
+    q, k, v = qkv(n=70, d=8, dtype=torch.float32)
+    kern = NystromAttention(num_landmarks=8, pinv_iters=6, conv_kernel=3)
+    ref = kern(q, k, v)
+    low = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = kern(*low)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    out.float().square().sum().backward()
+    assert all(t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in low)
+
+
+def test_inference_mode_builds_no_graph():
+    q, k, v = qkv(n=30, dtype=torch.float32)
+    with torch.no_grad():
+        out = nystrom_product(q, k, v, 4, torch.linalg.pinv, 0.3)
+    assert not out.requires_grad
+
+
+def test_product_refuses_sequences_not_longer_than_m():
+    q, k, v = qkv(n=4)
+    with pytest.raises(ValueError, match="N > num_landmarks; got N=4, num_landmarks=4"):
+        nystrom_product(q, k, v, 4, torch.linalg.pinv, 1.0)
+
+
+def shifted_sum_conv(v, w):
+    """out[n] = Σ_t w[t]·v[n + t − K//2], zero padded, as an explicit sum of shifts."""
+    p = w.shape[-1] // 2
+    vp = torch.nn.functional.pad(v, (0, 0, p, p))
+    n = v.shape[-2]
+    return sum(w[None, :, t, None, None] * vp[:, :, t:t + n] for t in range(w.shape[-1]))
+
+
+@pytest.mark.parametrize("n,ksize", [(1, 3), (50, 33), (17, 5), (8, 9)])
+def test_conv_skip_forward_and_both_gradients_match_shifted_sums(n, ksize):
+    v = torch.randn(2, 3, n, 4, dtype=D64, requires_grad=True)
+    w = torch.randn(3, ksize, dtype=D64, requires_grad=True)
+    out, ref = depthwise_conv_seq(v, w), shifted_sum_conv(v, w)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (v, w), g), torch.autograd.grad(ref, (v, w), g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_conv_skip_double_backward_and_strided_input():
+    base = torch.randn(1, 9, 3 * 2 * 3, dtype=D64, requires_grad=True)
+    w = torch.randn(2, 5, dtype=D64, requires_grad=True)
+
+    def f(base, w):  # v as the strided per-head view of a packed projection
+        v = base[..., 6:12].view(1, 9, 2, 3).transpose(1, 2)
+        return depthwise_conv_seq(v, w)
+
+    assert torch.autograd.gradcheck(f, (base, w))
+    assert torch.autograd.gradgradcheck(f, (base, w))
+
+
+def test_split_qkv_gradients_land_in_one_buffer():
+    x = torch.randn(2, 5, 24, dtype=D64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: _SplitQKV.apply(x, 2), (x,))
+    q, k, v = _SplitQKV.apply(x, 2)
+    (3 * q.sum() + v.square().sum()).backward()  # k unused: its block gets zeros
+    assert torch.equal(x.grad[..., :8], torch.full_like(x.grad[..., :8], 3.0))
+    assert torch.equal(x.grad[..., 8:16], torch.zeros_like(x.grad[..., 8:16]))
+    torch.testing.assert_close(x.grad[..., 16:], 2 * x.detach()[..., 16:])
+
+
+def test_self_attention_gradients_equal_the_chunk_reference():
+    mixer = SelfAttention(16, 2, kernel="nystrom", num_landmarks=4, conv_kernel=3).double()
+    x = torch.randn(2, 21, 16, dtype=D64, requires_grad=True)
+    out = mixer(x)
+    q, k, v = (t.view(2, 21, 2, 8).transpose(1, 2) for t in mixer.qkv(x).chunk(3, -1))
+    ref = mixer.out(mixer.kernel(q, k, v).transpose(1, 2).reshape(2, 21, 16))
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    params = [x] + list(mixer.parameters())
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_bf16_autocast_runs_forward_and_backward():
+    # the fused product and the conv skip turn autocast off inside (their backward needs
+    # the forward's dtypes); the projections still run in bf16
+    torch.manual_seed(0)
+    mixer = SelfAttention(32, 2, kernel="nystrom", num_landmarks=4, conv_kernel=3)
+    x = torch.randn(2, 30, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mixer(x)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+    grad_bf16 = x.grad.clone()
+    x.grad = None
+    ref = mixer(x)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.02)
+    assert torch.nn.functional.cosine_similarity(grad_bf16.flatten(), x.grad.flatten(), 0) > 0.99
