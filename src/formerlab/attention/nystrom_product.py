@@ -37,10 +37,10 @@ Inverse = Callable[[Tensor], Tensor]
 
 
 def _softmax_backward(grad: Tensor, prob: Tensor, dim: int) -> Tensor:
-    """prob ⊙ (grad − Σ_dim grad ⊙ prob), the softmax derivative (``grad`` is overwritten).
+    """prob ⊙ (grad − Σ_dim grad ⊙ prob), the softmax derivative; ``grad`` may be reused.
 
-    ATen's fused kernel for the last dim; for dim −2 three in-place passes, which measured
-    1.4× faster than ATen's strided kernel there.
+    ATen's fused kernel for the last dim; for dim −2 three passes in place on ``grad``,
+    which measured 1.4× faster than ATen's strided kernel there.
     """
     if dim == -1:
         return torch._softmax_backward_data(grad, prob, -1, prob.dtype)
