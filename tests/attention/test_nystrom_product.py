@@ -205,3 +205,12 @@ def test_bf16_autocast_runs_forward_and_backward():
     ref.square().sum().backward()
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.02)
     assert torch.nn.functional.cosine_similarity(grad_bf16.flatten(), x.grad.flatten(), 0) > 0.99
+
+
+def test_split_qkv_head_by_head_copy_for_long_sequences():
+    # N·D >= 2^16 takes the per-head copy path; the gradient must equal the plain chunk's
+    x = torch.randn(1, 2048, 3 * 2 * 32, requires_grad=True)
+    grads = [torch.randn(1, 2, 2048, 32) for _ in range(3)]
+    torch.autograd.backward(_SplitQKV.apply(x, 2), grads)
+    ref = torch.cat([g.transpose(1, 2).reshape(1, 2048, 64) for g in grads], dim=-1)
+    assert torch.equal(x.grad, ref)

@@ -26,6 +26,11 @@ def split_heads(x: Tensor, heads: int) -> Tensor:
     return x.view(b, n, heads, -1).transpose(1, 2)
 
 
+#: from this many elements per head (N·D) the gradient is copied head by head: at
+#: N = 8192, D = 64 that measured 6.2 instead of 8.3 ms for q, k, v (1 thread)
+_PER_HEAD_COPY = 1 << 16
+
+
 class _SplitQKV(torch.autograd.Function):
     """(B, N, 3·H·D) -> per-head q, k, v (B, H, N, D) views; the backward writes the three
     gradients straight into one (B, N, 3, H, D) buffer. Autograd's own chunk backward
@@ -47,7 +52,12 @@ class _SplitQKV(torch.autograd.Function):
         # an unused one of q, k, v has no gradient: its block stays zero
         out = given[0].new_empty(shape) if len(given) == 3 else given[0].new_zeros(shape)
         for i, g in enumerate(grads):
-            if g is not None:
+            if g is None:
+                continue
+            if n * shape[-1] >= _PER_HEAD_COPY:  # one (N, D) block per head
+                for h in range(ctx.heads):
+                    out[:, :, i, h].copy_(g[:, h])
+            else:
                 out[:, :, i].copy_(g.transpose(1, 2))
         return out.view(b, n, c3), None
 
