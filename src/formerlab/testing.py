@@ -132,6 +132,15 @@ def _outputs(fn: Callable[..., Any], args: Sequence[Any]) -> Tensor:
     return out
 
 
+def _max_diff(a: Tensor, b: Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
+        return float("inf")
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
 def check_future_leak(
     fn: Callable[..., Any],
     inputs: Sequence[Any],
@@ -175,12 +184,7 @@ def check_future_leak(
         ]
         with torch.no_grad():
             out = _outputs(fn, perturbed)
-        past_new = out.narrow(out_dim, 0, t + 1).double()
-        past_old = base.narrow(out_dim, 0, t + 1).double()
-        if not torch.isfinite(past_new).all() or not torch.isfinite(past_old).all():
-            report.value_leak[t] = float("inf")
-        else:
-            report.value_leak[t] = float((past_new - past_old).abs().max())
+        report.value_leak[t] = _max_diff(out.narrow(out_dim, 0, t + 1), base.narrow(out_dim, 0, t + 1))
 
         if not check_grad:
             continue
@@ -268,15 +272,6 @@ class PrefixReport:
     @property
     def max_error(self) -> float:
         return max([*self.prefix_error.values(), *self.padding_error.values()], default=0.0)
-
-
-def _max_diff(a: Tensor, b: Tensor) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    a, b = a.detach().double(), b.detach().double()
-    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
-        return float("inf")
-    return float((a - b).abs().max()) if a.numel() else 0.0
 
 
 def check_prefix_consistency(
