@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from formerlab.attention.recompute import grads_by_recompute
 from formerlab.errors import check_positive_int
 
 
@@ -36,11 +37,10 @@ class _SequenceConv(torch.autograd.Function):
         x, w = ctx.saved_tensors
         pad, groups = w.shape[2] // 2, x.shape[1]
         if torch.is_grad_enabled():  # create_graph: differentiate the plain convolution
-            with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-                out = TF.conv2d(x, w, padding=(pad, 0), groups=groups)
-                wanted = [t for t, need in zip((x, w), ctx.needs_input_grad) if need]
-                grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-            return tuple(next(grads) if need else None for need in ctx.needs_input_grad)
+            def plain(x, w):
+                return TF.conv2d(x, w, padding=(pad, 0), groups=groups)
+
+            return grads_by_recompute(plain, (x, w), ctx.needs_input_grad, grad)
         grad = grad.contiguous(memory_format=torch.channels_last)
         dx = dw = None
         if ctx.needs_input_grad[0]:

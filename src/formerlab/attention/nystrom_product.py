@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from formerlab.attention.recompute import grads_by_recompute
 from formerlab.linalg.segments import SegmentLayout, segment_layout, segment_means
 
 Inverse = Callable[[Tensor], Tensor]
@@ -105,11 +106,11 @@ class NystromProduct(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, q_land, k_land_s, F, Rt, RV, Y = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiate plain ops instead
-            inputs = [t for t in (q, k, v) if t.requires_grad]
-            with torch.enable_grad(), torch.autocast(device_type=q.device.type, enabled=False):
-                out = _reference(q, k, v, ctx.inverse, ctx.layout, ctx.scale)
-                grads = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
-            return (*(next(grads) if t.requires_grad else None for t in (q, k, v)), None, None, None)
+            def reference(q, k, v):
+                return _reference(q, k, v, ctx.inverse, ctx.layout, ctx.scale)
+
+            grads = grads_by_recompute(reference, (q, k, v), ctx.needs_input_grad[:3], grad)
+            return (*grads, None, None, None)
         q_leaf, k_leaf, Z = ctx.small
         scale = ctx.scale
         grad = grad.to(F.dtype)  # (strided from the head merge: measured no slower)
