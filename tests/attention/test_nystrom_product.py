@@ -214,3 +214,18 @@ def test_split_qkv_head_by_head_copy_for_long_sequences():
     torch.autograd.backward(_SplitQKV.apply(x, 2), grads)
     ref = torch.cat([g.transpose(1, 2).reshape(1, 2048, 64) for g in grads], dim=-1)
     assert torch.equal(x.grad, ref)
+
+
+def test_conv_skip_weight_of_another_dtype_gets_its_gradient_in_its_own_dtype():
+    # float64 values, float32 filter: the backward used to meet the uncast filter and fail
+    v = torch.randn(1, 2, 9, 3, dtype=D64, requires_grad=True)
+    w = torch.randn(2, 5, requires_grad=True)
+    out = depthwise_conv_seq(v, w)
+    g = torch.randn_like(out)
+    gv, gw = torch.autograd.grad(out, (v, w), g)
+    ref = shifted_sum_conv(v, w.double())
+    rv, rw = torch.autograd.grad(ref, (v, w), g)
+    assert out.dtype == D64 and gw.dtype == torch.float32
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gv, rv)
+    torch.testing.assert_close(gw, rw)

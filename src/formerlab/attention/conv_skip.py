@@ -30,7 +30,7 @@ class _SequenceConv(torch.autograd.Function):
         # in x's dtype under autocast too: the backward (run without autocast) must see
         # the dtypes the forward used
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return TF.conv2d(x, w.to(x.dtype), padding=(w.shape[2] // 2, 0), groups=x.shape[1])
+            return TF.conv2d(x, w, padding=(w.shape[2] // 2, 0), groups=x.shape[1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -64,7 +64,8 @@ def depthwise_conv_seq(v: Tensor, weight: Tensor) -> Tensor:
     b, h, n, d = v.shape
     x = v.transpose(1, 2).reshape(b, n, 1, h * d).permute(0, 3, 1, 2)  # (B, C, N, 1)
     x = x.contiguous(memory_format=torch.channels_last)
-    w = weight.repeat_interleave(d, dim=0)[:, None, :, None]  # (C, 1, K, 1)
+    # v's dtype (a differentiable cast), so forward and hand-written backward agree
+    w = weight.to(v.dtype).repeat_interleave(d, dim=0)[:, None, :, None]  # (C, 1, K, 1)
     if torch.compiler.is_compiling():  # traced as the plain convolution
         out = TF.conv2d(x, w, padding=(w.shape[2] // 2, 0), groups=h * d)
     else:
