@@ -334,3 +334,58 @@ def test_fixed_count_run_that_grows_past_the_limit_but_stays_finite_is_caught(mo
             monkeypatch, A, init="spectral", order=2, iters=3, on_fail="warn")
     assert bool(info.diverged) and int(info.iterations) < 3
     assert torch.equal(Z, Z_ref) and torch.equal(grad, grad_ref)
+
+
+# ------------------------------------------------------------------ deferred certificate
+
+
+def _pending(info) -> bool:
+    return info._certificate is not None
+
+
+def test_fixed_count_certificate_is_computed_on_first_read_and_is_honest():
+    # iters only: nothing is decided by the certificate, so it waits until it is read
+    A = torch.stack([softmax_matrix(12, std=0.3, seed=1), softmax_matrix(12, std=2.0, seed=2)])
+    Z, info = pinv(A, iters=30, return_info=True)
+    assert _pending(info)
+    ref = torch.linalg.pinv(A, rtol=info.rcond)
+    assert bool(info.converged[0]) and not _pending(info)
+    assert (rel(Z, ref)[info.converged] <= info.bound[info.converged]).all()
+    torch.testing.assert_close(info.penrose, penrose_residual(A, Z))
+    # 6 iterations of the ill-conditioned one: far off, and not called converged
+    Z6, info6 = pinv(A, iters=6, return_info=True)
+    assert rel(Z6, ref)[1] > 1e-3 and not bool(info6.converged[1])
+
+
+def test_deferred_certificate_is_that_of_the_call_not_of_later_changes_to_the_input():
+    A = softmax_matrix(10, std=0.5, batch=(3,), seed=4)
+    before = A.clone()
+    Z, info = pinv(A, iters=8, return_info=True)
+    A.mul_(1e-3).add_(torch.eye(10, dtype=D))  # the caller reuses its buffer
+    _, fresh = pinv(before, iters=8, return_info=True)
+    for name in ("bound", "reach", "converged", "penrose"):
+        assert torch.equal(getattr(info, name), getattr(fresh, name)), name
+
+
+def test_deferred_certificate_survives_reshape_and_keeps_no_graph():
+    W = softmax_matrix(8, batch=(2, 3), seed=6).requires_grad_()
+    Z, info = pinv(W * 1.0, iters=5, return_info=True)
+    flat = info.reshape((6,))
+    assert _pending(flat)
+    assert flat.bound.shape == (6,) and info.bound.shape == (2, 3)
+    assert torch.equal(flat.bound, info.bound.reshape(6))
+    assert not any(t.requires_grad for t in (flat.penrose, flat.bound))
+    summary = pinv(W.detach(), iters=5, return_info=True)[1].summary()
+    assert summary["pinv_bound_max"] == info.bound.max().item()
+
+
+def test_failure_handling_settles_the_certificate_first():
+    # on_fail="exact" edits converged and bound of the failed matrices: they must be
+    # the settled values, and the replaced matrix is exact (bound 0, converged)
+    g = torch.Generator().manual_seed(0)
+    bad = torch.randn(32, 6, generator=g, dtype=D) @ torch.randn(6, 32, generator=g, dtype=D)
+    A = torch.stack([bad, torch.eye(32, dtype=D) * 2]).float()
+    Z, info = pinv(A, iters=60, on_fail="exact", return_info=True)
+    assert bool(info.fallback[0]) and bool(info.converged[0]) and info.bound[0] == 0
+    assert bool(info.converged[1])
+    torch.testing.assert_close(Z[1], torch.eye(32) / 2)

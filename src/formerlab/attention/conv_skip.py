@@ -2,11 +2,15 @@
 
 Nyströmformer's code adds a depthwise convolution of the values (kernel 33) to the
 attention output. Here it runs as a grouped ``conv2d`` over the H·D channels in the
-channels-last layout (B, N, H·D), a view of the projections' output where oneDNN
-vectorises over channels, with its own backward: the input gradient is the forward
-convolution of the output gradient with the flipped kernel, which oneDNN runs ~2.7×
-faster than its depthwise backward-data path (9.3 vs 25.7 ms at N = 8192, H·D = 256,
-K = 33, 1 thread).
+channels-last layout, on one contiguous (B, N, H·D) copy of the values, with its own
+backward. oneDNN's speed depends on which spatial axis carries the sequence and on the
+tensors having the canonical channels-last strides (a size-1 axis with another stride
+passes ``is_contiguous`` but takes a slow path). Measured at N = 8192, H·D = 256, K = 33,
+1 thread: forward and input gradient run fastest with the sequence as the width,
+(B, C, 1, N): 7.1 and 6.5 ms against 10.0 and 10.4 with it as the height; the weight
+gradient only as the height, (B, C, N, 1): 10.4 ms against 213. Both are views of the same
+memory. The input gradient is the forward convolution of the output gradient with the
+flipped kernel.
 """
 
 from __future__ import annotations
@@ -21,8 +25,28 @@ from formerlab.attention.recompute import grads_by_recompute
 from formerlab.errors import check_positive_int
 
 
+def _as_width(x: Tensor) -> Tensor:
+    """Contiguous (B, N, C) -> (B, C, 1, N) with canonical channels-last strides."""
+    b, n, c = x.shape
+    return x.as_strided((b, c, 1, n), (n * c, 1, n * c, c))
+
+
+def _as_height(x: Tensor) -> Tensor:
+    """Contiguous (B, N, C) -> (B, C, N, 1) with canonical channels-last strides."""
+    b, n, c = x.shape
+    return x.as_strided((b, c, n, 1), (n * c, 1, c, c))
+
+
+def _conv_width(x: Tensor, w: Tensor) -> Tensor:
+    """x (B, N, C) contiguous, w (C, K): grouped conv along N, "same" zero padding; the
+    result is a (B, N, C) view of channels-last memory."""
+    c, k = w.shape
+    out = TF.conv2d(_as_width(x), w.view(c, 1, 1, k), padding=(0, k // 2), groups=c)
+    return out.permute(0, 3, 2, 1).reshape(x.shape)
+
+
 class _SequenceConv(torch.autograd.Function):
-    """Grouped conv2d of x (B, C, N, 1) with w (C, 1, K, 1), "same" zero padding."""
+    """Grouped convolution along N of x (B, N, C), contiguous, with w (C, K)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
@@ -30,27 +54,24 @@ class _SequenceConv(torch.autograd.Function):
         # in x's dtype under autocast too: the backward (run without autocast) must see
         # the dtypes the forward used
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return TF.conv2d(x, w, padding=(w.shape[2] // 2, 0), groups=x.shape[1])
+            return _conv_width(x, w)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, w = ctx.saved_tensors
-        pad, groups = w.shape[2] // 2, x.shape[1]
         if torch.is_grad_enabled():  # create_graph: differentiate the plain convolution
-            def plain(x, w):
-                return TF.conv2d(x, w, padding=(pad, 0), groups=groups)
-
-            return grads_by_recompute(plain, (x, w), ctx.needs_input_grad, grad)
-        grad = grad.contiguous(memory_format=torch.channels_last)
+            return grads_by_recompute(_conv_width, (x, w), ctx.needs_input_grad, grad)
+        grad = grad.contiguous()  # canonical strides for the views below
         dx = dw = None
         if ctx.needs_input_grad[0]:
             # out[n] = Σ_t w[t]·x[n + t − p]  ⇒  dx[n] = Σ_t w[K − 1 − t]·grad[n + t − p]
-            dx = TF.conv2d(grad, w.flip(2), padding=(pad, 0), groups=groups)
+            dx = _conv_width(grad, w.flip(1))
         if ctx.needs_input_grad[1]:
+            c, k = w.shape
             dw = torch.ops.aten.convolution_backward(
-                grad, x, w, None, [1, 1], [pad, 0], [1, 1], False, [0, 0], groups,
-                [False, True, False],
-            )[1]
+                _as_height(grad), _as_height(x), w.view(c, 1, k, 1), None, [1, 1],
+                [k // 2, 0], [1, 1], False, [0, 0], c, [False, True, False],
+            )[1].view(c, k)
         return dx, dw
 
 
@@ -62,15 +83,14 @@ def depthwise_conv_seq(v: Tensor, weight: Tensor) -> Tensor:
     tensor. See the module docs for the layout and the backward.
     """
     b, h, n, d = v.shape
-    x = v.transpose(1, 2).reshape(b, n, 1, h * d).permute(0, 3, 1, 2)  # (B, C, N, 1)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = v.transpose(1, 2).reshape(b, n, h * d).contiguous()
     # v's dtype (a differentiable cast), so forward and hand-written backward agree
-    w = weight.to(v.dtype).repeat_interleave(d, dim=0)[:, None, :, None]  # (C, 1, K, 1)
+    w = weight.to(v.dtype).repeat_interleave(d, dim=0)  # (C, K)
     if torch.compiler.is_compiling():  # traced as the plain convolution
-        out = TF.conv2d(x, w, padding=(w.shape[2] // 2, 0), groups=h * d)
+        out = _conv_width(x, w)
     else:
         out = _SequenceConv.apply(x, w)
-    return out.permute(0, 2, 3, 1).reshape(b, n, h, d).transpose(1, 2)
+    return out.view(b, n, h, d).transpose(1, 2)
 
 
 class DepthwiseConvSkip(nn.Module):

@@ -91,8 +91,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -157,7 +156,10 @@ class PinvError(RuntimeError):
         self.info = info
 
 
-@dataclass
+#: the certificate fields of :class:`PinvInfo`, which a fixed-count call computes on demand
+CERTIFICATE_FIELDS = ("penrose", "converged", "bound", "reach")
+
+
 class PinvInfo:
     """Diagnostics of one ``pinv`` call; tensors have the batch shape of A.
 
@@ -176,23 +178,41 @@ class PinvInfo:
         unrepresentable: the result overflows the output dtype.
         init, order, tol, rcond: the resolved settings.
         extra: ``"diverged_at"``: the iteration at which divergence was detected (-1 if not).
+
+    ``certificate``, instead of penrose, converged, bound and reach: a function returning
+    them, run on first access. A fixed iteration count does not need them to decide
+    anything, and they cost more than the iterations themselves (~5 of ~10 ms for 4
+    landmark matrices of 64 × 64), while a training loop reads them once per log interval.
     """
 
-    iterations: Tensor
-    residual: Tensor
-    penrose: Tensor
-    converged: Tensor
-    diverged: Tensor
-    stagnated: Tensor
-    fallback: Tensor
-    init: str
-    order: int
-    tol: float
-    extra: dict = field(default_factory=dict)
-    bound: Tensor | None = None
-    reach: Tensor | None = None
-    unrepresentable: Tensor | None = None
-    rcond: float | None = None
+    def __init__(
+        self, iterations: Tensor, residual: Tensor, penrose: Tensor | None,
+        converged: Tensor | None, diverged: Tensor, stagnated: Tensor, fallback: Tensor,
+        init: str, order: int, tol: float, extra: dict | None = None,
+        bound: Tensor | None = None, reach: Tensor | None = None,
+        unrepresentable: Tensor | None = None, rcond: float | None = None, *,
+        certificate: Callable[[], tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
+    ) -> None:
+        self.iterations, self.residual = iterations, residual
+        self.diverged, self.stagnated, self.fallback = diverged, stagnated, fallback
+        self.init, self.order, self.tol, self.rcond = init, order, tol, rcond
+        self.extra = {} if extra is None else extra
+        self.unrepresentable = unrepresentable
+        self._certificate = certificate
+        self._penrose, self._converged, self._bound, self._reach = penrose, converged, bound, reach
+
+    def _settled(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        if self._certificate is not None:
+            with torch.no_grad():
+                values = self._certificate()
+            self._penrose, self._converged, self._bound, self._reach = values
+            self._certificate = None
+        return self._penrose, self._converged, self._bound, self._reach
+
+    penrose = property(lambda self: self._settled()[0])
+    converged = property(lambda self: self._settled()[1])
+    bound = property(lambda self: self._settled()[2])
+    reach = property(lambda self: self._settled()[3])
 
     @property
     def matmuls(self) -> Tensor:
@@ -219,16 +239,30 @@ class PinvInfo:
         return out
 
     def reshape(self, shape: tuple[int, ...]) -> PinvInfo:
-        """The same diagnostics with the batch dims reshaped to ``shape``."""
+        """The same diagnostics with the batch dims reshaped to ``shape`` (a pending
+        certificate stays pending)."""
 
         def r(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.reshape(shape)
 
         extra = {k: r(v) if isinstance(v, Tensor) else v for k, v in self.extra.items()}
+        if self._certificate is not None:
+            certificate, cert = (lambda: tuple(r(t) for t in self._settled())), (None,) * 4
+        else:
+            certificate, cert = None, tuple(r(t) for t in self._settled())
+        penrose, converged, bound, reach = cert
         return PinvInfo(
-            r(self.iterations), r(self.residual), r(self.penrose), r(self.converged),
-            r(self.diverged), r(self.stagnated), r(self.fallback), self.init, self.order,
-            self.tol, extra, r(self.bound), r(self.reach), r(self.unrepresentable), self.rcond,
+            r(self.iterations), r(self.residual), penrose, converged, r(self.diverged),
+            r(self.stagnated), r(self.fallback), self.init, self.order, self.tol, extra,
+            bound, reach, r(self.unrepresentable), self.rcond, certificate=certificate,
+        )
+
+    def __repr__(self) -> str:
+        shown = "pending" if self._certificate is not None else f"bound={self._bound}"
+        return (
+            f"PinvInfo(iterations={self.iterations}, residual={self.residual}, "
+            f"diverged={self.diverged}, {shown}, init={self.init!r}, order={self.order}, "
+            f"tol={self.tol}, rcond={self.rcond})"
         )
 
 
@@ -497,12 +531,11 @@ def _iterate(
     b, m, n = a.shape
     dev = a.device
     eye = torch.eye(m, dtype=a.dtype, device=dev)
-    steps = max_iter if iters is None else iters
-    with torch.no_grad():
-        ad = a.detach()
-        alpha = initial_scale(ad, init)
-        sigma_hi = spectral_norm_upper(ad)
-        reach = reach_count(alpha, spectral_norm_estimate(ad), sigma_hi, rcond, order, steps)
+    steps = limit = max_iter if iters is None else iters
+    ad = a.detach()
+    check_each = iters is None or early_stop
+    if check_each:  # the certificate decides when each matrix stops
+        reach, sigma_hi = _reach_and_norm(ad, init, rcond, order, limit)
     Z = initial_scale(a, init) * a.mT
     X = a @ Z
     false = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -511,7 +544,6 @@ def _iterate(
     diverged_at = torch.full((b,), -1, dtype=torch.long, device=dev)
     res = torch.where(_fro(ad) > 0, 1.0, 0.0).to(a.dtype)  # nothing known about Z₀
     inf = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
-    check_each = iters is None or early_stop
     # a fixed count certifies its last iterate only (after the loop): skip Z₀'s bound
     bound = certify(ad, Z.detach(), iterations, reach, sigma_hi, rcond) if check_each else inf
     converged = bound <= tol
@@ -567,8 +599,18 @@ def _iterate(
             stuck = take & ~converged & (since >= PATIENCE)
             stagnated |= stuck
             active = active & ~stuck
-    if not check_each:  # fixed iteration count: certify the last iterate only
-        bound = certify(ad, Z.detach(), iterations, reach, sigma_hi, rcond)
+    if not check_each:  # fixed iteration count: the last iterate's certificate, on demand
+        Z_last, k_last = Z.detach(), iterations.clone()
+
+        def certificate() -> tuple[Tensor, Tensor]:
+            reach, sigma_hi = _reach_and_norm(ad, init, rcond, order, limit)
+            return certify(ad, Z_last, k_last, reach, sigma_hi, rcond), reach
+
+        info = dict(
+            iterations=iterations, residual=res.detach(), diverged=diverged,
+            stagnated=stagnated, diverged_at=diverged_at, certificate=certificate,
+        )
+        return Z, info
     if iters is None:
         # the smallest step says something only once the iteration is past its slow start
         meaningful = torch.isfinite(best_bound) | (best_res < _ASYMPTOTIC)
@@ -585,6 +627,16 @@ def _iterate(
         bound=bound, reach=reach,
     )
     return Z, info
+
+
+def _reach_and_norm(
+    ad: Tensor, init: str, rcond: float, order: int, limit: int
+) -> tuple[Tensor, Tensor]:
+    """The reach count (up to ``limit``) and σ_hi of a normalised (b, m, n) batch."""
+    with torch.no_grad():
+        sigma_hi = spectral_norm_upper(ad)
+        alpha = initial_scale(ad, init)
+        return reach_count(alpha, spectral_norm_estimate(ad), sigma_hi, rcond, order, limit), sigma_hi
 
 
 def _unguarded(
@@ -724,13 +776,24 @@ def pinv(
 
     Z_64 = scale_pow2(Z.double(), -e)  # undo the scale: pinv(2^e·a) = 2^−e·a⁺
     Z_out = Z_64.to(A.dtype)
-    unrep = _output_check(Z_out, Z_64, Z, e, raw, A.dtype, tol)
+    unrep = ~torch.isfinite(Z_out.detach()).flatten(-2).all(-1)
+
+    def settle() -> None:  # raw's bound and converged, with the output rounding
+        _settle(raw, Z_64.detach(), Z.detach(), e, unrep, A.dtype, tol)
+
+    # a fixed count decides nothing by its certificate: it is computed when first read
+    deferred = "certificate" in raw and not torch.compiler.is_compiling()
+    if not deferred:
+        settle()
     failed = raw["diverged"] | unrep | (~raw["converged"] if iters is None else False)
     fallback = torch.zeros_like(failed)
     if not torch.compiler.is_compiling() and bool(failed.any()):  # eager-only check
+        if deferred:  # the handling below reports and edits the certificate
+            settle()
+            deferred = False
         what = _failure_text(raw, failed, unrep, max_iter, tol, order, resolved, work)
         if on_fail == "raise":
-            info = _make_info(a, Z, raw, fallback, unrep, resolved, order, tol, rcond, batch)
+            info = _make_info(a, Z, raw, fallback, unrep, resolved, order, tol, rcond, batch, None)
             raise PinvError(
                 f"pinv: {what}. Use on_fail='exact' (torch.linalg.pinv for those), a larger "
                 "tol or rcond, float64, or a regularised inverse (pinv_reg).",
@@ -751,25 +814,31 @@ def pinv(
             exact_bound = torch.where(ok, 0.0, math.inf).to(raw["bound"].dtype)
             raw["bound"] = raw["bound"].index_put((idx,), exact_bound)
             unrep = unrep.index_put((idx,), ~ok)
-    info = _make_info(a, Z, raw, fallback, unrep, resolved, order, tol, rcond, batch)
+    info = _make_info(
+        a, Z, raw, fallback, unrep, resolved, order, tol, rcond, batch, settle if deferred else None
+    )
     Z_out = Z_out.reshape(*batch, n, m)
     if transpose:
         Z_out = Z_out.mT
     return (Z_out, info) if return_info else Z_out
 
 
-def _output_check(
-    Z_out: Tensor, Z_64: Tensor, Z: Tensor, e: Tensor, raw: dict, dtype: torch.dtype, tol: float
-) -> Tensor:
-    """Add the output rounding to raw["bound"]; returns the matrices that overflow."""
+def _settle(
+    raw: dict, Z_64: Tensor, Z: Tensor, e: Tensor, unrep: Tensor, dtype: torch.dtype, tol: float
+) -> None:
+    """Complete raw's certificate: run a pending one, then add the output rounding to
+    raw["bound"] (inf where the output overflows) and update raw["converged"]."""
     with torch.no_grad():
+        certificate = raw.pop("certificate", None)
+        if certificate is not None:
+            raw["bound"], raw["reach"] = certificate()
+            raw["converged"] = (raw["bound"] <= tol) & ~raw["diverged"]
         finfo = torch.finfo(dtype)
-        unrep = ~torch.isfinite(Z_out).flatten(-2).all(-1)
         # entries in the subnormal range carry an absolute error up to half its spacing
         spacing = finfo.tiny * finfo.eps
-        mag = Z_64.detach().abs()
+        mag = Z_64.abs()
         n_sub = ((mag < finfo.tiny) & (mag > 0)).flatten(-2).sum(-1).double()
-        zf = _fro(Z.detach()).double()
+        zf = _fro(Z).double()
         sub = scale_pow2(
             (n_sub.sqrt() * spacing / 2 / zf.clamp(min=1e-300))[:, None, None], e
         )[:, 0, 0]
@@ -778,7 +847,6 @@ def _output_check(
         bound = raw["bound"] + u_out * (1 + raw["bound"]) + sub
         raw["bound"] = torch.where(unrep, math.inf, bound)
         raw["converged"] = raw["converged"] & (raw["bound"] <= tol)
-    return unrep
 
 
 def _saturate(Z: Tensor, which: Tensor) -> Tensor:
@@ -810,14 +878,23 @@ def _fmt(t: Tensor, limit: int = 8) -> str:
 
 def _make_info(
     a: Tensor, Z: Tensor, raw: dict, fallback: Tensor, unrep: Tensor, init: str, order: int,
-    tol: float, rcond: float, batch: tuple[int, ...],
+    tol: float, rcond: float, batch: tuple[int, ...], settle: Callable[[], None] | None,
 ) -> PinvInfo:
-    with torch.no_grad():
-        penrose = _penrose(a.detach(), Z.detach())
+    """The PinvInfo of a call; ``settle`` given: the certificate is still pending in raw."""
+    a, Z = a.detach(), Z.detach()
+
+    def certificate() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if settle is not None:
+            settle()
+        return _penrose(a, Z), raw["converged"], raw["bound"], raw["reach"]
+
+    known = certificate() if torch.compiler.is_compiling() else (None,) * 4
+    penrose, converged, bound, reach = known
     return PinvInfo(
-        raw["iterations"], raw["residual"], penrose, raw["converged"], raw["diverged"],
+        raw["iterations"], raw["residual"], penrose, converged, raw["diverged"],
         raw["stagnated"], fallback, init, order, tol, {"diverged_at": raw["diverged_at"]},
-        raw["bound"], raw["reach"], unrep, rcond,
+        bound, reach, unrep, rcond,
+        certificate=None if torch.compiler.is_compiling() else certificate,
     ).reshape(batch)
 
 
