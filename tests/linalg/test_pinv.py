@@ -367,7 +367,33 @@ def test_deferred_certificate_is_that_of_the_call_not_of_later_changes_to_the_in
         assert torch.equal(getattr(info, name), getattr(fresh, name)), name
 
 
-def test_deferred_certificate_survives_reshape_and_keeps_no_graph():
+def test_pending_certificate_does_not_keep_the_autograd_graph_alive():
+    import gc
+    import weakref
+
+    class Box:  # holds a detached tensor: a saved output itself would form a cycle
+        def __init__(self, t):
+            self.t = t.detach()
+
+    boxes = []
+
+    def pack(t):
+        box = Box(t)
+        boxes.append(weakref.ref(box))
+        return box
+
+    x = softmax_matrix(8, batch=(4,), seed=2).requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+        Z, info = pinv(x * 2.0, iters=6, return_info=True)
+    assert info._certificate is not None and boxes
+    del Z
+    gc.collect()
+    assert all(ref() is None for ref in boxes)  # the graph went with Z, info holds none of it
+    _, fresh = pinv(x.detach() * 2.0, iters=6, return_info=True)
+    assert torch.equal(info.bound, fresh.bound)
+
+
+def test_deferred_certificate_survives_reshape_and_is_not_differentiable():
     W = softmax_matrix(8, batch=(2, 3), seed=6).requires_grad_()
     Z, info = pinv(W * 1.0, iters=5, return_info=True)
     flat = info.reshape((6,))

@@ -76,7 +76,9 @@ certified bound, else smallest step if that fell below 1e-2, else the last one) 
 iterate) is detected at the iteration where it happens; the last valid iterate is kept.
 With ``iters`` given, exactly that many iterations run (early stop once converged if ``tol``
 is given too) and ``converged`` is the same certificate for the last iterate: a truncated
-iteration is not a failure, but it is not called converged unless it is.
+iteration is not a failure, but it is not called converged unless it is. As nothing is
+decided by it, that certificate is computed when ``info`` first reads it (see
+:class:`PinvInfo`), from detached copies of the call's matrices.
 
 Backward. ``"unroll"`` differentiates through the iterations; ``"implicit"`` (only when
 iterating to tolerance) runs them without autograd and uses the derivative of the
@@ -154,10 +156,6 @@ class PinvError(RuntimeError):
     def __init__(self, message: str, info: PinvInfo) -> None:
         super().__init__(message)
         self.info = info
-
-
-#: the certificate fields of :class:`PinvInfo`, which a fixed-count call computes on demand
-CERTIFICATE_FIELDS = ("penrose", "converged", "bound", "reach")
 
 
 class PinvInfo:
@@ -778,8 +776,10 @@ def pinv(
     Z_out = Z_64.to(A.dtype)
     unrep = ~torch.isfinite(Z_out.detach()).flatten(-2).all(-1)
 
+    Z_64d, Z_d = Z_64.detach(), Z.detach()  # a pending certificate must hold no graph
+
     def settle() -> None:  # raw's bound and converged, with the output rounding
-        _settle(raw, Z_64.detach(), Z.detach(), e, unrep, A.dtype, tol)
+        _settle(raw, Z_64d, Z_d, e, unrep, A.dtype, tol)
 
     # a fixed count decides nothing by its certificate: it is computed when first read
     deferred = "certificate" in raw and not torch.compiler.is_compiling()
