@@ -154,6 +154,27 @@ def test_conv_skip_forward_and_both_gradients_match_shifted_sums(n, ksize):
         torch.testing.assert_close(a, b)
 
 
+def test_conv_skip_takes_an_upstream_gradient_of_any_layout():
+    # the hand-written backward views the gradient with canonical channels-last strides
+    v = torch.randn(2, 3, 40, 4, dtype=D64, requires_grad=True)
+    w = torch.randn(3, 7, dtype=D64, requires_grad=True)
+    g = torch.randn(2, 4, 40, 3, dtype=D64).permute(0, 3, 2, 1)  # (B, H, N, D), strided
+    ref = shifted_sum_conv(v, w)
+    got = torch.autograd.grad(depthwise_conv_seq(v, w), (v, w), g)
+    for a, b in zip(got, torch.autograd.grad(ref, (v, w), g)):
+        torch.testing.assert_close(a, b)
+    # the autograd function itself, handed a transposed gradient
+    from formerlab.attention.conv_skip import _SequenceConv
+
+    x = v.detach().transpose(1, 2).reshape(2, 40, 12).requires_grad_()
+    wc = w.detach().repeat_interleave(4, dim=0).requires_grad_()
+    g2 = torch.randn(2, 12, 40, dtype=D64).mT
+    got = torch.autograd.grad(_SequenceConv.apply(x, wc), (x, wc), g2)
+    plain = torch.nn.functional.conv1d(x.mT, wc[:, None], padding=3, groups=12).mT
+    for a, b in zip(got, torch.autograd.grad(plain, (x, wc), g2)):
+        torch.testing.assert_close(a, b)
+
+
 def test_conv_skip_double_backward_and_strided_input():
     base = torch.randn(1, 9, 3 * 2 * 3, dtype=D64, requires_grad=True)
     w = torch.randn(2, 5, dtype=D64, requires_grad=True)
