@@ -415,3 +415,13 @@ def test_failure_handling_settles_the_certificate_first():
     assert bool(info.fallback[0]) and bool(info.converged[0]) and info.bound[0] == 0
     assert bool(info.converged[1])
     torch.testing.assert_close(Z[1], torch.eye(32) / 2)
+
+
+def test_pending_info_pickles_with_its_certificate():
+    import pickle
+
+    A = softmax_matrix(6, batch=(2,), seed=3)
+    _, info = pinv(A, iters=6, return_info=True)
+    _, fresh = pinv(A, iters=6, return_info=True)
+    back = pickle.loads(pickle.dumps(info))
+    assert torch.equal(back.bound, fresh.bound) and torch.equal(back.converged, fresh.converged)

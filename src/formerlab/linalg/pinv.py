@@ -255,6 +255,12 @@ class PinvInfo:
             bound, reach, r(self.unrepresentable), self.rcond, certificate=certificate,
         )
 
+    def __getstate__(self) -> dict:
+        """Pickling (``torch.save`` of a whole module keeps its last info) settles a
+        pending certificate: the function itself is not picklable."""
+        self._settled()
+        return self.__dict__.copy()
+
     def __repr__(self) -> str:
         shown = "pending" if self._certificate is not None else f"bound={self._bound}"
         return (
