@@ -58,6 +58,19 @@ def test_core_mixers_compile_without_graph_breaks(name):
     assert_whole_graph(mixer, x)
 
 
+@pytest.mark.parametrize("kernel", ["softmax", "causal_nystrom"])
+def test_demo_decoder_compiles_as_one_graph(kernel):
+    # the embedding's id-range check reads values (two .item() breaks): eager only
+    from formerlab.models.decoder import DecoderLM
+
+    model = DecoderLM(8, dim=32, depth=1, heads=2, max_len=64, mixer_options={"kernel": kernel})
+    ids = torch.randint(0, 8, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(ids)
+    assert_whole_graph(model, ids)
+    with pytest.raises(ValueError, match="token id 8 is out of range"):
+        model(torch.full((1, 4), 8))  # eager calls still check
+
+
 def forward_backward(fn, inputs):
     inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
     out = fn(*inputs)

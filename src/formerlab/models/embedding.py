@@ -27,7 +27,9 @@ def check_ids(ids: Any, vocab_size: int) -> Tensor:
         shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
         dtype = ids.dtype if isinstance(ids, Tensor) else ""
         raise ValueError(f"ids must be an integer (B, N) tensor; got {dtype} {shape}")
-    if ids.numel():
+    # the range needs the values (a graph break under torch.compile): eager calls only;
+    # a compiled model with a bad id fails in the embedding lookup itself
+    if ids.numel() and not torch.compiler.is_compiling():
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab_size:
             bad = low if low < 0 else high
