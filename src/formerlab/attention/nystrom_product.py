@@ -56,6 +56,61 @@ def _softmax_over_keys_(scores: Tensor) -> Tensor:
     return scores.div_(scores.sum(dim=-2, keepdim=True))
 
 
+#: rows per block: each block's (rows × m) scores stay in cache between their GEMMs and
+#: the softmax or its derivative (the F-side backward measured 16 % faster than whole
+#: sequences at N = 8192 with 1024 rows, 1 thread, and 21 % at 2 threads; 512 and 2048
+#: no better)
+BLOCK_ROWS = 1024
+
+
+def _blocks(n: int) -> list[slice]:
+    return [slice(s, min(s + BLOCK_ROWS, n)) for s in range(0, n, BLOCK_ROWS)]
+
+
+def _landmark_queries_forward(q, k_land_s, Y):
+    """F = softmax(q·k̃ₛᵀ) (B, H, N, m) and out = F·Y, block by block over the rows."""
+    F = q.new_empty(*q.shape[:-1], k_land_s.shape[-2])
+    out = q.new_empty(*q.shape[:-1], Y.shape[-1])
+    for rows in _blocks(q.shape[-2]):
+        F_b = (q[..., rows, :] @ k_land_s.mT).softmax(dim=-1)
+        F[..., rows, :] = F_b
+        out[..., rows, :] = F_b @ Y
+    return F, out
+
+
+def _landmark_queries_backward(grad, q, F, Y, k_land_s):
+    """out = F·Y with F = softmax(q·k̃ₛᵀ), block by block over the rows: dq, d(k̃ₛ)·(1/s)
+    before the scale, and dY."""
+    dq = torch.empty_like(q)
+    dk_land = torch.zeros_like(k_land_s)
+    dY = torch.zeros_like(Y)
+    for rows in _blocks(q.shape[-2]):
+        g, F_b = grad[..., rows, :], F[..., rows, :]
+        dY.add_(F_b.mT @ g)
+        dS = _softmax_backward(g @ Y.mT, F_b, dim=-1)  # d(scores of F) for these rows
+        dq[..., rows, :] = dS @ k_land_s
+        dk_land.add_(dS.mT @ q[..., rows, :])
+    return dq, dk_land, dY
+
+
+def _landmark_keys_backward(k, v, Rt, RV, dRV, q_land):
+    """RV = Rᵀᵀ·v with Rᵀ = softmax_N(k·q̃ᵀ), block by block over the rows: dk, dv, dq̃.
+
+    The softmax over N needs Σₙ Rᵀ ⊙ d(Rᵀ) per landmark over all rows; with d(Rᵀ) = v·dRVᵀ
+    that is (RV ⊙ dRV) summed over D, known before the first block.
+    """
+    dot = (RV * dRV).sum(dim=-1).unsqueeze(-2)  # (B, H, 1, m)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq_land = torch.zeros_like(q_land)
+    for rows in _blocks(k.shape[-2]):
+        Rt_b = Rt[..., rows, :]
+        dS = (v[..., rows, :] @ dRV.mT).sub_(dot).mul_(Rt_b)  # d(scores of Rᵀ)
+        dv[..., rows, :] = Rt_b @ dRV
+        dk[..., rows, :] = dS @ q_land
+        dq_land.add_(dS.mT @ k[..., rows, :])
+    return dk, dv, dq_land
+
+
 def _add_spread_(dx: Tensor, d_land: Tensor, layout: SegmentLayout) -> Tensor:
     """In place: dx += Sᵀ·d_land, each landmark's gradient spread over its segment
     (1/count per token). Unpadded layout: segments are the same for every sequence."""
@@ -101,13 +156,13 @@ class NystromProduct(torch.autograd.Function):
             k_leaf = k_land.detach().requires_grad_(needs_grad)
             Z = inverse((q_leaf @ k_leaf.mT).softmax(dim=-1))
         k_land_s = k_land * scale
-        F = (q @ k_land_s.mT).softmax(dim=-1)  # (B, H, N, m)
         Rt = _softmax_over_keys_(k @ q_land.mT)  # (B, H, N, m): R transposed
         RV = Rt.mT @ v  # (B, H, m, D)
         Y = Z.detach() @ RV
+        F, out = _landmark_queries_forward(q, k_land_s, Y)
         ctx.save_for_backward(q, k, v, q_land, k_land_s, F, Rt, RV, Y)
         ctx.small = (q_leaf, k_leaf, Z)  # m × m pieces with their graph
-        return F @ Y
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -119,18 +174,12 @@ class NystromProduct(torch.autograd.Function):
             grads = grads_by_recompute(reference, (q, k, v), ctx.needs_input_grad[:3], grad)
             return (*grads, None, None, None)
         q_leaf, k_leaf, Z = ctx.small
-        scale = ctx.scale
         grad = grad.to(F.dtype)  # (strided from the head merge: measured no slower)
-        dY = F.mT @ grad  # (m, D)
-        dF = _softmax_backward(grad @ Y.mT, F, dim=-1)  # now d(scores of F)
-        dq = dF @ k_land_s
-        dk_land = (dF.mT @ q).mul_(scale)
+        dq, dk_land, dY = _landmark_queries_backward(grad, q, F, Y, k_land_s)
+        dk_land.mul_(ctx.scale)
         dZ = dY @ RV.mT
         dRV = Z.detach().mT @ dY
-        dRt = _softmax_backward(v @ dRV.mT, Rt, dim=-2)  # now d(scores of Rᵀ)
-        dv = Rt @ dRV
-        dk = dRt @ q_land
-        dq_land = dRt.mT @ k
+        dk, dv, dq_land = _landmark_keys_backward(k, v, Rt, RV, dRV, q_land)
         if Z.requires_grad:
             # retained: a caller may run this backward again (retain_graph=True)
             dq_w, dk_w = torch.autograd.grad(
@@ -138,7 +187,7 @@ class NystromProduct(torch.autograd.Function):
             )
             dq_land = dq_land if dq_w is None else dq_land.add_(dq_w)
             dk_land = dk_land if dk_w is None else dk_land.add_(dk_w)
-        _add_spread_(dq, dq_land.mul_(scale), ctx.layout)
+        _add_spread_(dq, dq_land.mul_(ctx.scale), ctx.layout)
         _add_spread_(dk, dk_land, ctx.layout)
         return dq, dk, dv, None, None, None
 
