@@ -16,7 +16,11 @@ this function. Why one function (measured with ``formerlab bench nystrom``, N = 
   (N × m)·(m × D) or (m × N)·(N × D) GEMM, the shapes BLAS runs fastest here;
 * no autograd bookkeeping for the O(N·m·D) part: the softmax derivatives run in place, and
   the landmark gradients are added to dq and dk in place (Sᵀ is a broadcast), instead of
-  materialising Sᵀ·dq̃ and summing the pieces.
+  materialising Sᵀ·dq̃ and summing the pieces;
+* F's forward and both sides' backward run over blocks of :data:`BLOCK_ROWS` rows, so a
+  block's (rows × m) scores are still in cache for the softmax (or its derivative) and the
+  next GEMM; the softmax over N in the backward needs Σₙ Rᵀ ⊙ d(Rᵀ) per landmark, which is
+  (RV ⊙ dRV) summed over D, so no block waits for the others.
 
 Double backward (e.g. a Jacobian regulariser through a DEQ body) recomputes the forward
 with plain autograd ops from the saved inputs, so higher derivatives stay exact. The
