@@ -41,16 +41,10 @@ from formerlab.linalg.segments import SegmentLayout, segment_layout, segment_mea
 Inverse = Callable[[Tensor], Tensor]
 
 
-def _softmax_backward(grad: Tensor, prob: Tensor, dim: int) -> Tensor:
-    """prob ⊙ (grad − Σ_dim grad ⊙ prob), the softmax derivative; ``grad`` may be reused.
-
-    ATen's fused kernel for the last dim; for dim −2 three passes in place on ``grad``,
-    which measured 1.4× faster than ATen's strided kernel there.
-    """
-    if dim == -1:
-        return torch._softmax_backward_data(grad, prob, -1, prob.dtype)
-    dot = (grad * prob).sum(dim=dim, keepdim=True)
-    return grad.sub_(dot).mul_(prob)
+def _softmax_backward_rows(grad: Tensor, prob: Tensor) -> Tensor:
+    """prob ⊙ (grad − Σ_last grad ⊙ prob), the derivative of a softmax over the last dim
+    (ATen's fused kernel)."""
+    return torch._softmax_backward_data(grad, prob, -1, prob.dtype)
 
 
 def _softmax_over_keys_(scores: Tensor) -> Tensor:
@@ -83,15 +77,15 @@ def _landmark_queries_forward(q, k_land_s, Y):
 
 
 def _landmark_queries_backward(grad, q, F, Y, k_land_s):
-    """out = F·Y with F = softmax(q·k̃ₛᵀ), block by block over the rows: dq, d(k̃ₛ)·(1/s)
-    before the scale, and dY."""
+    """out = F·Y with F = softmax(q·k̃ₛᵀ), block by block over the rows: dq, d(k̃ₛ) and
+    dY."""
     dq = torch.empty_like(q)
     dk_land = torch.zeros_like(k_land_s)
     dY = torch.zeros_like(Y)
     for rows in _blocks(q.shape[-2]):
         g, F_b = grad[..., rows, :], F[..., rows, :]
         dY.add_(F_b.mT @ g)
-        dS = _softmax_backward(g @ Y.mT, F_b, dim=-1)  # d(scores of F) for these rows
+        dS = _softmax_backward_rows(g @ Y.mT, F_b)  # d(scores of F) for these rows
         dq[..., rows, :] = dS @ k_land_s
         dk_land.add_(dS.mT @ q[..., rows, :])
     return dq, dk_land, dY
