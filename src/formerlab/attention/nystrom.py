@@ -52,15 +52,12 @@ from formerlab.linalg.pinv import (
     check_rcond,
     default_rcond,
     default_tol,
-    initial_scale,
     penrose_residual,
     pinv,
     pinv_iterates,
     pinv_reg,
-    reach_count,
+    reach_and_upper_norm,
     scale_pow2,
-    spectral_norm_estimate,
-    spectral_norm_upper,
 )
 
 REGULARISERS = (None, "tikhonov", "tsvd", "exact")
@@ -340,9 +337,7 @@ class NystromAttention(AttentionKernel):
             e = binary_exponent(a)
             a = scale_pow2(a, -e)
             z = scale_pow2(Z.detach().reshape(-1, m, m), e)
-            sigma_hi = spectral_norm_upper(a)
-            reach = reach_count(initial_scale(a, init), spectral_norm_estimate(a), sigma_hi,
-                                rcond, self.pinv_order, int(k.max()))
+            reach, sigma_hi = reach_and_upper_norm(a, init, rcond, self.pinv_order, int(k.max()))
             bound = certify(a, z, k.reshape(-1), reach, sigma_hi, rcond)
         return bound.reshape(k.shape), reach.reshape(k.shape), rcond
 

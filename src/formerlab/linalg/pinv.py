@@ -539,7 +539,7 @@ def _iterate(
     ad = a.detach()
     check_each = iters is None or early_stop
     if check_each:  # the certificate decides when each matrix stops
-        reach, sigma_hi = _reach_and_norm(ad, init, rcond, order, limit)
+        reach, sigma_hi = reach_and_upper_norm(ad, init, rcond, order, limit)
     Z = initial_scale(a, init) * a.mT
     X = a @ Z
     false = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -607,7 +607,7 @@ def _iterate(
         Z_last, k_last = Z.detach(), iterations.clone()
 
         def certificate() -> tuple[Tensor, Tensor]:
-            reach, sigma_hi = _reach_and_norm(ad, init, rcond, order, limit)
+            reach, sigma_hi = reach_and_upper_norm(ad, init, rcond, order, limit)
             return certify(ad, Z_last, k_last, reach, sigma_hi, rcond), reach
 
         info = dict(
@@ -633,10 +633,11 @@ def _iterate(
     return Z, info
 
 
-def _reach_and_norm(
+def reach_and_upper_norm(
     ad: Tensor, init: str, rcond: float, order: int, limit: int
 ) -> tuple[Tensor, Tensor]:
-    """The reach count (up to ``limit``) and σ_hi of a normalised (b, m, n) batch."""
+    """The reach count K (up to ``limit``) and σ_hi >= σ_max of a normalised (b, m, n)
+    batch: the two inputs of :func:`certify` that depend on A alone."""
     with torch.no_grad():
         sigma_hi = spectral_norm_upper(ad)
         alpha = initial_scale(ad, init)
