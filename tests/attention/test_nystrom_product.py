@@ -53,6 +53,14 @@ def test_product_gradcheck_and_gradgradcheck(n, m):
 
     assert torch.autograd.gradcheck(f, (q, k, v))
     assert torch.autograd.gradgradcheck(f, (q, k, v))  # the create_graph recompute path
+    # gradgradcheck is self-consistent on the recomputed function: its first derivative
+    # must also be the hand-written one, or a wrong recompute would pass
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=D64)
+    plain = torch.autograd.grad(f(q, k, v), (q, k, v), g)
+    graphed = torch.autograd.grad(f(q, k, v), (q, k, v), g, create_graph=True)
+    for a, b in zip(plain, graphed):
+        assert b.requires_grad
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("n,block", [(37, 16), (64, 16), (33, 32)])
@@ -206,6 +214,11 @@ def test_conv_skip_double_backward_and_strided_input():
 
     assert torch.autograd.gradcheck(f, (base, w))
     assert torch.autograd.gradgradcheck(f, (base, w))
+    g = torch.randn(1, 2, 9, 3, dtype=D64)  # the recompute's first derivative, too
+    plain = torch.autograd.grad(f(base, w), (base, w), g)
+    graphed = torch.autograd.grad(f(base, w), (base, w), g, create_graph=True)
+    for a, b in zip(plain, graphed):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_split_qkv_gradients_land_in_one_buffer():

@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from formerlab.attention.landmark import landmark_factors
 from formerlab.attention.recompute import grads_by_recompute
 from formerlab.linalg.segments import SegmentLayout, segment_layout, segment_means
 
@@ -126,12 +127,10 @@ def _landmarks(q: Tensor, k: Tensor, layout: SegmentLayout, scale: float) -> tup
 
 
 def _reference(q, k, v, inverse: Inverse, layout: SegmentLayout, scale: float) -> Tensor:
-    """The same product with plain autograd ops (used for double backward)."""
-    q_land, k_land = _landmarks(q, k, layout, scale)
-    Z = inverse((q_land @ k_land.mT).softmax(dim=-1))
-    F = (q @ (k_land * scale).mT).softmax(dim=-1)
-    Rt = (k @ q_land.mT).softmax(dim=-2)
-    return F @ (Z @ (Rt.mT @ v))
+    """The same product through the general path's factors, with plain autograd ops
+    (used for double backward)."""
+    fac = landmark_factors(q, k, v, None, layout.num_segments, scale)
+    return fac.F @ (inverse(fac.W()) @ (fac.R @ fac.v))
 
 
 class NystromProduct(torch.autograd.Function):
