@@ -63,10 +63,11 @@ def test_product_gradcheck_and_gradgradcheck(n, m):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("n,block", [(37, 16), (64, 16), (33, 32)])
+@pytest.mark.parametrize("n,block", [(37, 16), (64, 16), (33, 32), (64, 24)])
 def test_blocked_backward_equals_the_dense_gradient(monkeypatch, n, block):
-    # forward and backward run over row blocks (the last one ragged for 37 and 33): output
-    # and gradient against the dense formula, and gradcheck with several blocks
+    # forward and backward run over row blocks (the last one ragged for 37 and 33; blocks
+    # across segment boundaries for 64 in 24s): output and gradient against the dense
+    # formula, and gradcheck with several blocks
     import importlib
 
     product = importlib.import_module("formerlab.attention.nystrom_product")
@@ -284,3 +285,87 @@ def test_conv_skip_weight_of_another_dtype_gets_its_gradient_in_its_own_dtype():
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(gv, rv)
     torch.testing.assert_close(gw, rw)
+
+
+def test_packed_buffer_recognises_exactly_the_views_of_one_projection():
+    from formerlab.attention.packed_qkv import empty_grads, packed_buffer
+    from formerlab.mixers.self_attention import split_heads
+
+    for b, h in [(2, 3), (1, 1)]:  # size-1 dimensions have strides that select nothing
+        buf = torch.randn(b, 7, 3 * h * 4)
+        q, k, v = (split_heads(t, h) for t in buf.chunk(3, dim=-1))
+        got = packed_buffer(q, k, v)
+        assert got is not None and got.data_ptr() == buf.data_ptr() and torch.equal(got, buf)
+        assert packed_buffer(k, q, v) is None  # another order is another layout
+        assert packed_buffer(q, k, None) is None
+        assert packed_buffer(q.contiguous(), k, v) is None  # a copy is not a view
+        other = torch.randn_like(buf)
+        assert packed_buffer(q, k, split_heads(other.chunk(3, dim=-1)[2], h)) is None
+        grads = empty_grads(q.contiguous(), packed=True)
+        assert packed_buffer(*grads) is not None
+        assert all(g.is_contiguous() for g in empty_grads(q, packed=False))
+    wide = torch.randn(2, 7, 4 * 2 * 4)  # a fourth slot: the three are not the whole row
+    q, k, v = (split_heads(t, 2) for t in wide.chunk(4, dim=-1)[:3])
+    assert packed_buffer(q, k, v) is None
+
+
+@pytest.mark.parametrize("conv", [None, 3])
+def test_self_attention_takes_the_kernels_gradient_buffer_and_matches_the_general_path(
+    monkeypatch, conv
+):
+    # the fused kernel writes dq, dk, dv as views of one buffer and the split passes it on
+    # (recorded below); the gradients must equal the general path's (all-True mask), which
+    # goes through the split's copying branch
+    import formerlab.mixers.self_attention as sa
+
+    taken = []
+
+    def recording(*grads):
+        found = packed_buffer(*grads)
+        taken.append(found is not None)
+        return found
+
+    from formerlab.attention.packed_qkv import packed_buffer
+
+    monkeypatch.setattr(sa, "packed_buffer", recording)
+    torch.manual_seed(0)
+    mixer = SelfAttention(16, 2, kernel="nystrom", num_landmarks=4, conv_kernel=conv,
+                          conv_heads=2 if conv else None).double()
+    x = torch.randn(2, 21, 16, dtype=D64, requires_grad=True)
+    g = torch.randn(2, 21, 16, dtype=D64)
+    params = [x] + list(mixer.parameters())
+    fused = torch.autograd.grad(mixer(x), params, g)
+    assert taken == [True]
+    general = torch.autograd.grad(mixer(x, torch.ones(2, 21, dtype=torch.bool)), params, g)
+    assert taken == [True, False]
+    for a, b in zip(fused, general):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_keys_softmax_over_blocks_with_a_moving_maximum(monkeypatch, direction):
+    # R's softmax over N runs block by block with a running maximum: key norms that grow
+    # (or shrink) along the sequence move each landmark's maximum by hundreds between
+    # blocks, where a missing rescale of the earlier sums, or exp without the shift, fails
+    import importlib
+
+    product = importlib.import_module("formerlab.attention.nystrom_product")
+    monkeypatch.setattr(product, "BLOCK_ROWS", 8)
+    q, k, v = qkv(n=40, d=4)
+    ramp = torch.linspace(0.0, 1.0, 40, dtype=D64)
+    k = (k * (1 + 200 * (ramp if direction > 0 else ramp.flip(0)))[:, None]).requires_grad_()
+    q, v = q.requires_grad_(), v.requires_grad_()
+    S = segment_matrix(40, 4)
+    R = (S @ q * 2.0 @ k.mT).softmax(-1)  # (m, N): the softmax over the keys
+    # the scores of one landmark span more than 710: exp without a shift over- or underflows
+    assert R.detach().log().neg().max() > 710
+
+    def same(W):  # any differentiable inverse: W itself keeps the reference well-posed
+        return W
+
+    out = nystrom_product(q, k, v, 4, same, 2.0)
+    dense = (q * 2.0 @ (S @ k).mT).softmax(-1) @ (S @ q * 2.0 @ (S @ k).mT).softmax(-1) @ R @ v
+    torch.testing.assert_close(out, dense, rtol=1e-9, atol=1e-11)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=D64)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(dense, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)

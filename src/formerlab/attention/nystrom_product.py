@@ -17,10 +17,16 @@ this function. Why one function (measured with ``formerlab bench nystrom``, N = 
 * no autograd bookkeeping for the O(N·m·D) part: the softmax derivatives run in place, and
   the landmark gradients are added to dq and dk in place (Sᵀ is a broadcast), instead of
   materialising Sᵀ·dq̃ and summing the pieces;
-* F's forward and both sides' backward run over blocks of :data:`BLOCK_ROWS` rows, so a
-  block's (rows × m) scores are still in cache for the softmax (or its derivative) and the
-  next GEMM; the softmax over N in the backward needs Σₙ Rᵀ ⊙ d(Rᵀ) per landmark, which is
-  (RV ⊙ dRV) summed over D, so no block waits for the others.
+* forward and backward run over blocks of :data:`BLOCK_ROWS` rows, so a block's
+  (rows × m) scores are still in cache for the softmax (or its derivative) and the next
+  GEMM. Rᵀ's softmax over N runs online (a running maximum per landmark, its blocks kept
+  unnormalised with one factor per block and landmark); its derivative needs
+  Σₙ Rᵀ ⊙ d(Rᵀ) per landmark, which is (RV ⊙ dRV) summed over D, so no block waits for
+  the others;
+* GEMM results go straight into the blocks of their outputs (``out=``); out is a view of
+  (B, N, H, D) memory (merging the heads is a view) and, when q, k, v are views of one
+  fused projection, dq, dk, dv are written as views of one buffer of that layout, which
+  the projection's backward then takes without a copy (:mod:`formerlab.attention.packed_qkv`).
 
 Double backward (e.g. a Jacobian regulariser through a DEQ body) recomputes the forward
 with plain autograd ops from the saved inputs, so higher derivatives stay exact. The
@@ -36,6 +42,7 @@ import torch
 from torch import Tensor
 
 from formerlab.attention.landmark import landmark_factors
+from formerlab.attention.packed_qkv import empty_grads, packed_buffer
 from formerlab.attention.recompute import grads_by_recompute
 from formerlab.linalg.segments import SegmentLayout, segment_layout, segment_means
 
@@ -46,13 +53,6 @@ def _softmax_backward_rows(grad: Tensor, prob: Tensor) -> Tensor:
     """prob ⊙ (grad − Σ_last grad ⊙ prob), the derivative of a softmax over the last dim
     (ATen's fused kernel)."""
     return torch._softmax_backward_data(grad, prob, -1, prob.dtype)
-
-
-def _softmax_over_keys_(scores: Tensor) -> Tensor:
-    """Softmax over dim −2, in place on fresh scores: 4.4 against 5.5 ms for ATen's
-    strided kernel at (4, 8192, 64), 1 thread."""
-    scores.sub_(scores.amax(dim=-2, keepdim=True)).exp_()
-    return scores.div_(scores.sum(dim=-2, keepdim=True))
 
 
 #: rows per block: each block's (rows × m) scores stay in cache between their GEMMs and
@@ -67,59 +67,97 @@ def _blocks(n: int) -> list[slice]:
 
 
 def _landmark_queries_forward(q, k_land_s, Y):
-    """F = softmax(q·k̃ₛᵀ) (B, H, N, m) and out = F·Y, block by block over the rows."""
-    F = q.new_empty(*q.shape[:-1], k_land_s.shape[-2])
-    out = q.new_empty(*q.shape[:-1], Y.shape[-1])
-    for rows in _blocks(q.shape[-2]):
-        F_b = (q[..., rows, :] @ k_land_s.mT).softmax(dim=-1)
-        F[..., rows, :] = F_b
-        out[..., rows, :] = F_b @ Y
+    """F = softmax(q·k̃ₛᵀ) as a list of row blocks (B, H, rows, m), and out = F·Y, a
+    (B, H, N, D) view of (B, N, H, D) memory (merging the heads is then a view). The blocks
+    are kept apart: writing them into one (B, H, N, m) tensor is a copy each."""
+    b, h, n, _ = q.shape
+    F = []
+    out = q.new_empty(b, n, h, Y.shape[-1]).transpose(1, 2)
+    for rows in _blocks(n):
+        F.append((q[..., rows, :] @ k_land_s.mT).softmax(dim=-1))
+        torch.matmul(F[-1], Y, out=out[..., rows, :])  # straight into out's rows
     return F, out
 
 
-def _landmark_queries_backward(grad, q, F, Y, k_land_s):
-    """out = F·Y with F = softmax(q·k̃ₛᵀ), block by block over the rows: dq, d(k̃ₛ) and
-    dY."""
-    dq = torch.empty_like(q)
+def _landmark_queries_backward(grad, q, F, Y, k_land_s, dq):
+    """out = F·Y with F = softmax(q·k̃ₛᵀ), block by block over the rows: dq (written into
+    the given tensor), d(k̃ₛ) and dY."""
     dk_land = torch.zeros_like(k_land_s)
     dY = torch.zeros_like(Y)
-    for rows in _blocks(q.shape[-2]):
-        g, F_b = grad[..., rows, :], F[..., rows, :]
+    for rows, F_b in zip(_blocks(q.shape[-2]), F):
+        g = grad[..., rows, :]
         dY.add_(F_b.mT @ g)
         dS = _softmax_backward_rows(g @ Y.mT, F_b)  # d(scores of F) for these rows
-        dq[..., rows, :] = dS @ k_land_s
+        torch.matmul(dS, k_land_s, out=dq[..., rows, :])
         dk_land.add_(dS.mT @ q[..., rows, :])
-    return dq, dk_land, dY
+    return dk_land, dY
 
 
-def _landmark_keys_backward(k, v, Rt, RV, dRV, q_land):
-    """RV = Rᵀᵀ·v with Rᵀ = softmax_N(k·q̃ᵀ), block by block over the rows: dk, dv, dq̃.
+def _landmark_keys_forward(k, v, q_land):
+    """Rᵀ = softmax_N(k·q̃ᵀ) and RV = Rᵀᵀ·v, block by block with a running maximum per
+    landmark (the online softmax of FlashAttention, Dao et al., 2022): a block's
+    exponentials E_b = exp(S_b − M_b), M_b the maximum so far, are formed while the block
+    is in cache and kept unnormalised, so the (N × m) scores are written once instead of
+    passing over them five times. Returns the blocks E_b, their column factors
+    c_b = exp(M_b − M) / Σₙ exp(Sₙ − M) (Rᵀ's rows of block b are E_b ⊙ c_b) and RV."""
+    E, shifts = [], []
+    col_max = total = RV = None
+    for rows in _blocks(k.shape[-2]):
+        S = k[..., rows, :] @ q_land.mT  # (B, H, rows, m)
+        block_max = S.amax(dim=-2, keepdim=True)
+        if col_max is not None:
+            new_max = torch.maximum(col_max, block_max)
+            rescale = (col_max - new_max).exp_()  # ≤ 1: earlier sums to the new maximum
+            total.mul_(rescale)
+            RV.mul_(rescale.mT)
+            col_max = new_max
+        else:
+            col_max = block_max
+        E_b = S.sub_(col_max).exp_()
+        block_sum, block_RV = E_b.sum(dim=-2, keepdim=True), E_b.mT @ v[..., rows, :]
+        total = block_sum if total is None else total.add_(block_sum)
+        RV = block_RV if RV is None else RV.add_(block_RV)
+        E.append(E_b)
+        shifts.append(col_max)
+    factors = [(shift - col_max).exp_().div_(total) for shift in shifts]
+    return E, factors, RV.div_(total.mT)
+
+
+def _landmark_keys_backward(k, v, E, factors, RV, dRV, q_land, dk, dv, dk_land, layout):
+    """RV = Rᵀᵀ·v with Rᵀ = softmax_N(k·q̃ᵀ) given as blocks E_b ⊙ c_b
+    (:func:`_landmark_keys_forward`), block by block over the rows: dk (with Sᵀ·dk̃ from
+    the other terms, added while the block is in cache) and dv, written into the given
+    tensors, and dq̃.
 
     The softmax over N needs Σₙ Rᵀ ⊙ d(Rᵀ) per landmark over all rows; with d(Rᵀ) = v·dRVᵀ
-    that is (RV ⊙ dRV) summed over D, known before the first block.
+    that is (RV ⊙ dRV) summed over D, known before the first block. The factor c_b goes
+    into the small operands: Rᵀ_b·dRV = E_b·(c_bᵀ ⊙ dRV).
     """
     dot = (RV * dRV).sum(dim=-1).unsqueeze(-2)  # (B, H, 1, m)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq_land = torch.zeros_like(q_land)
-    for rows in _blocks(k.shape[-2]):
-        Rt_b = Rt[..., rows, :]
-        dS = (v[..., rows, :] @ dRV.mT).sub_(dot).mul_(Rt_b)  # d(scores of Rᵀ)
-        dv[..., rows, :] = Rt_b @ dRV
-        dk[..., rows, :] = dS @ q_land
+    for rows, E_b, c_b in zip(_blocks(k.shape[-2]), E, factors):
+        dRV_b = dRV * c_b.mT
+        dS = (v[..., rows, :] @ dRV_b.mT).sub_(dot * c_b).mul_(E_b)  # d(scores of Rᵀ)
+        torch.matmul(E_b, dRV_b, out=dv[..., rows, :])
+        dk[..., rows, :] = _add_spread_(dS @ q_land, dk_land, layout, rows)
         dq_land.add_(dS.mT @ k[..., rows, :])
-    return dk, dv, dq_land
+    return dq_land
 
 
-def _add_spread_(dx: Tensor, d_land: Tensor, layout: SegmentLayout) -> Tensor:
-    """In place: dx += Sᵀ·d_land, each landmark's gradient spread over its segment
-    (1/count per token). Unpadded layout: segments are the same for every sequence."""
-    b, h, n, d = dx.shape
-    m = layout.num_segments
-    if n % m == 0:
-        dx.view(b, h, m, n // m, d).add_(d_land.unsqueeze(-2), alpha=m / n)
+def _add_spread_(dx: Tensor, d_land: Tensor, layout: SegmentLayout, rows: slice | None = None) -> Tensor:
+    """In place: dx += (Sᵀ·d_land)[rows], each landmark's gradient spread over its segment
+    (1/count per token); dx holds those rows (all by default). Unpadded layout: segments
+    are the same for every sequence."""
+    b, h, r, d = dx.shape
+    n, m = layout.ids.shape[-1], layout.num_segments
+    start = 0 if rows is None else rows.start
+    if n % m == 0 and start % (n // m) == 0 and r % (n // m) == 0:  # whole segments
+        first, size = start // (n // m), n // m
+        dx.view(b, h, r // size, size, d).add_(d_land[..., first:first + r // size, None, :], alpha=m / n)
         return dx
+    ids = layout.ids[0] if rows is None else layout.ids[0, rows]
     per_token = d_land / layout.counts[0].to(d_land.dtype)[:, None]
-    return dx.add_(per_token.index_select(-2, layout.ids[0]))
+    return dx.add_(per_token.index_select(-2, ids))
 
 
 def _landmarks(q: Tensor, k: Tensor, layout: SegmentLayout, scale: float) -> tuple[Tensor, Tensor]:
@@ -134,18 +172,19 @@ def _reference(q, k, v, inverse: Inverse, layout: SegmentLayout, scale: float) -
 
 
 class NystromProduct(torch.autograd.Function):
-    """See the module docs; ``apply(q, k, v, inverse, layout, scale)``."""
+    """See the module docs; ``apply(q, k, v, inverse, layout, scale, packed)``, where
+    ``packed`` gives the gradients the packed layout (:mod:`formerlab.attention.packed_qkv`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, inverse: Inverse, layout: SegmentLayout, scale: float):
+    def forward(ctx, q, k, v, inverse: Inverse, layout: SegmentLayout, scale: float, packed: bool):
         # in the inputs' dtype (the compute dtype) under autocast too: the hand-written
         # backward runs without autocast and needs the dtypes the forward used
         with torch.autocast(device_type=q.device.type, enabled=False):
-            return NystromProduct._forward(ctx, q, k, v, inverse, layout, scale)
+            return NystromProduct._forward(ctx, q, k, v, inverse, layout, scale, packed)
 
     @staticmethod
-    def _forward(ctx, q, k, v, inverse: Inverse, layout: SegmentLayout, scale: float):
-        ctx.inverse, ctx.layout, ctx.scale = inverse, layout, scale
+    def _forward(ctx, q, k, v, inverse: Inverse, layout: SegmentLayout, scale: float, packed: bool):
+        ctx.inverse, ctx.layout, ctx.scale, ctx.packed = inverse, layout, scale, packed
         q_land, k_land = _landmarks(q, k, layout, scale)
         needs_grad = any(ctx.needs_input_grad[:3])
         with torch.enable_grad():  # the small graph W -> Z, differentiated in backward
@@ -153,40 +192,46 @@ class NystromProduct(torch.autograd.Function):
             k_leaf = k_land.detach().requires_grad_(needs_grad)
             Z = inverse((q_leaf @ k_leaf.mT).softmax(dim=-1))
         k_land_s = k_land * scale
-        Rt = _softmax_over_keys_(k @ q_land.mT)  # (B, H, N, m): R transposed
-        RV = Rt.mT @ v  # (B, H, m, D)
+        E, factors, RV = _landmark_keys_forward(k, v, q_land)  # R transposed, in blocks
         Y = Z.detach() @ RV
         F, out = _landmark_queries_forward(q, k_land_s, Y)
-        ctx.save_for_backward(q, k, v, q_land, k_land_s, F, Rt, RV, Y)
+        ctx.num_blocks = len(F)
+        ctx.save_for_backward(q, k, v, q_land, k_land_s, RV, Y, *F, *E, *factors)
         ctx.small = (q_leaf, k_leaf, Z)  # m × m pieces with their graph
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, q_land, k_land_s, F, Rt, RV, Y = ctx.saved_tensors
+        q, k, v, q_land, k_land_s, RV, Y, *blocks = ctx.saved_tensors
+        F, E, factors = (blocks[i * ctx.num_blocks:(i + 1) * ctx.num_blocks] for i in range(3))
         if torch.is_grad_enabled():  # create_graph: differentiate plain ops instead
             def reference(q, k, v):
                 return _reference(q, k, v, ctx.inverse, ctx.layout, ctx.scale)
 
             grads = grads_by_recompute(reference, (q, k, v), ctx.needs_input_grad[:3], grad)
-            return (*grads, None, None, None)
+            return (*grads, None, None, None, None)
         q_leaf, k_leaf, Z = ctx.small
-        grad = grad.to(F.dtype)  # (strided from the head merge: measured no slower)
-        dq, dk_land, dY = _landmark_queries_backward(grad, q, F, Y, k_land_s)
+        grad = grad.to(q.dtype)  # (strided from the head merge: measured no slower)
+        dq, dk, dv = empty_grads(q, ctx.packed)
+        dk_land, dY = _landmark_queries_backward(grad, q, F, Y, k_land_s, dq)
         dk_land.mul_(ctx.scale)
         dZ = dY @ RV.mT
         dRV = Z.detach().mT @ dY
-        dk, dv, dq_land = _landmark_keys_backward(k, v, Rt, RV, dRV, q_land)
-        if Z.requires_grad:
+        dq_w = dk_w = None
+        if Z.requires_grad:  # W's part first: dk̃ is then complete for the R side's blocks
             # retained: a caller may run this backward again (retain_graph=True)
             dq_w, dk_w = torch.autograd.grad(
                 Z, (q_leaf, k_leaf), dZ, retain_graph=True, allow_unused=True
             )
-            dq_land = dq_land if dq_w is None else dq_land.add_(dq_w)
-            dk_land = dk_land if dk_w is None else dk_land.add_(dk_w)
+        if dk_w is not None:
+            dk_land.add_(dk_w)
+        dq_land = _landmark_keys_backward(
+            k, v, E, factors, RV, dRV, q_land, dk, dv, dk_land, ctx.layout
+        )
+        if dq_w is not None:
+            dq_land.add_(dq_w)
         _add_spread_(dq, dq_land.mul_(ctx.scale), ctx.layout)
-        _add_spread_(dk, dk_land, ctx.layout)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def nystrom_product(
@@ -206,10 +251,11 @@ def nystrom_product(
             f"nystrom_product needs N > num_landmarks; got N={n}, num_landmarks={num_landmarks}"
         )
     layout = segment_layout(n, num_landmarks, None, b, q.device)
+    packed = packed_buffer(q, k, v) is not None  # the gradients get that layout too
     # each of q, k, v feeds two GEMMs; a strided one (a view of the projections) cost
     # ~2.5 ms more per GEMM at N = 8192 than the 1.8 ms of one copy
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return NystromProduct.apply(q, k, v, inverse, layout, scale)
+    return NystromProduct.apply(q, k, v, inverse, layout, scale, packed)
 
 
 __all__ = ["NystromProduct", "nystrom_product"]

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from formerlab import attention
+from formerlab.attention.packed_qkv import packed_buffer
 from formerlab.errors import check_positive_int
 from formerlab.mixers.base import TokenMixer
 from formerlab.mixers.registry import register
@@ -35,7 +36,9 @@ class _SplitQKV(torch.autograd.Function):
     """(B, N, 3·H·D) -> per-head q, k, v (B, H, N, D) views; the backward writes the three
     gradients straight into one (B, N, 3, H, D) buffer. Autograd's own chunk backward
     first copies each (B, H, N, D) gradient to (B, N, H·D) and then concatenates (one
-    pass more): at N = 8192, H·D = 256 that measured 8 ms of a 350 ms Nyström step."""
+    pass more): at N = 8192, H·D = 256 that measured 8 ms of a 350 ms Nyström step.
+    Gradients that already are that buffer's views (a kernel that writes them so,
+    :mod:`formerlab.attention.packed_qkv`) are passed on without a copy."""
 
     @staticmethod
     def forward(ctx, qkv: Tensor, heads: int):
@@ -47,6 +50,9 @@ class _SplitQKV(torch.autograd.Function):
         given = [g for g in grads if g is not None]
         if not given:
             return None, None
+        packed = packed_buffer(*grads)  # the kernel wrote them in this layout: no copy
+        if packed is not None and packed.shape == ctx.shape:
+            return packed, None
         b, n, c3 = ctx.shape
         shape = (b, n, 3, ctx.heads, c3 // (3 * ctx.heads))
         # an unused one of q, k, v has no gradient: its block stays zero
