@@ -317,6 +317,7 @@ def test_self_attention_takes_the_kernels_gradient_buffer_and_matches_the_genera
     # (recorded below); the gradients must equal the general path's (all-True mask), which
     # goes through the split's copying branch
     import formerlab.mixers.self_attention as sa
+    from formerlab.attention.packed_qkv import packed_buffer
 
     taken = []
 
@@ -324,8 +325,6 @@ def test_self_attention_takes_the_kernels_gradient_buffer_and_matches_the_genera
         found = packed_buffer(*grads)
         taken.append(found is not None)
         return found
-
-    from formerlab.attention.packed_qkv import packed_buffer
 
     monkeypatch.setattr(sa, "packed_buffer", recording)
     torch.manual_seed(0)
