@@ -165,6 +165,49 @@ def test_product_refuses_sequences_not_longer_than_m():
         nystrom_product(q, k, v, 4, torch.linalg.pinv, 1.0)
 
 
+@pytest.mark.parametrize("n,block", [(37, 16), (64, 64), (40, 24)])
+def test_product_with_the_conv_skip_fused_equals_the_dense_formula_plus_shifted_sums(
+    monkeypatch, n, block
+):
+    # the skip's sum and its dv are added block by block (ragged and segment-crossing
+    # blocks here); the ground truth is the dense formula plus the convolution as shifts
+    import importlib
+
+    product = importlib.import_module("formerlab.attention.nystrom_product")
+    monkeypatch.setattr(product, "BLOCK_ROWS", block)
+    q, k, v = qkv(n=n, requires_grad=True)
+    w = torch.randn(2, 5, generator=torch.Generator().manual_seed(4), dtype=D64, requires_grad=True)
+    out = nystrom_product(q, k, v, 4, torch.linalg.pinv, 0.4, conv_weight=w)
+    dense = dense_nystrom(q, k, v, 4, 0.4) + shifted_sum_conv(v, w)
+    torch.testing.assert_close(out, dense, rtol=1e-10, atol=1e-12)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=D64)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v, w), g),
+                    torch.autograd.grad(dense, (q, k, v, w), g)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_product_with_the_conv_skip_gradcheck_and_gradgradcheck():
+    q, k, v = qkv(b=1, h=2, n=7, d=2, requires_grad=True)
+    w = torch.randn(2, 3, dtype=D64, requires_grad=True)
+
+    def f(q, k, v, w):
+        return nystrom_product(q, k, v, 2, torch.linalg.pinv, 0.7, conv_weight=w)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, w))
+    assert torch.autograd.gradgradcheck(f, (q, k, v, w))
+    # only the filters trainable: their gradient alone
+    got = torch.autograd.grad(f(q.detach(), k.detach(), v.detach(), w).sum(), w)[0]
+    ref = torch.autograd.grad(shifted_sum_conv(v.detach(), w).sum(), w)[0]
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 4), (2,)])
+def test_product_refuses_conv_weights_of_the_wrong_shape(shape):
+    q, k, v = qkv(n=9)
+    with pytest.raises(ValueError, match=r"conv_weight has shape .*; expected \(2, K\) with K odd"):
+        nystrom_product(q, k, v, 4, torch.linalg.pinv, 1.0, conv_weight=torch.ones(shape, dtype=D64))
+
+
 def shifted_sum_conv(v, w):
     """out[n] = Σ_t w[t]·v[n + t − K//2], zero padded, as an explicit sum of shifts."""
     p = w.shape[-1] // 2
@@ -310,12 +353,14 @@ def test_packed_buffer_recognises_exactly_the_views_of_one_projection():
 
 
 @pytest.mark.parametrize("conv", [None, 3])
+@pytest.mark.parametrize("n", [21, 24])
 def test_self_attention_takes_the_kernels_gradient_buffer_and_matches_the_general_path(
-    monkeypatch, conv
+    monkeypatch, conv, n
 ):
     # the fused kernel writes dq, dk, dv as views of one buffer and the split passes it on
     # (recorded below); the gradients must equal the general path's (all-True mask), which
-    # goes through the split's copying branch
+    # goes through the split's copying branch. N = 24: whole segments of 6 (the landmark
+    # gradients spread in the buffer's token-major order)
     import formerlab.mixers.self_attention as sa
     from formerlab.attention.packed_qkv import packed_buffer
 
@@ -330,12 +375,12 @@ def test_self_attention_takes_the_kernels_gradient_buffer_and_matches_the_genera
     torch.manual_seed(0)
     mixer = SelfAttention(16, 2, kernel="nystrom", num_landmarks=4, conv_kernel=conv,
                           conv_heads=2 if conv else None).double()
-    x = torch.randn(2, 21, 16, dtype=D64, requires_grad=True)
-    g = torch.randn(2, 21, 16, dtype=D64)
+    x = torch.randn(2, n, 16, dtype=D64, requires_grad=True)
+    g = torch.randn(2, n, 16, dtype=D64)
     params = [x] + list(mixer.parameters())
     fused = torch.autograd.grad(mixer(x), params, g)
     assert taken == [True]
-    general = torch.autograd.grad(mixer(x, torch.ones(2, 21, dtype=torch.bool)), params, g)
+    general = torch.autograd.grad(mixer(x, torch.ones(2, n, dtype=torch.bool)), params, g)
     assert taken == [True, False]
     for a, b in zip(fused, general):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

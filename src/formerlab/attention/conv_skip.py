@@ -10,7 +10,8 @@ passes ``is_contiguous`` but takes a slow path). Measured at N = 8192, H·D = 25
 (B, C, 1, N): 7.1 and 6.5 ms against 10.0 and 10.4 with it as the height; the weight
 gradient only as the height, (B, C, N, 1): 10.4 ms against 213. Both are views of the same
 memory. The input gradient is the forward convolution of the output gradient with the
-flipped kernel.
+flipped kernel. The fused Nyström product calls :func:`sequence_conv` and
+:func:`sequence_conv_grads` itself, to add the skip block by block.
 """
 
 from __future__ import annotations
@@ -37,12 +38,36 @@ def _as_height(x: Tensor) -> Tensor:
     return x.as_strided((b, c, n, 1), (n * c, 1, c, c))
 
 
-def _conv_width(x: Tensor, w: Tensor) -> Tensor:
+def sequence_conv(x: Tensor, w: Tensor) -> Tensor:
     """x (B, N, C) contiguous, w (C, K): grouped conv along N, "same" zero padding; the
     result is a (B, N, C) view of channels-last memory."""
     c, k = w.shape
     out = TF.conv2d(_as_width(x), w.view(c, 1, 1, k), padding=(0, k // 2), groups=c)
     return out.permute(0, 3, 2, 1).reshape(x.shape)
+
+
+def sequence_conv_grads(
+    grad: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of :func:`sequence_conv` (x, w) for the output gradient ``grad``
+    (B, N, C) contiguous; None where not needed."""
+    dx = dw = None
+    if need_x:
+        # out[n] = Σ_t w[t]·x[n + t − p]  ⇒  dx[n] = Σ_t w[K − 1 − t]·grad[n + t − p]
+        dx = sequence_conv(grad, w.flip(1))
+    if need_w:
+        c, k = w.shape
+        dw = torch.ops.aten.convolution_backward(
+            _as_height(grad), _as_height(x), w.view(c, 1, k, 1), None, [1, 1],
+            [k // 2, 0], [1, 1], False, [0, 0], c, [False, True, False],
+        )[1].view(c, k)
+    return dx, dw
+
+
+def channel_filters(weight: Tensor, head_dim: int, dtype: torch.dtype) -> Tensor:
+    """Per-head filters (H, K) -> per-channel filters (C, K), C = H·head_dim, in ``dtype``
+    (a differentiable cast and repeat: the weight's gradient comes back in its own dtype)."""
+    return weight.to(dtype).repeat_interleave(head_dim, dim=0)
 
 
 class _SequenceConv(torch.autograd.Function):
@@ -54,25 +79,15 @@ class _SequenceConv(torch.autograd.Function):
         # in x's dtype under autocast too: the backward (run without autocast) must see
         # the dtypes the forward used
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _conv_width(x, w)
+            return sequence_conv(x, w)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, w = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiate the plain convolution
-            return grads_by_recompute(_conv_width, (x, w), ctx.needs_input_grad, grad)
+            return grads_by_recompute(sequence_conv, (x, w), ctx.needs_input_grad, grad)
         grad = grad.contiguous()  # canonical strides for the views below
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            # out[n] = Σ_t w[t]·x[n + t − p]  ⇒  dx[n] = Σ_t w[K − 1 − t]·grad[n + t − p]
-            dx = _conv_width(grad, w.flip(1))
-        if ctx.needs_input_grad[1]:
-            c, k = w.shape
-            dw = torch.ops.aten.convolution_backward(
-                _as_height(grad), _as_height(x), w.view(c, 1, k, 1), None, [1, 1],
-                [k // 2, 0], [1, 1], False, [0, 0], c, [False, True, False],
-            )[1].view(c, k)
-        return dx, dw
+        return sequence_conv_grads(grad, x, w, *ctx.needs_input_grad)
 
 
 def depthwise_conv_seq(v: Tensor, weight: Tensor) -> Tensor:
@@ -84,10 +99,10 @@ def depthwise_conv_seq(v: Tensor, weight: Tensor) -> Tensor:
     """
     b, h, n, d = v.shape
     x = v.transpose(1, 2).reshape(b, n, h * d).contiguous()
-    # v's dtype (a differentiable cast), so forward and hand-written backward agree
-    w = weight.to(v.dtype).repeat_interleave(d, dim=0)  # (C, K)
+    # v's dtype, so forward and hand-written backward agree
+    w = channel_filters(weight, d, v.dtype)
     if torch.compiler.is_compiling():  # traced as the plain convolution
-        out = _conv_width(x, w)
+        out = sequence_conv(x, w)
     else:
         out = _SequenceConv.apply(x, w)
     return out.view(b, n, h, d).transpose(1, 2)
@@ -112,16 +127,22 @@ class DepthwiseConvSkip(nn.Module):
         bound = 1.0 / math.sqrt(kernel_size)  # nn.Conv2d's default init for fan_in = k
         self.weight = nn.Parameter(torch.empty(heads or 1, kernel_size).uniform_(-bound, bound))
 
+    def head_weights(self, heads: int, dtype: torch.dtype) -> Tensor:
+        """The filters of ``heads`` heads, (heads, K) in ``dtype``."""
+        if self.heads is not None and self.heads != heads:
+            raise ValueError(f"conv_heads={self.heads} does not match the {heads} heads of the input")
+        return self.weight.to(dtype).expand(heads, -1)
+
     def forward(self, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-        h = v.shape[1]
-        if self.heads is not None and self.heads != h:
-            raise ValueError(f"conv_heads={self.heads} does not match the {h} heads of the input")
+        w = self.head_weights(v.shape[1], v.dtype)
         if key_padding_mask is not None:
             v = v * key_padding_mask[:, None, :, None].to(v.dtype)
-        return depthwise_conv_seq(v, self.weight.to(v.dtype).expand(h, -1))
+        return depthwise_conv_seq(v, w)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, heads={self.heads or 'shared'}"
 
 
-__all__ = ["DepthwiseConvSkip", "depthwise_conv_seq"]
+__all__ = [
+    "DepthwiseConvSkip", "channel_filters", "depthwise_conv_seq", "sequence_conv", "sequence_conv_grads",
+]

@@ -111,25 +111,6 @@ def _rel_err(approx: Tensor, ref: Tensor) -> Tensor:
     return torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
 
 
-class _SharedGradient(torch.autograd.Function):
-    """x used twice (the product and the convolution skip): the backward adds the second
-    gradient in place into the first, the product's, which keeps the packed layout of
-    :mod:`formerlab.attention.packed_qkv` (autograd's own sum is a new tensor)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor):
-        return x.view_as(x), x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, first: Tensor | None, second: Tensor | None):
-        if first is None or second is None:
-            return second if first is None else first
-        if torch.is_grad_enabled():  # create_graph: keep both terms differentiable
-            return first + second
-        # the product's gradient is a new tensor of its own backward, used nowhere else
-        return first.add_(second)
-
-
 @register(
     "nystrom",
     causal=False,
@@ -454,14 +435,11 @@ class NystromAttention(AttentionKernel):
             infos.append(info)
             return Z
 
-        vw = v.to(work)
-        v_conv = None
-        if self.conv is not None:
-            vw, v_conv = _SharedGradient.apply(vw)
-        out = nystrom_product(q.to(work), k.to(work), vw, self.num_landmarks, inverse, scale)
+        conv_weight = None if self.conv is None else self.conv.head_weights(q.shape[1], work)
+        out = nystrom_product(
+            q.to(work), k.to(work), v.to(work), self.num_landmarks, inverse, scale, conv_weight
+        )
         self.last_info = infos[0]
-        if v_conv is not None:
-            out = self.conv(v_conv, None) + out  # both (B, N, H, D) memory: a dense sum
         return out
 
     def diagnostics(self) -> dict[str, float]:

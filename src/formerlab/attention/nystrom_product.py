@@ -26,7 +26,10 @@ this function. Why one function (measured with ``formerlab bench nystrom``, N = 
 * GEMM results go straight into the blocks of their outputs (``out=``); out is a view of
   (B, N, H, D) memory (merging the heads is a view) and, when q, k, v are views of one
   fused projection, dq, dk, dv are written as views of one buffer of that layout, which
-  the projection's backward then takes without a copy (:mod:`formerlab.attention.packed_qkv`).
+  the projection's backward then takes without a copy (:mod:`formerlab.attention.packed_qkv`);
+* the optional convolution skip (``conv_weight``) is fused: its output is added to each
+  output block and its dv to each dv block while the block is in cache, instead of a sum
+  tensor of its own and an add over the strided dv.
 
 Double backward (e.g. a Jacobian regulariser through a DEQ body) recomputes the forward
 with plain autograd ops from the saved inputs, so higher derivatives stay exact. The
@@ -41,6 +44,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from formerlab.attention.conv_skip import (
+    channel_filters,
+    depthwise_conv_seq,
+    sequence_conv,
+    sequence_conv_grads,
+)
 from formerlab.attention.landmark import landmark_factors
 from formerlab.attention.packed_qkv import empty_grads, packed_buffer
 from formerlab.attention.recompute import grads_by_recompute
@@ -66,16 +75,19 @@ def _blocks(n: int) -> list[slice]:
     return [slice(s, min(s + BLOCK_ROWS, n)) for s in range(0, n, BLOCK_ROWS)]
 
 
-def _landmark_queries_forward(q, k_land_s, Y):
-    """F = softmax(q·k̃ₛᵀ) as a list of row blocks (B, H, rows, m), and out = F·Y, a
-    (B, H, N, D) view of (B, N, H, D) memory (merging the heads is then a view). The blocks
-    are kept apart: writing them into one (B, H, N, m) tensor is a copy each."""
+def _landmark_queries_forward(q, k_land_s, Y, skip):
+    """F = softmax(q·k̃ₛᵀ) as a list of row blocks (B, H, rows, m), and out = F·Y + skip
+    (skip optional), a (B, H, N, D) view of (B, N, H, D) memory (merging the heads is then
+    a view). The blocks are kept apart: writing them into one (B, H, N, m) tensor is a
+    copy each."""
     b, h, n, _ = q.shape
     F = []
     out = q.new_empty(b, n, h, Y.shape[-1]).transpose(1, 2)
     for rows in _blocks(n):
         F.append((q[..., rows, :] @ k_land_s.mT).softmax(dim=-1))
-        torch.matmul(F[-1], Y, out=out[..., rows, :])  # straight into out's rows
+        block = torch.matmul(F[-1], Y, out=out[..., rows, :])  # straight into out's rows
+        if skip is not None:
+            block.add_(skip[..., rows, :])  # while the block is in cache
     return F, out
 
 
@@ -123,11 +135,11 @@ def _landmark_keys_forward(k, v, q_land):
     return E, factors, RV.div_(total.mT)
 
 
-def _landmark_keys_backward(k, v, E, factors, RV, dRV, q_land, dk, dv, dk_land, layout):
+def _landmark_keys_backward(k, v, E, factors, RV, dRV, q_land, dk, dv, dk_land, dv_skip, layout):
     """RV = Rᵀᵀ·v with Rᵀ = softmax_N(k·q̃ᵀ) given as blocks E_b ⊙ c_b
     (:func:`_landmark_keys_forward`), block by block over the rows: dk (with Sᵀ·dk̃ from
-    the other terms, added while the block is in cache) and dv, written into the given
-    tensors, and dq̃.
+    the other terms) and dv (with dv_skip, the convolution skip's, if given), written into
+    the given tensors with those terms added while the block is in cache, and dq̃.
 
     The softmax over N needs Σₙ Rᵀ ⊙ d(Rᵀ) per landmark over all rows; with d(Rᵀ) = v·dRVᵀ
     that is (RV ⊙ dRV) summed over D, known before the first block. The factor c_b goes
@@ -138,7 +150,9 @@ def _landmark_keys_backward(k, v, E, factors, RV, dRV, q_land, dk, dv, dk_land, 
     for rows, E_b, c_b in zip(_blocks(k.shape[-2]), E, factors):
         dRV_b = dRV * c_b.mT
         dS = (v[..., rows, :] @ dRV_b.mT).sub_(dot * c_b).mul_(E_b)  # d(scores of Rᵀ)
-        torch.matmul(E_b, dRV_b, out=dv[..., rows, :])
+        dv_b = torch.matmul(E_b, dRV_b, out=dv[..., rows, :])
+        if dv_skip is not None:
+            dv_b.add_(dv_skip[..., rows, :])
         dk[..., rows, :] = _add_spread_(dS @ q_land, dk_land, layout, rows)
         dq_land.add_(dS.mT @ k[..., rows, :])
     return dq_land
@@ -153,7 +167,14 @@ def _add_spread_(dx: Tensor, d_land: Tensor, layout: SegmentLayout, rows: slice 
     start = 0 if rows is None else rows.start
     if n % m == 0 and start % (n // m) == 0 and r % (n // m) == 0:  # whole segments
         first, size = start // (n // m), n // m
-        dx.view(b, h, r // size, size, d).add_(d_land[..., first:first + r // size, None, :], alpha=m / n)
+        part = d_land[..., first:first + r // size, :]
+        if dx.stride(1) < dx.stride(2):  # (B, N, H, D) memory (packed): add in its order
+            # (a contiguous right side lets the heads merge into one inner dimension:
+            # 2.9 ms instead of 4.0 at N = 8192)
+            tokens = dx.transpose(1, 2).view(b, r // size, size, h, d)
+            tokens.add_(part.transpose(1, 2).contiguous()[:, :, None], alpha=m / n)
+        else:
+            dx.view(b, h, r // size, size, d).add_(part[..., None, :], alpha=m / n)
         return dx
     ids = layout.ids[0] if rows is None else layout.ids[0, rows]
     per_token = d_land / layout.counts[0].to(d_land.dtype)[:, None]
@@ -164,26 +185,50 @@ def _landmarks(q: Tensor, k: Tensor, layout: SegmentLayout, scale: float) -> tup
     return segment_means(q, layout=layout)[0] * scale, segment_means(k, layout=layout)[0]
 
 
-def _reference(q, k, v, inverse: Inverse, layout: SegmentLayout, scale: float) -> Tensor:
-    """The same product through the general path's factors, with plain autograd ops
-    (used for double backward)."""
+def _reference(q, k, v, conv_weight, inverse: Inverse, layout: SegmentLayout, scale: float) -> Tensor:
+    """The same product (and skip) through the general path's factors, with ordinary
+    autograd (used for double backward)."""
     fac = landmark_factors(q, k, v, None, layout.num_segments, scale)
-    return fac.F @ (inverse(fac.W()) @ (fac.R @ fac.v))
+    out = fac.F @ (inverse(fac.W()) @ (fac.R @ fac.v))
+    return out if conv_weight is None else out + depthwise_conv_seq(v, conv_weight)
+
+
+def _skip_forward(v: Tensor, conv_weight: Tensor | None):
+    """The convolution skip of v (B, H, N, D): its input (B, N, C) and per-channel filters
+    (C, K), saved for the backward, and its output as a (B, H, N, D) view."""
+    if conv_weight is None:
+        return None, None, None
+    b, h, n, d = v.shape
+    x, w = v.transpose(1, 2).reshape(b, n, h * d), channel_filters(conv_weight, d, v.dtype)
+    return x, w, sequence_conv(x, w).view(b, n, h, d).transpose(1, 2)
+
+
+def _skip_backward(grad: Tensor, x: Tensor, w: Tensor, heads: int, need_w: bool):
+    """The convolution skip's dv, a (B, H, N, D) view, and the gradient of its (H, K)
+    per-head filters (each head's channels summed)."""
+    b, n, c = x.shape
+    g = grad.transpose(1, 2).reshape(b, n, c).contiguous()  # a view for merged heads' memory
+    dx, dw = sequence_conv_grads(g, x, w, True, need_w)
+    dw = None if dw is None else dw.view(heads, c // heads, -1).sum(dim=1)
+    return dx.view(b, n, heads, c // heads).transpose(1, 2), dw
 
 
 class NystromProduct(torch.autograd.Function):
-    """See the module docs; ``apply(q, k, v, inverse, layout, scale, packed)``, where
-    ``packed`` gives the gradients the packed layout (:mod:`formerlab.attention.packed_qkv`)."""
+    """See the module docs; ``apply(q, k, v, conv_weight, inverse, layout, scale, packed)``,
+    where ``conv_weight`` (H, K) or None is the convolution skip's and ``packed`` gives the
+    gradients the packed layout (:mod:`formerlab.attention.packed_qkv`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, inverse: Inverse, layout: SegmentLayout, scale: float, packed: bool):
+    def forward(ctx, q, k, v, conv_weight, inverse: Inverse, layout: SegmentLayout, scale: float,
+                packed: bool):
         # in the inputs' dtype (the compute dtype) under autocast too: the hand-written
         # backward runs without autocast and needs the dtypes the forward used
         with torch.autocast(device_type=q.device.type, enabled=False):
-            return NystromProduct._forward(ctx, q, k, v, inverse, layout, scale, packed)
+            return NystromProduct._forward(ctx, q, k, v, conv_weight, inverse, layout, scale, packed)
 
     @staticmethod
-    def _forward(ctx, q, k, v, inverse: Inverse, layout: SegmentLayout, scale: float, packed: bool):
+    def _forward(ctx, q, k, v, conv_weight, inverse: Inverse, layout: SegmentLayout, scale: float,
+                 packed: bool):
         ctx.inverse, ctx.layout, ctx.scale, ctx.packed = inverse, layout, scale, packed
         q_land, k_land = _landmarks(q, k, layout, scale)
         needs_grad = any(ctx.needs_input_grad[:3])
@@ -194,24 +239,25 @@ class NystromProduct(torch.autograd.Function):
         k_land_s = k_land * scale
         E, factors, RV = _landmark_keys_forward(k, v, q_land)  # R transposed, in blocks
         Y = Z.detach() @ RV
-        F, out = _landmark_queries_forward(q, k_land_s, Y)
+        x_skip, w_skip, skip = _skip_forward(v, conv_weight)
+        F, out = _landmark_queries_forward(q, k_land_s, Y, skip)
         ctx.num_blocks = len(F)
-        ctx.save_for_backward(q, k, v, q_land, k_land_s, RV, Y, *F, *E, *factors)
+        ctx.save_for_backward(q, k, v, conv_weight, x_skip, w_skip, q_land, k_land_s, RV, Y,
+                              *F, *E, *factors)
         ctx.small = (q_leaf, k_leaf, Z)  # m × m pieces with their graph
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, q_land, k_land_s, RV, Y, *blocks = ctx.saved_tensors
+        q, k, v, conv_weight, x_skip, w_skip, q_land, k_land_s, RV, Y, *blocks = ctx.saved_tensors
         F, E, factors = (blocks[i * ctx.num_blocks:(i + 1) * ctx.num_blocks] for i in range(3))
         if torch.is_grad_enabled():  # create_graph: differentiate plain ops instead
-            def reference(q, k, v):
-                return _reference(q, k, v, ctx.inverse, ctx.layout, ctx.scale)
-
-            grads = grads_by_recompute(reference, (q, k, v), ctx.needs_input_grad[:3], grad)
-            return (*grads, None, None, None, None)
+            return NystromProduct._backward_by_recompute(ctx, q, k, v, conv_weight, grad)
         q_leaf, k_leaf, Z = ctx.small
         grad = grad.to(q.dtype)  # (strided from the head merge: measured no slower)
+        dv_skip = dw = None
+        if conv_weight is not None:
+            dv_skip, dw = _skip_backward(grad, x_skip, w_skip, q.shape[1], ctx.needs_input_grad[3])
         dq, dk, dv = empty_grads(q, ctx.packed)
         dk_land, dY = _landmark_queries_backward(grad, q, F, Y, k_land_s, dq)
         dk_land.mul_(ctx.scale)
@@ -226,36 +272,56 @@ class NystromProduct(torch.autograd.Function):
         if dk_w is not None:
             dk_land.add_(dk_w)
         dq_land = _landmark_keys_backward(
-            k, v, E, factors, RV, dRV, q_land, dk, dv, dk_land, ctx.layout
+            k, v, E, factors, RV, dRV, q_land, dk, dv, dk_land, dv_skip, ctx.layout
         )
         if dq_w is not None:
             dq_land.add_(dq_w)
         _add_spread_(dq, dq_land.mul_(ctx.scale), ctx.layout)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, dw, None, None, None, None
+
+    @staticmethod
+    def _backward_by_recompute(ctx, q, k, v, conv_weight, grad):
+        def reference(q, k, v, conv_weight=None):
+            return _reference(q, k, v, conv_weight, ctx.inverse, ctx.layout, ctx.scale)
+
+        inputs = (q, k, v) if conv_weight is None else (q, k, v, conv_weight)
+        grads = grads_by_recompute(reference, inputs, ctx.needs_input_grad[:len(inputs)], grad)
+        return (*grads[:3], grads[3] if len(grads) > 3 else None, None, None, None, None)
 
 
 def nystrom_product(
-    q: Tensor, k: Tensor, v: Tensor, num_landmarks: int, inverse: Inverse, scale: float
+    q: Tensor, k: Tensor, v: Tensor, num_landmarks: int, inverse: Inverse, scale: float,
+    conv_weight: Tensor | None = None,
 ) -> Tensor:
-    """Unpadded Nyström attention F · inv(W) · R · v (module docs), one dtype throughout.
+    """Unpadded Nyström attention F · inv(W) · R · v (module docs), one dtype throughout,
+    plus the convolution skip conv(v) if ``conv_weight`` is given (fused: its sum and its dv
+    are added block by block while the blocks are in cache).
 
     Args:
         q, k, v: (B, H, N, D) queries (unscaled), keys and values, N > num_landmarks.
         num_landmarks: m, the number of segment means (need not divide N).
         inverse: differentiable W (B, H, m, m) -> Z (B, H, m, m).
         scale: the logit scale s.
+        conv_weight: (H, K) per-head filters of the depthwise convolution of v along the
+            sequence, K odd (:func:`~formerlab.attention.conv_skip.depthwise_conv_seq`).
     """
-    b, _, n, _ = q.shape
+    b, h, n, _ = q.shape
     if n <= num_landmarks:
         raise ValueError(
             f"nystrom_product needs N > num_landmarks; got N={n}, num_landmarks={num_landmarks}"
+        )
+    if conv_weight is not None and (
+        conv_weight.dim() != 2 or conv_weight.shape[0] != h or conv_weight.shape[1] % 2 == 0
+    ):
+        raise ValueError(
+            f"conv_weight has shape {tuple(conv_weight.shape)}; expected ({h}, K) with K odd"
         )
     layout = segment_layout(n, num_landmarks, None, b, q.device)
     packed = packed_buffer(q, k, v) is not None  # the gradients get that layout too
     # each of q, k, v feeds two GEMMs; a strided one (a view of the projections) cost
     # ~2.5 ms more per GEMM at N = 8192 than the 1.8 ms of one copy
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return NystromProduct.apply(q, k, v, inverse, layout, scale, packed)
+    return NystromProduct.apply(q, k, v, conv_weight, inverse, layout, scale, packed)
 
 
 __all__ = ["NystromProduct", "nystrom_product"]
