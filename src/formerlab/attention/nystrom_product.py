@@ -76,18 +76,20 @@ def _blocks(n: int) -> list[slice]:
 
 
 def _landmark_queries_forward(q, k_land_s, Y, skip):
-    """F = softmax(q·k̃ₛᵀ) as a list of row blocks (B, H, rows, m), and out = F·Y + skip
-    (skip optional), a (B, H, N, D) view of (B, N, H, D) memory (merging the heads is then
-    a view). The blocks are kept apart: writing them into one (B, H, N, m) tensor is a
-    copy each."""
+    """F = softmax(q·k̃ₛᵀ) as a list of row blocks (B, H, rows, m), and out = F·Y + skip,
+    a (B, H, N, D) view of (B, N, H, D) memory (merging the heads is then a view). skip,
+    optional, is a fresh tensor of that layout and is overwritten with the sum. The blocks
+    are kept apart: writing them into one (B, H, N, m) tensor is a copy each."""
     b, h, n, _ = q.shape
     F = []
-    out = q.new_empty(b, n, h, Y.shape[-1]).transpose(1, 2)
+    # the skip's own memory (fresh, of the same layout) takes the sum: one buffer fewer
+    out = q.new_empty(b, n, h, Y.shape[-1]).transpose(1, 2) if skip is None else skip
     for rows in _blocks(n):
         F.append((q[..., rows, :] @ k_land_s.mT).softmax(dim=-1))
-        block = torch.matmul(F[-1], Y, out=out[..., rows, :])  # straight into out's rows
-        if skip is not None:
-            block.add_(skip[..., rows, :])  # while the block is in cache
+        if skip is None:
+            torch.matmul(F[-1], Y, out=out[..., rows, :])  # straight into out's rows
+        else:
+            out[..., rows, :].add_(F[-1] @ Y)
     return F, out
 
 
