@@ -64,6 +64,19 @@ def sequence_conv_grads(
     return dx, dw
 
 
+def to_channels(x: Tensor) -> Tensor:
+    """Per-head (B, H, N, D) -> contiguous (B, N, H·D), the convolution's layout (no copy
+    when x already has that memory, e.g. a merged-heads gradient)."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d).contiguous()
+
+
+def to_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, N, H·D) -> its per-head (B, H, N, D) view."""
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
 def channel_filters(weight: Tensor, head_dim: int, dtype: torch.dtype) -> Tensor:
     """Per-head filters (H, K) -> per-channel filters (C, K), C = H·head_dim, in ``dtype``
     (a differentiable cast and repeat: the weight's gradient comes back in its own dtype)."""
@@ -97,15 +110,14 @@ def depthwise_conv_seq(v: Tensor, weight: Tensor) -> Tensor:
     an odd-sized weight (H, K); the result is a (B, H, N, D) view of a (B, N, H, D)
     tensor. See the module docs for the layout and the backward.
     """
-    b, h, n, d = v.shape
-    x = v.transpose(1, 2).reshape(b, n, h * d).contiguous()
+    x = to_channels(v)
     # v's dtype, so forward and hand-written backward agree
-    w = channel_filters(weight, d, v.dtype)
+    w = channel_filters(weight, v.shape[-1], v.dtype)
     if torch.compiler.is_compiling():  # traced as the plain convolution
         out = sequence_conv(x, w)
     else:
         out = _SequenceConv.apply(x, w)
-    return out.view(b, n, h, d).transpose(1, 2)
+    return to_heads(out, v.shape[1])
 
 
 class DepthwiseConvSkip(nn.Module):
@@ -145,4 +157,5 @@ class DepthwiseConvSkip(nn.Module):
 
 __all__ = [
     "DepthwiseConvSkip", "channel_filters", "depthwise_conv_seq", "sequence_conv", "sequence_conv_grads",
+    "to_channels", "to_heads",
 ]

@@ -49,6 +49,8 @@ from formerlab.attention.conv_skip import (
     depthwise_conv_seq,
     sequence_conv,
     sequence_conv_grads,
+    to_channels,
+    to_heads,
 )
 from formerlab.attention.landmark import landmark_factors
 from formerlab.attention.packed_qkv import empty_grads, packed_buffer
@@ -200,19 +202,16 @@ def _skip_forward(v: Tensor, conv_weight: Tensor | None):
     (C, K), saved for the backward, and its output as a (B, H, N, D) view."""
     if conv_weight is None:
         return None, None, None
-    b, h, n, d = v.shape
-    x, w = v.transpose(1, 2).reshape(b, n, h * d), channel_filters(conv_weight, d, v.dtype)
-    return x, w, sequence_conv(x, w).view(b, n, h, d).transpose(1, 2)
+    x, w = to_channels(v), channel_filters(conv_weight, v.shape[-1], v.dtype)
+    return x, w, to_heads(sequence_conv(x, w), v.shape[1])
 
 
 def _skip_backward(grad: Tensor, x: Tensor, w: Tensor, heads: int, need_w: bool):
     """The convolution skip's dv, a (B, H, N, D) view, and the gradient of its (H, K)
     per-head filters (each head's channels summed)."""
-    b, n, c = x.shape
-    g = grad.transpose(1, 2).reshape(b, n, c).contiguous()  # a view for merged heads' memory
-    dx, dw = sequence_conv_grads(g, x, w, True, need_w)
-    dw = None if dw is None else dw.view(heads, c // heads, -1).sum(dim=1)
-    return dx.view(b, n, heads, c // heads).transpose(1, 2), dw
+    dx, dw = sequence_conv_grads(to_channels(grad), x, w, True, need_w)
+    dw = None if dw is None else dw.view(heads, -1, dw.shape[-1]).sum(dim=1)
+    return to_heads(dx, heads), dw
 
 
 class NystromProduct(torch.autograd.Function):
