@@ -470,7 +470,8 @@ def bench_causal(
             except ValueError as error:
                 raise fail(error) from None
             console.print(f"causal, forward + backward, N={n}, B={batch}, H={heads}, D={head_dim}, "
-                          f"{device}; min of {repeats} interleaved rounds", highlight=False)
+                          f"{device}; min of {repeats} interleaved rounds; paired: the median of the "
+                          "per-round ratios", highlight=False)
             typer.echo(scaling_table(times, reference=methods[0]))
         return
     threads = None if counts is None else counts[0]
@@ -821,7 +822,7 @@ def bench_nystrom(
                 raise fail(error) from None
             console.print(f"nystrom module, forward + backward, N={n}, B={batch}, heads={heads}, "
                           f"d={head_dim}, m={landmarks}, {device}; min of {repeats} interleaved "
-                          "rounds", highlight=False)
+                          "rounds; paired: the median of the per-round ratios", highlight=False)
             typer.echo(scaling_table(times, reference="nystrom" if "nystrom" in times else None))
         return
     threads = counts[0]

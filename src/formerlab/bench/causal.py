@@ -39,6 +39,7 @@ from formerlab.bench.measure import (
     start_peak_memory,
     timed_passes,
 )
+from formerlab.bench.threads import ThreadTimes, time_over_threads
 from formerlab.errors import check_choice, check_positive_int
 
 METHODS = ("softmax", "causal_nystrom", "linear", "performer")
@@ -123,10 +124,8 @@ def thread_scaling(
     n: int, threads: tuple[int, ...], methods: tuple[str, ...] = METHODS, batch: int = 1,
     heads: int = 4, head_dim: int = 64, warmup: int = 1, repeats: int = 3,
     device: str = "cpu", options: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, dict[int, float]]:
+) -> ThreadTimes:
     """``{method: {threads: ms}}`` at one N, interleaved over thread counts and methods."""
-    from formerlab.bench.threads import time_over_threads
-
     options = options or {}
     steps = {
         m: causal_step(Case(m, n, batch, heads, head_dim, dict(options.get(m, {})),

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from formerlab import mixers, solvers
 from formerlab.bench.measure import check_repeats, sync, timed_passes
+from formerlab.bench.threads import ThreadTimes, time_over_threads
 from formerlab.errors import check_positive_int
 from formerlab.models.block import BlockStack, MetaFormerBlock
 from formerlab.models.deq import DEQStack, InjectedBlock
@@ -202,11 +203,9 @@ def thread_scaling(
     gain: float = 1.0, tol: float = 1e-3, max_iter: int = 100,
     methods: tuple[str, ...] = OUR_SOLVERS, compare_torchdeq: bool = True, warmup: int = 1,
     repeats: int = 3, device: str = "cpu",
-) -> dict[str, dict[int, float]]:
+) -> ThreadTimes:
     """``{"library solver": {threads: ms}}``: each solve of one problem at each thread
     count, ours and torchdeq's interleaved (``bench.threads``)."""
-    from formerlab.bench.threads import time_over_threads
-
     f, z0 = deq_problem(dim, seq, batch, gain, device=device)
     libraries = [("formerlab", _our_solve)]
     if compare_torchdeq and torchdeq_available():

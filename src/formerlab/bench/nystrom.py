@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from formerlab.bench.measure import check_repeats, peak_memory_bytes, start_peak_memory, sync
+from formerlab.bench.threads import ThreadTimes, time_over_threads
 from formerlab.errors import check_choice, check_positive_int
 
 METHODS = ("nystrom", "softmax", "nystrom-attention")
@@ -286,11 +287,9 @@ def thread_scaling(
     n: int, threads: tuple[int, ...], methods: tuple[str, ...] = METHODS, batch: int = 1,
     heads: int = 4, head_dim: int = 64, landmarks: int = 64, conv_kernel: int = 33,
     warmup: int = 1, repeats: int = 5, device: str = "cpu", seed: int = 0,
-) -> dict[str, dict[int, float]]:
+) -> ThreadTimes:
     """``{method: {threads: ms}}`` at one N: every method at every thread count,
     interleaved (``bench.threads``); the peer is left out when not installed."""
-    from formerlab.bench.threads import time_over_threads
-
     check_positive_int("n", n, minimum=2)
     for m in methods:
         check_choice("method", m, ALL_METHODS)
