@@ -157,7 +157,7 @@ def _landmark_keys_backward(k, v, E, factors, RV, dRV, q_land, dk, dv, dk_land, 
         dv_b = torch.matmul(E_b, dRV_b, out=dv[..., rows, :])
         if dv_skip is not None:
             dv_b.add_(dv_skip[..., rows, :])
-        dk[..., rows, :] = _add_spread_(dS @ q_land, dk_land, layout, rows)
+        _add_spread_(torch.matmul(dS, q_land, out=dk[..., rows, :]), dk_land, layout, rows)
         dq_land.add_(dS.mT @ k[..., rows, :])
     return dq_land
 
