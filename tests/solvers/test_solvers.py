@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from formerlab import solvers
@@ -99,6 +99,7 @@ def non_contraction(d: int, rho: float, seed: int, kind: str):
     method=st.sampled_from(METHODS + ["newton_krylov", "broyden_newton"]),
     kind=st.sampled_from(["expanding", "no_fixed_point"]),
 )
+@example(d=9, rho=2.920323096617827, seed=1870, method="broyden", kind="no_fixed_point")
 def test_non_contractions_report_convergence_honestly(d, rho, seed, method, kind):
     # rho >= 1: plain iteration diverges; a method may still find the fixed point (then it
     # must be the right one), or must say it did not converge
@@ -121,8 +122,11 @@ def test_non_contractions_report_convergence_honestly(d, rho, seed, method, kind
             # (documented limitation; the claim is true of the computed residual)
             assert float(z.abs().max()) >= 2.0**52 and float(residual[0]) <= tol
         else:
-            assert float(residual[0]) >= 1 - 1e-9
-            assert info.reasons()[0] != "converged"
+            assert float(residual[0]) > tol and info.reasons()[0] != "converged"
+            # the bound ||f(z) − z|| >= 1 holds in float64 while z + 1 is exact (|z| < 2^53);
+            # a divergent run may end beyond that (seed 1870, d = 9, broyden: |z| ≈ 2^53.3)
+            if float(z.abs().max()) < 2.0**53:
+                assert float(residual[0]) >= 1 - 1e-9
     elif bool(info.converged[0]):
         assert float(residual[0]) <= tol
         assert float((z - z_star).norm()) <= bound * tol * (1 + 1e-6) + 1e-12
