@@ -31,7 +31,7 @@ def test_every_method_runs_at_every_thread_count_and_the_count_is_restored():
             assert len(times.rounds[name][t]) == 3 and times[name][t] == min(times.rounds[name][t])
 
 
-def test_each_method_is_first_after_a_thread_change_as_often_as_the_other():
+def test_each_method_runs_first_at_a_thread_count_as_often_as_the_other():
     calls: list[tuple[str, int]] = []
     steps = {name: (lambda n=name: calls.append((n, torch.get_num_threads()))) for name in "ab"}
     time_over_threads(steps, (1, 2), warmup=0, repeats=4)
