@@ -360,7 +360,9 @@ def test_self_attention_takes_the_kernels_gradient_buffer_and_matches_the_genera
     # the fused kernel writes dq, dk, dv as views of one buffer and the split passes it on
     # (recorded below); the gradients must equal the general path's (all-True mask), which
     # goes through the split's copying branch. N = 24: whole segments of 6 (the landmark
-    # gradients spread in the buffer's token-major order)
+    # gradients spread in the buffer's token-major order). A (no-op) hook on the projection
+    # keeps the mixer on the q, k, v path: unhooked, it fuses the projection
+    # (tests/attention/test_nystrom_projected.py)
     import formerlab.mixers.self_attention as sa
     from formerlab.attention.packed_qkv import packed_buffer
 
@@ -375,6 +377,7 @@ def test_self_attention_takes_the_kernels_gradient_buffer_and_matches_the_genera
     torch.manual_seed(0)
     mixer = SelfAttention(16, 2, kernel="nystrom", num_landmarks=4, conv_kernel=conv,
                           conv_heads=2 if conv else None).double()
+    mixer.qkv.register_forward_hook(lambda *args: None)
     x = torch.randn(2, n, 16, dtype=D64, requires_grad=True)
     g = torch.randn(2, n, 16, dtype=D64)
     params = [x] + list(mixer.parameters())

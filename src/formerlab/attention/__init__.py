@@ -17,6 +17,7 @@ from formerlab.attention.landmark import LandmarkAttention
 from formerlab.attention.linear import LinearAttention
 from formerlab.attention.nystrom import NystromAttention
 from formerlab.attention.nystrom_product import NystromProduct, nystrom_product
+from formerlab.attention.nystrom_projected import NystromScoresProduct, nystrom_projected
 from formerlab.attention.performer import PerformerAttention
 from formerlab.attention.registry import KERNELS, available, build, describe, register
 from formerlab.attention.softmax import SoftmaxAttention
@@ -36,6 +37,7 @@ __all__ = [
     "LinearAttention",
     "NystromAttention",
     "NystromProduct",
+    "NystromScoresProduct",
     "PerformerAttention",
     "SoftmaxAttention",
     "available",
@@ -44,5 +46,6 @@ __all__ = [
     "compute_dtype",
     "describe",
     "nystrom_product",
+    "nystrom_projected",
     "register",
 ]

@@ -202,6 +202,21 @@ class AttentionKernel(nn.Module):
     def extra_repr(self) -> str:
         return f"name={self.name!r}, causal={self.supports_causal}"
 
+    # --- attention from the projection's input -------------------------------------
+
+    def fuses_projection(self, x: Tensor, weight: Tensor, heads: int) -> bool:
+        """Whether :meth:`attend_projected` takes this unpadded, non-causal call of input
+        x (B, N, C) with qkv projection ``weight`` (3·H·D, C); False by default."""
+        return False
+
+    def attend_projected(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, heads: int
+    ) -> Tensor:
+        """The call on q, k, v = split(x·weightᵀ + bias), computed from x and the
+        projection without forming them (only where :meth:`fuses_projection` says so);
+        returns out (B, H, N, D). The default raises."""
+        raise NotImplementedError(f"attention kernel {self.name!r} does not fuse the projection")
+
     # --- streaming (incremental causal decoding) ----------------------------------
 
     # True where ``init_state``/``step`` are implemented (see formerlab.attention.streaming)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,7 @@ from formerlab.attention.base import AttentionKernel, check_kernel_options
 from formerlab.attention.conv_skip import DepthwiseConvSkip, depthwise_conv_seq
 from formerlab.attention.landmark import LandmarkFactors, landmark_factors
 from formerlab.attention.nystrom_product import nystrom_product
+from formerlab.attention.nystrom_projected import nystrom_projected
 from formerlab.attention.registry import register
 from formerlab.errors import check_choice, check_positive_float, check_positive_int
 from formerlab.linalg.numerics import compute_dtype, relative_step
@@ -425,9 +427,52 @@ class NystromAttention(AttentionKernel):
         """The common case (no padding, N > m, no weights, no selection) in fewer passes:
         the same landmarks and inverse as :meth:`attend`, fused into one autograd function
         (:func:`~formerlab.attention.nystrom_product.nystrom_product`)."""
-        d = q.shape[-1]
         work = compute_dtype(q.dtype)
-        scale = 1.0 / math.sqrt(d) if self.scale is None else self.scale
+        inverse, infos = self._recorded_inverse()
+        conv_weight = None if self.conv is None else self.conv.head_weights(q.shape[1], work)
+        out = nystrom_product(
+            q.to(work), k.to(work), v.to(work), self.num_landmarks, inverse,
+            self._logit_scale(q.shape[-1]), conv_weight,
+        )
+        self.last_info = infos[0]
+        return out
+
+    def fuses_projection(self, x: Tensor, weight: Tensor, heads: int) -> bool:
+        """True for the calls of :meth:`_attend_unmasked` (no selection, N > m) whose input
+        is already the compute dtype (float32 or float64, no autocast) and whose
+        landmarks are at most the head size (m ≤ D: then the fused GEMM is no larger
+        than the qkv projection, see :mod:`~formerlab.attention.nystrom_projected`)."""
+        head_dim = weight.shape[0] // (3 * heads)
+        return (
+            self.pinv_select is None and x.shape[1] > self.num_landmarks
+            and self.num_landmarks <= head_dim and weight.dtype == x.dtype
+            and compute_dtype(x.dtype) == x.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+            and not torch.compiler.is_compiling()
+        )
+
+    def attend_projected(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, heads: int
+    ) -> Tensor:
+        """:meth:`_attend_unmasked` of the projections of x, computed from x and the
+        projection (:func:`~formerlab.attention.nystrom_projected.nystrom_projected`):
+        the same landmarks, inverse and diagnostics, six of its twelve large products
+        fewer."""
+        inverse, infos = self._recorded_inverse()
+        conv_weight = None if self.conv is None else self.conv.head_weights(heads, x.dtype)
+        head_dim = weight.shape[0] // (3 * heads)
+        out = nystrom_projected(
+            x, weight, bias, heads, self.num_landmarks, inverse, self._logit_scale(head_dim),
+            conv_weight,
+        )
+        self.last_info = infos[0]
+        return out
+
+    def _logit_scale(self, head_dim: int) -> float:
+        return 1.0 / math.sqrt(head_dim) if self.scale is None else self.scale
+
+    def _recorded_inverse(self) -> tuple[Callable[[Tensor], Tensor], list[NystromInfo]]:
+        """The inverse of the fused paths and the list its diagnostics are appended to."""
         infos: list[NystromInfo] = []
 
         def inverse(W: Tensor) -> Tensor:
@@ -435,12 +480,7 @@ class NystromAttention(AttentionKernel):
             infos.append(info)
             return Z
 
-        conv_weight = None if self.conv is None else self.conv.head_weights(q.shape[1], work)
-        out = nystrom_product(
-            q.to(work), k.to(work), v.to(work), self.num_landmarks, inverse, scale, conv_weight
-        )
-        self.last_info = infos[0]
-        return out
+        return inverse, infos
 
     def diagnostics(self) -> dict[str, float]:
         """Per-call statistics of the last forward for training logs."""

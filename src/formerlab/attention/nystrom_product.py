@@ -31,6 +31,11 @@ this function. Why one function (measured with ``formerlab bench nystrom``, N = 
   output block and its dv to each dv block while the block is in cache, instead of a sum
   tensor of its own and an add over the strided dv.
 
+The block loops (``landmark_*_forward`` / ``landmark_*_backward``) take the score blocks
+and their gradients through small callables, so
+:mod:`~formerlab.attention.nystrom_projected` (scores straight from the projection's
+input) runs the same loops.
+
 Double backward (e.g. a Jacobian regulariser through a DEQ body) recomputes the forward
 with plain autograd ops from the saved inputs, so higher derivatives stay exact. The
 gradient is checked by ``gradcheck`` in float64 and against the general code path of
@@ -58,6 +63,10 @@ from formerlab.attention.recompute import grads_by_recompute
 from formerlab.linalg.segments import SegmentLayout, segment_layout, segment_means
 
 Inverse = Callable[[Tensor], Tensor]
+#: a row block's (B, H, rows, m) scores, given the rows
+Scores = Callable[[slice], Tensor]
+#: takes a row block's score gradient (B, H, rows, m) while it is in cache
+ScoresGrad = Callable[[slice, Tensor], None]
 
 
 def _softmax_backward_rows(grad: Tensor, prob: Tensor) -> Tensor:
@@ -77,17 +86,18 @@ def _blocks(n: int) -> list[slice]:
     return [slice(s, min(s + BLOCK_ROWS, n)) for s in range(0, n, BLOCK_ROWS)]
 
 
-def _landmark_queries_forward(q, k_land_s, Y, skip):
-    """F = softmax(q·k̃ₛᵀ) as a list of row blocks (B, H, rows, m), and out = F·Y + skip,
-    a (B, H, N, D) view of (B, N, H, D) memory (merging the heads is then a view). skip,
-    optional, is a fresh tensor of that layout and is overwritten with the sum. The blocks
-    are kept apart: writing them into one (B, H, N, m) tensor is a copy each."""
-    b, h, n, _ = q.shape
+def landmark_queries_forward(probs: Scores, n: int, Y: Tensor, skip: Tensor | None):
+    """F = softmax(q·k̃ₛᵀ) as a list of row blocks (B, H, rows, m), ``probs(rows)`` giving
+    a block, and out = F·Y + skip, a (B, H, N, D) view of (B, N, H, D) memory (merging the
+    heads is then a view). skip, optional, is a fresh tensor of that layout and is
+    overwritten with the sum. The blocks are kept apart: writing them into one
+    (B, H, N, m) tensor is a copy each."""
+    b, h, _, d = Y.shape
     F = []
     # the skip's own memory (fresh, of the same layout) takes the sum: one buffer fewer
-    out = q.new_empty(b, n, h, Y.shape[-1]).transpose(1, 2) if skip is None else skip
+    out = Y.new_empty(b, n, h, d).transpose(1, 2) if skip is None else skip
     for rows in _blocks(n):
-        F.append((q[..., rows, :] @ k_land_s.mT).softmax(dim=-1))
+        F.append(probs(rows))
         if skip is None:
             torch.matmul(F[-1], Y, out=out[..., rows, :])  # straight into out's rows
         else:
@@ -95,31 +105,29 @@ def _landmark_queries_forward(q, k_land_s, Y, skip):
     return F, out
 
 
-def _landmark_queries_backward(grad, q, F, Y, k_land_s, dq):
-    """out = F·Y with F = softmax(q·k̃ₛᵀ), block by block over the rows: dq (written into
-    the given tensor), d(k̃ₛ) and dY."""
-    dk_land = torch.zeros_like(k_land_s)
+def landmark_queries_backward(grad: Tensor, F, Y: Tensor, scores_grad: ScoresGrad) -> Tensor:
+    """out = F·Y with F = softmax(scores), block by block over the rows: dY, and each
+    block's d(scores) handed to ``scores_grad(rows, dS)`` while it is in cache."""
     dY = torch.zeros_like(Y)
-    for rows, F_b in zip(_blocks(q.shape[-2]), F):
+    for rows, F_b in zip(_blocks(grad.shape[-2]), F):
         g = grad[..., rows, :]
         dY.add_(F_b.mT @ g)
-        dS = _softmax_backward_rows(g @ Y.mT, F_b)  # d(scores of F) for these rows
-        torch.matmul(dS, k_land_s, out=dq[..., rows, :])
-        dk_land.add_(dS.mT @ q[..., rows, :])
-    return dk_land, dY
+        scores_grad(rows, _softmax_backward_rows(g @ Y.mT, F_b))
+    return dY
 
 
-def _landmark_keys_forward(k, v, q_land):
-    """Rᵀ = softmax_N(k·q̃ᵀ) and RV = Rᵀᵀ·v, block by block with a running maximum per
-    landmark (the online softmax of FlashAttention, Dao et al., 2022): a block's
-    exponentials E_b = exp(S_b − M_b), M_b the maximum so far, are formed while the block
-    is in cache and kept unnormalised, so the (N × m) scores are written once instead of
-    passing over them five times. Returns the blocks E_b, their column factors
+def landmark_keys_forward(scores: Scores, v: Tensor, fresh: bool):
+    """Rᵀ = softmax_N(k·q̃ᵀ) and RV = Rᵀᵀ·v, ``scores(rows)`` giving a block's k·q̃ᵀ (its
+    own memory, overwritten, if ``fresh``; else a view, left as it is), block by block
+    with a running maximum per landmark (the online softmax of FlashAttention, Dao et al.,
+    2022): a block's exponentials E_b = exp(S_b − M_b), M_b the maximum so far, are formed
+    while the block is in cache and kept unnormalised, so the (N × m) scores are written
+    once instead of passing over them five times. Returns the blocks E_b, their column factors
     c_b = exp(M_b − M) / Σₙ exp(Sₙ − M) (Rᵀ's rows of block b are E_b ⊙ c_b) and RV."""
     E, shifts = [], []
     col_max = total = RV = None
-    for rows in _blocks(k.shape[-2]):
-        S = k[..., rows, :] @ q_land.mT  # (B, H, rows, m)
+    for rows in _blocks(v.shape[-2]):
+        S = scores(rows)  # (B, H, rows, m)
         block_max = S.amax(dim=-2, keepdim=True)
         if col_max is not None:
             new_max = torch.maximum(col_max, block_max)
@@ -129,7 +137,7 @@ def _landmark_keys_forward(k, v, q_land):
             col_max = new_max
         else:
             col_max = block_max
-        E_b = S.sub_(col_max).exp_()
+        E_b = (S.sub_(col_max) if fresh else S - col_max).exp_()
         block_sum, block_RV = E_b.sum(dim=-2, keepdim=True), E_b.mT @ v[..., rows, :]
         total = block_sum if total is None else total.add_(block_sum)
         RV = block_RV if RV is None else RV.add_(block_RV)
@@ -139,27 +147,27 @@ def _landmark_keys_forward(k, v, q_land):
     return E, factors, RV.div_(total.mT)
 
 
-def _landmark_keys_backward(k, v, E, factors, RV, dRV, q_land, dk, dv, dk_land, dv_skip, layout):
+def landmark_keys_backward(v, E, factors, RV, dRV, dv, dv_skip, scores_grad: ScoresGrad,
+                            scores_out: Callable[[slice], Tensor | None]):
     """RV = Rᵀᵀ·v with Rᵀ = softmax_N(k·q̃ᵀ) given as blocks E_b ⊙ c_b
-    (:func:`_landmark_keys_forward`), block by block over the rows: dk (with Sᵀ·dk̃ from
-    the other terms) and dv (with dv_skip, the convolution skip's, if given), written into
-    the given tensors with those terms added while the block is in cache, and dq̃.
+    (:func:`landmark_keys_forward`), block by block over the rows: dv (with dv_skip, the
+    convolution skip's, if given) written into the given tensor with that term added while
+    the block is in cache, and each block's d(scores) handed to ``scores_grad(rows, dS)``
+    (written into ``scores_out(rows)`` if that gives a tensor).
 
     The softmax over N needs Σₙ Rᵀ ⊙ d(Rᵀ) per landmark over all rows; with d(Rᵀ) = v·dRVᵀ
     that is (RV ⊙ dRV) summed over D, known before the first block. The factor c_b goes
     into the small operands: Rᵀ_b·dRV = E_b·(c_bᵀ ⊙ dRV).
     """
     dot = (RV * dRV).sum(dim=-1).unsqueeze(-2)  # (B, H, 1, m)
-    dq_land = torch.zeros_like(q_land)
-    for rows, E_b, c_b in zip(_blocks(k.shape[-2]), E, factors):
+    for rows, E_b, c_b in zip(_blocks(v.shape[-2]), E, factors):
         dRV_b = dRV * c_b.mT
-        dS = (v[..., rows, :] @ dRV_b.mT).sub_(dot * c_b).mul_(E_b)  # d(scores of Rᵀ)
+        dS = torch.matmul(v[..., rows, :], dRV_b.mT, out=scores_out(rows))
+        dS.sub_(dot * c_b).mul_(E_b)  # d(scores of Rᵀ)
         dv_b = torch.matmul(E_b, dRV_b, out=dv[..., rows, :])
         if dv_skip is not None:
             dv_b.add_(dv_skip[..., rows, :])
-        _add_spread_(torch.matmul(dS, q_land, out=dk[..., rows, :]), dk_land, layout, rows)
-        dq_land.add_(dS.mT @ k[..., rows, :])
-    return dq_land
+        scores_grad(rows, dS)
 
 
 def _add_spread_(dx: Tensor, d_land: Tensor, layout: SegmentLayout, rows: slice | None = None) -> Tensor:
@@ -197,7 +205,7 @@ def _reference(q, k, v, conv_weight, inverse: Inverse, layout: SegmentLayout, sc
     return out if conv_weight is None else out + depthwise_conv_seq(v, conv_weight)
 
 
-def _skip_forward(v: Tensor, conv_weight: Tensor | None):
+def conv_skip_forward(v: Tensor, conv_weight: Tensor | None):
     """The convolution skip of v (B, H, N, D): its input (B, N, C) and per-channel filters
     (C, K), saved for the backward, and its output as a (B, H, N, D) view."""
     if conv_weight is None:
@@ -206,7 +214,7 @@ def _skip_forward(v: Tensor, conv_weight: Tensor | None):
     return x, w, to_heads(sequence_conv(x, w), v.shape[1])
 
 
-def _skip_backward(grad: Tensor, x: Tensor, w: Tensor, heads: int, need_w: bool):
+def conv_skip_backward(grad: Tensor, x: Tensor, w: Tensor, heads: int, need_w: bool):
     """The convolution skip's dv, a (B, H, N, D) view, and the gradient of its (H, K)
     per-head filters (each head's channels summed)."""
     dx, dw = sequence_conv_grads(to_channels(grad), x, w, True, need_w)
@@ -238,10 +246,13 @@ class NystromProduct(torch.autograd.Function):
             k_leaf = k_land.detach().requires_grad_(needs_grad)
             Z = inverse((q_leaf @ k_leaf.mT).softmax(dim=-1))
         k_land_s = k_land * scale
-        E, factors, RV = _landmark_keys_forward(k, v, q_land)  # R transposed, in blocks
+        # R transposed, in blocks
+        E, factors, RV = landmark_keys_forward(lambda rows: k[..., rows, :] @ q_land.mT, v, True)
         Y = Z.detach() @ RV
-        x_skip, w_skip, skip = _skip_forward(v, conv_weight)
-        F, out = _landmark_queries_forward(q, k_land_s, Y, skip)
+        x_skip, w_skip, skip = conv_skip_forward(v, conv_weight)
+        F, out = landmark_queries_forward(
+            lambda rows: (q[..., rows, :] @ k_land_s.mT).softmax(dim=-1), q.shape[-2], Y, skip
+        )
         ctx.num_blocks = len(F)
         ctx.save_for_backward(q, k, v, conv_weight, x_skip, w_skip, q_land, k_land_s, RV, Y,
                               *F, *E, *factors)
@@ -258,9 +269,19 @@ class NystromProduct(torch.autograd.Function):
         grad = grad.to(q.dtype)  # (strided from the head merge: measured no slower)
         dv_skip = dw = None
         if conv_weight is not None:
-            dv_skip, dw = _skip_backward(grad, x_skip, w_skip, q.shape[1], ctx.needs_input_grad[3])
+            dv_skip, dw = conv_skip_backward(grad, x_skip, w_skip, q.shape[1], ctx.needs_input_grad[3])
         dq, dk, dv = empty_grads(q, ctx.packed)
-        dk_land, dY = _landmark_queries_backward(grad, q, F, Y, k_land_s, dq)
+        dk_land, dq_land = torch.zeros_like(k_land_s), torch.zeros_like(q_land)
+
+        def queries_scores_grad(rows: slice, dS: Tensor) -> None:  # F's scores q·k̃ₛᵀ
+            torch.matmul(dS, k_land_s, out=dq[..., rows, :])
+            dk_land.add_(dS.mT @ q[..., rows, :])
+
+        def keys_scores_grad(rows: slice, dS: Tensor) -> None:  # Rᵀ's scores k·q̃ᵀ
+            _add_spread_(torch.matmul(dS, q_land, out=dk[..., rows, :]), dk_land, ctx.layout, rows)
+            dq_land.add_(dS.mT @ k[..., rows, :])
+
+        dY = landmark_queries_backward(grad, F, Y, queries_scores_grad)
         dk_land.mul_(ctx.scale)
         dZ = dY @ RV.mT
         dRV = Z.detach().mT @ dY
@@ -272,8 +293,8 @@ class NystromProduct(torch.autograd.Function):
             )
         if dk_w is not None:
             dk_land.add_(dk_w)
-        dq_land = _landmark_keys_backward(
-            k, v, E, factors, RV, dRV, q_land, dk, dv, dk_land, dv_skip, ctx.layout
+        landmark_keys_backward(
+            v, E, factors, RV, dRV, dv, dv_skip, keys_scores_grad, lambda rows: None
         )
         if dq_w is not None:
             dq_land.add_(dq_w)

@@ -68,6 +68,13 @@ class _SplitQKV(torch.autograd.Function):
         return out.view(b, n, c3), None
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether forward hooks (the module's own or global ones) expect its forward to run."""
+    glob = torch.nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or glob._global_forward_hooks or glob._global_forward_pre_hooks)
+
+
 def merge_heads(x: Tensor) -> Tensor:
     """(B, H, N, D) -> (B, N, H·D)."""
     b, h, n, d = x.shape
@@ -125,8 +132,20 @@ class SelfAttention(TokenMixer):
         return _SplitQKV.apply(qkv, self.heads)
 
     def mix(self, x: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
-        out = attend(self.kernel, *self.qkv_heads(x), key_padding_mask, causal, self.rope)
+        if key_padding_mask is None and not causal and self._projection_fusable(x):
+            out = self.kernel.attend_projected(x, self.qkv.weight, self.qkv.bias, self.heads)
+        else:
+            out = attend(self.kernel, *self.qkv_heads(x), key_padding_mask, causal, self.rope)
         return self.out(merge_heads(out))
+
+    def _projection_fusable(self, x: Tensor) -> bool:
+        """Whether the kernel may take x and the qkv weights instead of q, k, v (e.g.
+        Nyström: six of its twelve large products fewer). Not with rotary embeddings
+        (q and k are rotated per position) or a replaced or hooked projection, whose own
+        forward must run (as must a hooked kernel's)."""
+        qkv = self.qkv
+        plain = type(qkv) is nn.Linear and not (_hooked(qkv) or _hooked(self.kernel))
+        return plain and not self.rope and self.kernel.fuses_projection(x, qkv.weight, self.heads)
 
     def new_state(self, batch: int, dtype: torch.dtype, device: Any):
         d = self.head_dim
