@@ -243,3 +243,17 @@ def test_the_key_bias_cancels_in_every_softmax():
     changed_q[:12] += 1.0
     assert (nystrom_projected(x, weight, changed_q, 3, 4, torch.linalg.pinv, 0.4, conv)
             - out).abs().max() > 1e-3
+
+
+def test_fused_projection_under_inference_mode_and_no_grad(monkeypatch):
+    mod = mixer()
+    calls = spy(monkeypatch, mod)
+    x = torch.randn(2, 40, 24, dtype=D64)
+    ref = mod(x)
+    with torch.inference_mode():
+        inf = mod(x)
+    with torch.no_grad():
+        plain = mod(x)
+    assert calls == [1, 1, 1] and inf.grad_fn is None and plain.grad_fn is None
+    torch.testing.assert_close(inf, ref, rtol=0, atol=0)
+    torch.testing.assert_close(plain, ref, rtol=0, atol=0)
