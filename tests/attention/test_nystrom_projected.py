@@ -257,3 +257,17 @@ def test_fused_projection_under_inference_mode_and_no_grad(monkeypatch):
     assert calls == [1, 1, 1] and inf.grad_fn is None and plain.grad_fn is None
     torch.testing.assert_close(inf, ref, rtol=0, atol=0)
     torch.testing.assert_close(plain, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_one_head_and_many_heads_over_blocks(monkeypatch, heads):
+    # H = 1 (the per-head views are then contiguous ones) and B = 3, N not a multiple of m
+    monkeypatch.setattr(product, "BLOCK_ROWS", 8)
+    x, weight, b, conv = inputs(b=3, n=30, c=4 * heads, heads=heads, grad=True)
+    out = nystrom_projected(x, weight, b, heads, 3, torch.linalg.inv, 0.5, conv)
+    ref = dense_reference(x, weight, b, heads, 3, 0.5, conv, torch.linalg.inv)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(6), dtype=D64)
+    leaves = (x, weight, b, conv)
+    for got, want in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
