@@ -21,10 +21,14 @@ def sets(overrides: list[str]) -> list[str]:
 
 
 def _cli_child(args: list[str], out: str, go) -> None:
+    import torch
     from typer.testing import CliRunner
 
     from formerlab.cli import app
 
+    # the fork inherits the parent's OpenMP thread team in whatever state it was in; with
+    # one thread the child never enters it
+    torch.set_num_threads(1)
     if go is not None:
         go.wait(60)
     result = CliRunner().invoke(app, args, env={"COLUMNS": "1000"})
@@ -41,7 +45,16 @@ def fork_cli(args: list[str], out: Path, go=None):
     return proc
 
 
-def forked_result(out: Path) -> tuple[int, str]:
+def forked_result(out: Path, proc=None) -> tuple[int, str]:
+    """The forked CLI's exit code and output; if it wrote none, an AssertionError that
+    says whether the process is still running (hung) or how it ended."""
+    if not Path(out).exists():
+        state = "unknown" if proc is None else (
+            "still running (hung)" if proc.is_alive() else f"exit code {proc.exitcode}"
+        )
+        if proc is not None and proc.is_alive():
+            proc.kill()
+        raise AssertionError(f"the forked CLI wrote no result to {out}: {state}")
     code, _, output = Path(out).read_text().partition("\n")
     return int(code), output
 

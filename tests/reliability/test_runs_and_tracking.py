@@ -34,7 +34,7 @@ def test_four_concurrent_train_processes_share_the_mlflow_store(tmp_path):
     go.set()  # all four start at once: same second, same new store
     for proc in procs:
         proc.join(180)
-    results = [forked_result(out) for out in outs]
+    results = [forked_result(out, proc) for out, proc in zip(outs, procs)]
     for code, output in results:
         assert code == 0, output[-3000:]
     run_dirs = {Path(output.split("run:")[1].split()[0]) for _, output in results}
@@ -91,7 +91,7 @@ def test_ctrl_c_saves_exits_130_and_prints_the_resume_command(tmp_path):
     time.sleep(0.5)
     os.kill(proc.pid, signal.SIGINT)
     proc.join(60)
-    code, output = forked_result(out)
+    code, output = forked_result(out, proc)
     assert code == 130, output[-3000:]
     assert "Traceback" not in output
     command = [line for line in output.splitlines() if line.startswith("continue with:")]

@@ -110,7 +110,7 @@ def test_a_worker_killed_twice_fails_only_its_own_trial_and_ablate_exits_non_zer
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
     parent.join(240)
-    code, output = forked_result(tmp_path / "parent.txt")
+    code, output = forked_result(tmp_path / "parent.txt", parent)
     assert code == EXIT_TRIALS_FAILED, output
     assert "1 trial(s) failed" in output and "worker died" in output
     results = {p.parent.name.split("-")[0]: json.loads(p.read_text())

@@ -199,7 +199,6 @@ def train(
     net = compile_model(ddp.wrap(model), t.device) if t.compile else ddp.wrap(model)
     if ddp.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(_yaml(cfg))
     parameters = sum(p.numel() for p in model.parameters())
     params = {**_flatten(cfg.model_dump(mode="json")), "parameters": parameters}
     tracker.start(cfg.name, run_dir, params)
@@ -221,6 +220,8 @@ def train(
         TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
         console=console, disable=not progress, transient=False,
     )
+    if ddp.is_main:  # last before the loop: from here on Ctrl-C checkpoints and says so
+        (run_dir / "config.yaml").write_text(_yaml(cfg))
     try:
         with bar:
             job = bar.add_task(cfg.name, total=t.steps, completed=step, info="")
