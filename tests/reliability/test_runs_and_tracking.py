@@ -2,6 +2,8 @@
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -82,16 +84,27 @@ def test_steps_replayed_after_a_kill_are_logged_once(tmp_path):
 
 
 def test_ctrl_c_saves_exits_130_and_prints_the_resume_command(tmp_path):
+    # a real `formerlab train` process (not a fork of this one: a forked child inherits
+    # this process's threads and their locks, and hung in two full-suite runs)
     runs = tmp_path / "runs"
-    out = tmp_path / "out.txt"
-    proc = fork_cli(["train", "--no-progress", *sets(tiny_args(runs, steps=100_000))], out)
-    deadline = time.monotonic() + 60
-    while not list(runs.glob("*/config.yaml")) and time.monotonic() < deadline:
-        time.sleep(0.1)  # config.yaml is written just before the first step
-    time.sleep(0.5)
-    os.kill(proc.pid, signal.SIGINT)
-    proc.join(60)
-    code, output = forked_result(out, proc)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "formerlab", "train", "--no-progress",
+         *sets(tiny_args(runs, steps=100_000))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "COLUMNS": "1000"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(runs.glob("*/config.yaml")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.1)  # config.yaml is written just before the first step
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    code = proc.returncode
     assert code == 130, output[-3000:]
     assert "Traceback" not in output
     command = [line for line in output.splitlines() if line.startswith("continue with:")]
