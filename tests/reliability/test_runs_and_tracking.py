@@ -84,14 +84,16 @@ def test_steps_replayed_after_a_kill_are_logged_once(tmp_path):
 
 
 def test_ctrl_c_saves_exits_130_and_prints_the_resume_command(tmp_path):
-    # a real `formerlab train` process (not a fork of this one: a forked child inherits
-    # this process's threads and their locks, and hung in two full-suite runs)
+    # a real `formerlab train` process, as from a terminal
     runs = tmp_path / "runs"
     proc = subprocess.Popen(
         [sys.executable, "-m", "formerlab", "train", "--no-progress",
          *sets(tiny_args(runs, steps=100_000))],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "COLUMNS": "1000"},
+        # a terminal's foreground job gets SIGINT at its default; an inherited "ignore"
+        # (it happened in full-suite CI runs) would make Ctrl-C a no-op
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 120
