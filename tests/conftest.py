@@ -1,8 +1,6 @@
 """Shared fixtures: tiny run configs on the real tinyshakespeare data."""
 
 import os
-import signal
-import warnings
 from pathlib import Path
 
 import pytest
@@ -31,27 +29,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
-
-
-def _sigint_ignored() -> bool:
-    """Whether this process ignores SIGINT at the OS level (/proc/self/status SigIgn): a
-    library can set that behind Python's back, and every process started from here then
-    inherits it, so Ctrl-C never reaches it."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return False
-    mask = next((line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), "0")
-    return bool(int(mask, 16) >> (signal.SIGINT - 1) & 1)
-
-
-@pytest.fixture(autouse=True)
-def _sigint_not_left_ignored(request):
-    """A test that leaves SIGINT ignored gets it restored and a warning naming it."""
-    yield
-    if _sigint_ignored():
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        warnings.warn(f"{request.node.nodeid} left SIGINT ignored (SigIgn); restored", stacklevel=1)
 
 
 @pytest.fixture

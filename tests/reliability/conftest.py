@@ -21,14 +21,10 @@ def sets(overrides: list[str]) -> list[str]:
 
 
 def _cli_child(args: list[str], out: str, go) -> None:
-    import torch
     from typer.testing import CliRunner
 
     from formerlab.cli import app
 
-    # the fork inherits the parent's OpenMP thread team in whatever state it was in; with
-    # one thread the child never enters it
-    torch.set_num_threads(1)
     if go is not None:
         go.wait(60)
     result = CliRunner().invoke(app, args, env={"COLUMNS": "1000"})

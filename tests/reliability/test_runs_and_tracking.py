@@ -91,8 +91,9 @@ def test_ctrl_c_saves_exits_130_and_prints_the_resume_command(tmp_path):
          *sets(tiny_args(runs, steps=100_000))],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "COLUMNS": "1000"},
-        # a terminal's foreground job gets SIGINT at its default; an inherited "ignore"
-        # (it happened in full-suite CI runs) would make Ctrl-C a no-op
+        # as a terminal's foreground job: at its default. A suite started in the background
+        # by a non-interactive shell (`make test &`) ignores SIGINT, and a child inherits
+        # that: the SIGINT was a no-op there and the run went on
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
