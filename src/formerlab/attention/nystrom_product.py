@@ -147,13 +147,14 @@ def landmark_keys_forward(scores: Scores, v: Tensor, fresh: bool):
     return E, factors, RV.div_(total.mT)
 
 
-def landmark_keys_backward(v, E, factors, RV, dRV, dv, dv_skip, scores_grad: ScoresGrad,
-                            scores_out: Callable[[slice], Tensor | None]):
+def landmark_keys_backward(v, E, factors, RV, dRV, dv, dv_skip,
+                           scores_grad: ScoresGrad | None = None,
+                           scores_out: Callable[[slice], Tensor] | None = None) -> None:
     """RV = Rᵀᵀ·v with Rᵀ = softmax_N(k·q̃ᵀ) given as blocks E_b ⊙ c_b
     (:func:`landmark_keys_forward`), block by block over the rows: dv (with dv_skip, the
     convolution skip's, if given) written into the given tensor with that term added while
     the block is in cache, and each block's d(scores) handed to ``scores_grad(rows, dS)``
-    (written into ``scores_out(rows)`` if that gives a tensor).
+    and/or written into ``scores_out(rows)`` (either may be None).
 
     The softmax over N needs Σₙ Rᵀ ⊙ d(Rᵀ) per landmark over all rows; with d(Rᵀ) = v·dRVᵀ
     that is (RV ⊙ dRV) summed over D, known before the first block. The factor c_b goes
@@ -162,12 +163,14 @@ def landmark_keys_backward(v, E, factors, RV, dRV, dv, dv_skip, scores_grad: Sco
     dot = (RV * dRV).sum(dim=-1).unsqueeze(-2)  # (B, H, 1, m)
     for rows, E_b, c_b in zip(_blocks(v.shape[-2]), E, factors):
         dRV_b = dRV * c_b.mT
-        dS = torch.matmul(v[..., rows, :], dRV_b.mT, out=scores_out(rows))
+        out = None if scores_out is None else scores_out(rows)
+        dS = torch.matmul(v[..., rows, :], dRV_b.mT, out=out)
         dS.sub_(dot * c_b).mul_(E_b)  # d(scores of Rᵀ)
         dv_b = torch.matmul(E_b, dRV_b, out=dv[..., rows, :])
         if dv_skip is not None:
             dv_b.add_(dv_skip[..., rows, :])
-        scores_grad(rows, dS)
+        if scores_grad is not None:
+            scores_grad(rows, dS)
 
 
 def _add_spread_(dx: Tensor, d_land: Tensor, layout: SegmentLayout, rows: slice | None = None) -> Tensor:
@@ -293,9 +296,7 @@ class NystromProduct(torch.autograd.Function):
             )
         if dk_w is not None:
             dk_land.add_(dk_w)
-        landmark_keys_backward(
-            v, E, factors, RV, dRV, dv, dv_skip, keys_scores_grad, lambda rows: None
-        )
+        landmark_keys_backward(v, E, factors, RV, dRV, dv, dv_skip, scores_grad=keys_scores_grad)
         if dq_w is not None:
             dq_land.add_(dq_w)
         _add_spread_(dq, dq_land.mul_(ctx.scale), ctx.layout)

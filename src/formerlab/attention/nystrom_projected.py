@@ -102,8 +102,7 @@ class NystromScoresProduct(torch.autograd.Function):
         dZ = dY @ RV.mT
         dRV = Z.mT @ dY
         landmark_keys_backward(
-            v, E, factors, RV, dRV, dv, dv_skip, lambda rows, dS: None,
-            lambda rows: dSR[..., rows, :],
+            v, E, factors, RV, dRV, dv, dv_skip, scores_out=lambda rows: dSR[..., rows, :]
         )
         return dP, dZ, dw, None, None
 
