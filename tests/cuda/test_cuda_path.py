@@ -80,6 +80,24 @@ def test_every_solver_finds_the_fixed_point_on_cuda(method):
     torch.testing.assert_close(z, exact, rtol=1e-4, atol=1e-4)
 
 
+def test_a_cpu_generator_drives_sampling_and_probes_on_cuda():
+    """Seeded CPU generators work with CUDA tensors and draw what they draw on the CPU."""
+    from formerlab.deq import jacobian_frobenius, jacobian_spectral_norm
+    from formerlab.models import DecoderLM
+
+    torch.manual_seed(0)
+    model = DecoderLM(20, dim=32, depth=1, heads=2, max_len=64).eval()
+    prompt = torch.randint(1, 20, (2, 5), generator=torch.Generator().manual_seed(1))
+    cpu = model.generate(prompt, 8, generator=torch.Generator().manual_seed(2))
+    gpu = model.cuda().generate(prompt.cuda(), 8, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(gpu.cpu(), cpu)
+    z = torch.randn(3, 7, device="cuda", requires_grad=True)
+    frob = jacobian_frobenius(3 * z, z, generator=torch.Generator().manual_seed(3))
+    assert frob.device.type == "cuda" and 0 < frob.item() < 30
+    sigma = jacobian_spectral_norm(lambda u: 3 * u, z, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(sigma.cpu(), torch.full((3,), 3.0))
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("extra", [[], ["model.kernel=nystrom", "model.mixer=attention"],
                                    ["model.deq={}"]])

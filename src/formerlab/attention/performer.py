@@ -72,12 +72,14 @@ def orthogonal_gaussian(
     """
     blocks = []
     for _ in range(math.ceil(num_features / dim)):
-        g = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+        g = torch.randn(dim, dim, generator=generator, dtype=torch.float64, device=generator.device)
         q, r = torch.linalg.qr(g)
         q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)
         blocks.append(q.T)
     directions = torch.cat(blocks)[:num_features]
-    norms = torch.randn(num_features, dim, generator=generator, dtype=torch.float64).norm(dim=-1)
+    norms = torch.randn(
+        num_features, dim, generator=generator, dtype=torch.float64, device=generator.device
+    ).norm(dim=-1)
     return (directions * norms[:, None]).to(dtype)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from formerlab.errors import check_positive_int
+from formerlab.linalg.numerics import seeded_randn
 
 
 def jacobian_frobenius(
@@ -35,7 +36,7 @@ def jacobian_frobenius(
         raise ValueError("z_in must require grad (compute f_out = f(z_in) after requires_grad_())")
     total = f_out.new_zeros((), dtype=torch.promote_types(f_out.dtype, torch.float32))
     for _ in range(samples):
-        v = torch.randn(f_out.shape, generator=generator, dtype=f_out.dtype, device=f_out.device)
+        v = seeded_randn(f_out.shape, generator, dtype=f_out.dtype, device=f_out.device)
         (vjp,) = torch.autograd.grad(
             f_out, z_in, v, retain_graph=True, create_graph=create_graph
         )
@@ -63,7 +64,7 @@ def jacobian_spectral_norm(
     """
     check_positive_int("iters", iters)
     z = z.detach()
-    v = _normalise(torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device))
+    v = _normalise(seeded_randn(z.shape, generator, dtype=z.dtype, device=z.device))
     sigma = z.new_zeros(z.shape[0])
     for _ in range(iters):
         with torch.enable_grad():

@@ -184,7 +184,7 @@ def masked_lm_batch(ids: Tensor, mask_token_id: int | None, seed: int) -> tuple[
     n = ids.shape[1]
     gen = torch.Generator().manual_seed(seed)
     count = max(1, round(MASK_FRACTION * max(n - 2, 1)))
-    picked = 1 + torch.randperm(max(n - 2, 1), generator=gen)[:count]
+    picked = 1 + torch.randperm(max(n - 2, 1), generator=gen, device=gen.device)[:count]
     labels = torch.full_like(ids, -100)
     labels[0, picked] = ids[0, picked]
     inputs = ids.clone()

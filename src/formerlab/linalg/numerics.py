@@ -1,4 +1,5 @@
-"""Small numerical helpers shared by every layer: the working dtype and the relative step.
+"""Small numerical helpers shared by every layer: the working dtype, the relative step and
+seeded normal draws.
 
 One definition each, so the pseudoinverse, the solvers and the kernels cannot drift apart
 on what "compute in float32" or "the iterate stopped moving" means.
@@ -27,3 +28,20 @@ def relative_step(new: Tensor, old: Tensor, dims: tuple[int, ...] = (-2, -1)) ->
     ratio = num / den.clamp(min=tiny)
     collapsed = torch.where(num > 0, torch.full_like(num, float("inf")), torch.zeros_like(num))
     return torch.where(den > 0, ratio, collapsed)
+
+
+def seeded_randn(
+    shape: tuple[int, ...] | torch.Size,
+    generator: torch.Generator | None,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> Tensor:
+    """Standard normal draws on ``device``, from ``generator`` wherever that lives.
+
+    A generator draws only on its own device, so a CPU generator draws on the CPU and the
+    result moves: the same seed gives the same numbers on every device, and neither the
+    tensors' device nor ``torch.set_default_device`` can make the call fail.
+    """
+    where = device if generator is None else generator.device
+    return torch.randn(shape, generator=generator, dtype=dtype, device=where).to(device)

@@ -73,12 +73,20 @@ def sample_next(
     logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
 ) -> Tensor:
     """One token per row of ``logits`` (B, V): softmax(logits / temperature) over the
-    ``top_k`` likeliest (all if None); returns (B, 1) ids."""
+    ``top_k`` likeliest (all if None); returns (B, 1) ids on ``logits``' device.
+
+    The draw happens where ``generator`` lives (a CPU generator with a GPU model: the
+    probabilities move, B × V numbers), so a CPU generator samples the same tokens whatever
+    the model's device, up to the rounding of the probabilities.
+    """
     logits = logits.to(compute_dtype(logits.dtype)) / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    probs = logits.softmax(-1)
+    if generator is not None:
+        probs = probs.to(generator.device)
+    return torch.multinomial(probs, 1, generator=generator).to(logits.device)
 
 
 def warn_once(key: str, message: str) -> None:

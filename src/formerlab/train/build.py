@@ -1,7 +1,13 @@
-"""From a validated config to the task and the model that fits it."""
+"""From a validated config to the task and the model that fits it.
+
+Both are built on the CPU whatever ``torch.set_default_device`` says: a task's data and
+its seeded draws live there, and CPU-initialised weights make a run the same on every
+device (the trainer moves the model to ``train.device``).
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from formerlab import attention, data, mixers
@@ -11,8 +17,9 @@ from formerlab.train.config import ModelConfig, RunConfig
 
 
 def build_task(cfg: RunConfig) -> Task:
-    """The configured task (loads or generates its data)."""
-    return data.build(cfg.task.name, **cfg.task.options)
+    """The configured task (loads or generates its data, on the CPU)."""
+    with torch.device("cpu"):
+        return data.build(cfg.task.name, **cfg.task.options)
 
 
 def check_causal_support(model_cfg: ModelConfig, task: Task) -> None:
@@ -46,7 +53,12 @@ def build_hf_model(m: ModelConfig, task: Task) -> nn.Module:
 
 def build_model(cfg: RunConfig, task: Task) -> nn.Module:
     """``DecoderLM`` for decoder tasks, ``EncoderClassifier`` for encoder tasks,
-    ``TokenTagger`` for tagger tasks (one bidirectional prediction per position)."""
+    ``TokenTagger`` for tagger tasks (one bidirectional prediction per position); on the CPU."""
+    with torch.device("cpu"):
+        return _build_model(cfg, task)
+
+
+def _build_model(cfg: RunConfig, task: Task) -> nn.Module:
     m = cfg.model
     if m.hf is not None:
         return build_hf_model(m, task)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,17 @@ def autocast(device: str, bf16: bool):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
+def drawn_on_cpu(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """``batches`` with each draw on the CPU (where task data lives) whatever the default
+    device; the caller moves every batch to its device."""
+    while True:
+        with torch.device("cpu"):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+
+
 @torch.no_grad()
 def metric_totals(
     model: nn.Module,
@@ -50,7 +62,8 @@ def metric_totals(
     model.eval()
     totals: dict[str, float] = {}
     try:
-        for i, batch in enumerate(task.eval_batches(split, batch_size, batches, seed=seed)):
+        drawn = drawn_on_cpu(task.eval_batches(split, batch_size, batches, seed=seed))
+        for i, batch in enumerate(drawn):
             if i % world != rank:
                 continue
             batch = batch.to(device)

@@ -229,7 +229,8 @@ def train(
                 lr = learning_rate(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = task.batch("train", t.batch_size, data_rng)
+                with torch.device("cpu"):  # the task's draws, like its data, on the CPU
+                    batch = task.batch("train", t.batch_size, data_rng)
                 part, weight = ddp.shard(batch, task)  # this rank's rows (all of them alone)
                 part = part.to(t.device)
                 with autocast(t.device, t.bf16):
