@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from formerlab.attention.recompute import grads_by_recompute
 from formerlab.errors import check_positive_int
+from formerlab.linalg.numerics import autocast_off
 
 
 def _as_width(x: Tensor) -> Tensor:
@@ -91,7 +92,7 @@ class _SequenceConv(torch.autograd.Function):
         ctx.save_for_backward(x, w)
         # in x's dtype under autocast too: the backward (run without autocast) must see
         # the dtypes the forward used
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device):
             return sequence_conv(x, w)
 
     @staticmethod

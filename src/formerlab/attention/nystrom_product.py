@@ -60,6 +60,7 @@ from formerlab.attention.conv_skip import (
 from formerlab.attention.landmark import landmark_factors
 from formerlab.attention.packed_qkv import empty_grads, packed_buffer
 from formerlab.attention.recompute import grads_by_recompute
+from formerlab.linalg.numerics import autocast_off
 from formerlab.linalg.segments import SegmentLayout, segment_layout, segment_means
 
 Inverse = Callable[[Tensor], Tensor]
@@ -235,7 +236,7 @@ class NystromProduct(torch.autograd.Function):
                 packed: bool):
         # in the inputs' dtype (the compute dtype) under autocast too: the hand-written
         # backward runs without autocast and needs the dtypes the forward used
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        with autocast_off(q.device):
             return NystromProduct._forward(ctx, q, k, v, conv_weight, inverse, layout, scale, packed)
 
     @staticmethod

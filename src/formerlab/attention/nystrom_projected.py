@@ -35,6 +35,7 @@ from formerlab.attention.nystrom_product import (
     landmark_queries_forward,
 )
 from formerlab.attention.recompute import grads_by_recompute
+from formerlab.linalg.numerics import autocast_off
 from formerlab.linalg.segments import segment_layout, segment_means
 
 
@@ -61,7 +62,7 @@ class NystromScoresProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, P, Z, conv_weight, heads: int, num_landmarks: int):
-        with torch.autocast(device_type=P.device.type, enabled=False):
+        with autocast_off(P.device):
             ctx.heads, ctx.m = heads, num_landmarks
             SF, SR, v_view = split_scores(P, heads, num_landmarks)
             # v feeds two GEMMs per block: contiguous (one copy) is cheaper than strided

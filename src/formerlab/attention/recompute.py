@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from formerlab.linalg.numerics import autocast_off
+
 
 def grads_by_recompute(
     forward: Callable[..., Tensor], inputs: Sequence[Tensor], needs: Sequence[bool], grad: Tensor
@@ -24,7 +26,7 @@ def grads_by_recompute(
     False (``ctx.needs_input_grad``).
     """
     wanted = [t for t, need in zip(inputs, needs) if need]
-    with torch.enable_grad(), torch.autocast(device_type=inputs[0].device.type, enabled=False):
+    with torch.enable_grad(), autocast_off(inputs[0].device):
         out = forward(*inputs)
         grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
     return tuple(next(grads) if need else None for need in needs)

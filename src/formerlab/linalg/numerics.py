@@ -1,11 +1,15 @@
-"""Small numerical helpers shared by every layer: the working dtype, the relative step and
-seeded normal draws.
+"""Small numerical helpers shared by every layer: the working dtype, autocast control, the
+relative step and seeded normal draws.
 
 One definition each, so the pseudoinverse, the solvers and the kernels cannot drift apart
 on what "compute in float32" or "the iterate stopped moving" means.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,6 +18,37 @@ from torch import Tensor
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype for numerically delicate work: float64 stays, every other dtype -> float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``device``'s type, for work that must run in the dtypes it was
+    given (pseudoinverses, solver updates, hand-written backwards): autocast would run
+    their matmuls in bfloat16 behind the explicit float32. A no-op on device types without
+    autocast (``meta``)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def with_callers_autocast(device: torch.device) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap a callable so that it runs under the autocast state active *now* on ``device``.
+
+    A solver captures its caller's state before it switches autocast off for its own
+    updates, so the user's function (a layer) still runs in bfloat16 where asked.
+    """
+    if not torch.amp.is_autocast_available(device.type):
+        return lambda fn: fn
+    enabled = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type)
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    return wrap
 
 
 def relative_step(new: Tensor, old: Tensor, dims: tuple[int, ...] = (-2, -1)) -> Tensor:

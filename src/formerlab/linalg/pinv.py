@@ -91,15 +91,18 @@ different function, so that combination raises a ``ValueError``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from formerlab.errors import check_choice, check_positive_float, check_positive_int
-from formerlab.linalg.numerics import compute_dtype, relative_step
+from formerlab.linalg.numerics import autocast_off, compute_dtype, relative_step
 
 INITS = ("auto", "razavi", "frobenius", "spectral", "global")
 ON_FAIL = ("raise", "warn", "exact")
@@ -271,6 +274,20 @@ class PinvInfo:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def in_given_dtypes(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn(A, ...)`` with autocast off on A's device: the iteration, its certificate and
+    the regularised solves stay in the compute dtype under ``torch.autocast`` too (autocast
+    would run their products in bfloat16, where the tolerances mean nothing)."""
+
+    @functools.wraps(fn)
+    def run(A: Any, *args: Any, **kwargs: Any) -> Any:
+        guard = autocast_off(A.device) if isinstance(A, Tensor) else contextlib.nullcontext()
+        with guard:
+            return fn(A, *args, **kwargs)
+
+    return run
 
 
 def check_matrix(A: Tensor, arg: str = "A") -> None:
@@ -499,14 +516,16 @@ def pinv_iterates(A: Tensor, *, order: int = 3, init: str = "auto") -> Iterator[
         for Z in pinv_iterates(A.mT, order=order, init=init):
             yield Z.mT
         return
-    a = A.to(work).reshape(-1, m, n)
-    e = _exponent(a, init)
-    a = scale_pow2(a, -e)
-    eye = torch.eye(m, dtype=work, device=A.device)
-    Z = initial_scale(a, init) * a.mT
+    with autocast_off(A.device):  # not across the yields: the caller keeps its autocast
+        a = A.to(work).reshape(-1, m, n)
+        e = _exponent(a, init)
+        a = scale_pow2(a, -e)
+        eye = torch.eye(m, dtype=work, device=A.device)
+        Z = initial_scale(a, init) * a.mT
     while True:
         yield scale_pow2(Z, -e).reshape(*A.shape[:-2], n, m)
-        Z = _step(Z, a @ Z, order, eye)
+        with autocast_off(A.device):
+            Z = _step(Z, a @ Z, order, eye)
 
 
 def _exponent(a: Tensor, init: str) -> Tensor:
@@ -693,6 +712,7 @@ class _ImplicitPinv(torch.autograd.Function):
 # --------------------------------------------------------------------------- public API
 
 
+@in_given_dtypes
 def pinv(
     A: Tensor,
     *,
@@ -891,9 +911,10 @@ def _make_info(
     a, Z = a.detach(), Z.detach()
 
     def certificate() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if settle is not None:
-            settle()
-        return _penrose(a, Z), raw["converged"], raw["bound"], raw["reach"]
+        with autocast_off(a.device):  # read later, perhaps inside the caller's autocast
+            if settle is not None:
+                settle()
+            return _penrose(a, Z), raw["converged"], raw["bound"], raw["reach"]
 
     known = certificate() if torch.compiler.is_compiling() else (None,) * 4
     penrose, converged, bound, reach = known
@@ -917,6 +938,7 @@ def penrose_residual(A: Tensor, Z: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- regularised
 
 
+@in_given_dtypes
 def pinv_reg(
     A: Tensor,
     *,

@@ -28,7 +28,12 @@ import torch
 from torch import Tensor
 
 from formerlab.errors import check_choice, check_positive_float, check_positive_int
-from formerlab.linalg.numerics import compute_dtype, relative_step
+from formerlab.linalg.numerics import (
+    autocast_off,
+    compute_dtype,
+    relative_step,
+    with_callers_autocast,
+)
 
 PROBLEMS = ("fixed_point", "root")
 STOPS = ("abs", "rel")
@@ -347,12 +352,19 @@ class Solver:
                 "as solve_fixed_point(lambda z: z + g(z), ...), which converges only if that "
                 "map contracts)"
             )
-        run = SolveRun(
-            fn, z0, problem=problem, tol=tol, max_iter=max_iter, stop=stop, method=self.name
-        )
-        if not run.done(0):
-            self.iterate(run)
-        return run.result()
+        if not isinstance(z0, Tensor):  # SolveRun explains what z0 must be
+            return SolveRun(fn, z0, problem=problem, tol=tol, max_iter=max_iter, stop=stop,
+                            method=self.name).result()
+        # the solver's own updates (least squares, low-rank updates, Krylov bases) in its
+        # compute dtype, the user's function under the caller's autocast, as if called there
+        fn = with_callers_autocast(z0.device)(fn)
+        with autocast_off(z0.device):
+            run = SolveRun(
+                fn, z0, problem=problem, tol=tol, max_iter=max_iter, stop=stop, method=self.name
+            )
+            if not run.done(0):
+                self.iterate(run)
+            return run.result()
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
