@@ -448,7 +448,7 @@ def bench_causal(
     warmup: int = typer.Option(1, min=0),
     repeats: int = typer.Option(3, min=1),
     threads: str = typer.Option(None, help="torch threads per case (default: torch's); a list like 1,2 times every method at each count, interleaved."),
-    device: str = typer.Option("cpu", help="cpu or cuda (cuda adds SDPA's flash and memory-efficient backends)."),
+    device: str = typer.Option("cpu", help="cpu or cuda (cuda adds SDPA's flash backend, run in bf16: it has no float32 kernel there, and its memory-efficient one)."),
     max_exact_n: int = typer.Option(16384, min=1, help="Skip exact softmax above this N (it grows as N²)."),
     markdown: bool = typer.Option(False, help="Print a markdown table instead of a rich one."),
 ) -> None:
@@ -798,7 +798,7 @@ def bench_nystrom(
     warmup: int = typer.Option(1, min=0),
     repeats: int = typer.Option(5, min=1, help="Interleaved timing rounds (time = minimum)."),
     threads: str = typer.Option("1", help="torch threads; a list like 1,2 times every method at each count, interleaved (time only)."),
-    device: str = typer.Option("cpu", help="cpu or cuda (cuda adds SDPA's flash and memory-efficient backends)."),
+    device: str = typer.Option("cpu", help="cpu or cuda (cuda adds SDPA's flash backend, run in bf16: it has no float32 kernel there, and its memory-efficient one)."),
     max_exact_n: int = typer.Option(16384, help="Skip exact softmax above this N."),
     memory: bool = typer.Option(True, help="Measure peak memory (one subprocess per case)."),
     markdown: bool = typer.Option(False, help="Print a markdown table instead of a rich one."),

@@ -46,3 +46,46 @@ def test_exact_is_skipped_above_the_cap_and_bad_arguments_raise():
         run_benchmark(sizes=(32,), methods=("nope",))
     with pytest.raises(ValueError, match="sizes"):
         run_benchmark(sizes=(0,))
+
+
+class SDPARecorder:
+    """The SDPA kernels that ran and their input dtypes, e.g. ("flash", torch.bfloat16)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen = self.seen = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func._schema.name
+                if name.startswith("aten::_scaled_dot_product") and "backward" not in name:
+                    kind = "flash" if "flash" in name else "efficient" if "efficient" in name else name
+                    seen.append((kind, args[0].dtype))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("half_only", [False, True])
+def test_the_pinned_flash_method_runs_flash_and_in_bf16_where_it_must(half_only, monkeypatch):
+    """Flash has no float32 kernel on CUDA: there (simulated on the CPU by listing the CPU
+    as half-only) both benchmarks run it under bf16 autocast; elsewhere in float32."""
+    import torch
+
+    from formerlab.bench import causal, measure, nystrom
+
+    if half_only:
+        monkeypatch.setattr(measure, "FLASH_HALF_ONLY", ("cpu",))
+    expected = ("flash", torch.bfloat16 if half_only else torch.float32)
+    for run in (
+        lambda: causal.causal_step(causal.Case("sdpa-flash", 64, 1, 2, 16))[0](),
+        lambda: nystrom._step_fn(nystrom.build_module("sdpa-flash", 32, 2, 8, 3),
+                                 torch.randn(1, 64, 32, requires_grad=True))(),
+    ):
+        recorder = SDPARecorder()
+        with recorder.mode:
+            run()
+        assert recorder.seen == [expected]
+    with measure.pinned_sdpa("sdpa-efficient", "cpu"):  # the efficient kernel takes float32
+        assert not torch.is_autocast_enabled("cpu")

@@ -32,9 +32,11 @@ from typing import Any
 import torch
 
 from formerlab.bench.measure import (
+    SDPA_METHODS,
     Result,
     check_repeats,
     peak_memory_bytes,
+    pinned_sdpa,
     run_json_worker,
     start_peak_memory,
     timed_passes,
@@ -43,8 +45,6 @@ from formerlab.bench.threads import ThreadTimes, time_over_threads
 from formerlab.errors import check_choice, check_positive_int
 
 METHODS = ("softmax", "causal_nystrom", "linear", "performer")
-#: exact causal softmax pinned to one SDPA backend (the GPU baselines, ``--device cuda``)
-SDPA_METHODS = ("sdpa-flash", "sdpa-efficient")
 ALL_METHODS = METHODS + SDPA_METHODS
 SIZES = (1024, 4096, 16384, 32768)
 
@@ -96,28 +96,14 @@ def causal_step(case: Case) -> tuple[Callable[[], None], Any]:
     shape = (case.batch, case.heads, case.n, case.head_dim)
     q, k, v = (torch.randn(shape, device=case.device, requires_grad=True) for _ in range(3))
     grad_out = torch.randn(shape, device=case.device)
-    backend = _sdpa_backend(case.method) if pinned else None
 
     def step() -> None:
-        with contextlib.nullcontext() if backend is None else _pinned(backend):
+        with pinned_sdpa(case.method, case.device) if pinned else contextlib.nullcontext():
             out = kernel(q, k, v, causal=True)
         out.backward(grad_out)
         q.grad = k.grad = v.grad = None
 
     return step, kernel
-
-
-def _sdpa_backend(method: str):
-    from torch.nn.attention import SDPBackend
-
-    return {"sdpa-flash": SDPBackend.FLASH_ATTENTION,
-            "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}[method]
-
-
-def _pinned(backend):
-    from torch.nn.attention import sdpa_kernel
-
-    return sdpa_kernel(backend)
 
 
 def thread_scaling(

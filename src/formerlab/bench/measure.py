@@ -8,6 +8,7 @@ fresh process (``run_json_worker``) and compare cases of the same run.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -32,6 +33,31 @@ class Result:
     peak_bytes: int | None = None
     skipped: str | None = None
     info: dict[str, float] = field(default_factory=dict)
+
+
+#: exact attention pinned to one of SDPA's fused backends (``torch.nn.attention.sdpa_kernel``):
+#: the GPU baselines of the attention benchmarks
+SDPA_METHODS = ("sdpa-flash", "sdpa-efficient")
+#: device types whose flash kernel takes float16 / bfloat16 only (CUDA has no float32 one;
+#: the CPU's takes float32)
+FLASH_HALF_ONLY = ("cuda",)
+
+
+@contextlib.contextmanager
+def pinned_sdpa(method: str, device: str | torch.device):
+    """Run the block with SDPA pinned to ``method``'s backend (``"sdpa-flash"`` or
+    ``"sdpa-efficient"``). Flash on a device without a float32 flash kernel runs under
+    bf16 autocast (what a flash user runs), so the method works there instead of failing
+    with "No available kernel"."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"sdpa-flash": SDPBackend.FLASH_ATTENTION,
+               "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}[method]
+    kind = torch.device(device).type
+    half = method == "sdpa-flash" and kind in FLASH_HALF_ONLY
+    precision = torch.autocast(kind, dtype=torch.bfloat16) if half else contextlib.nullcontext()
+    with sdpa_kernel(backend), precision:
+        yield
 
 
 #: fewer timing rounds than this cannot separate a ratio from machine noise

@@ -35,14 +35,18 @@ from typing import Any
 
 import torch
 
-from formerlab.bench.measure import check_repeats, peak_memory_bytes, start_peak_memory, sync
+from formerlab.bench.measure import (
+    SDPA_METHODS,
+    check_repeats,
+    peak_memory_bytes,
+    pinned_sdpa,
+    start_peak_memory,
+    sync,
+)
 from formerlab.bench.threads import ThreadTimes, time_over_threads
 from formerlab.errors import check_choice, check_positive_int
 
 METHODS = ("nystrom", "softmax", "nystrom-attention")
-#: exact attention pinned to one of SDPA's fused backends (``torch.nn.attention.sdpa_kernel``);
-#: flash and memory-efficient are the GPU baselines (``--device cuda`` adds them)
-SDPA_METHODS = ("sdpa-flash", "sdpa-efficient")
 ALL_METHODS = METHODS + SDPA_METHODS
 DEFAULT_SIZES = (1024, 4096, 8192, 16384, 32768)
 
@@ -68,20 +72,14 @@ def peer_available() -> bool:
 
 
 class PinnedSDPA(torch.nn.Module):
-    """``module`` run under ``sdpa_kernel(backend)``: exact attention on that backend only."""
+    """``module`` run with SDPA pinned to ``method``'s backend (:func:`pinned_sdpa`)."""
 
-    def __init__(self, module: torch.nn.Module, backend: str) -> None:
+    def __init__(self, module: torch.nn.Module, method: str) -> None:
         super().__init__()
-        from torch.nn.attention import SDPBackend
-
-        self.module = module
-        self.backend = {"flash": SDPBackend.FLASH_ATTENTION,
-                        "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+        self.module, self.method = module, method
 
     def forward(self, x):
-        from torch.nn.attention import sdpa_kernel
-
-        with sdpa_kernel(self.backend):
+        with pinned_sdpa(self.method, x.device):
             return self.module(x)
 
 
@@ -91,7 +89,7 @@ def build_module(method: str, dim: int, heads: int, landmarks: int, conv_kernel:
     if method in SDPA_METHODS:
         from formerlab.mixers.self_attention import SelfAttention
 
-        return PinnedSDPA(SelfAttention(dim, heads, kernel="softmax"), method.split("-")[1])
+        return PinnedSDPA(SelfAttention(dim, heads, kernel="softmax"), method)
     if method == "nystrom-attention":
         from nystrom_attention import NystromAttention as PeerNystrom
 
