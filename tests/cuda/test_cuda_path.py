@@ -15,6 +15,20 @@ from formerlab.train import load_config, train
 pytestmark = [pytest.mark.cuda, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
+@pytest.fixture(autouse=True)
+def ieee_float32():
+    """Compare with the CPU in IEEE float32: cuDNN runs float32 convolutions (the Nyström
+    conv skip) in TF32 by default, ~1e-3 off; matmuls are pinned too, whatever the user
+    configured."""
+    backends = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
+    yield
+    for b, value in zip(backends, saved):
+        b.fp32_precision = value
+
+
 def qkv(n=256):
     gen = torch.Generator().manual_seed(0)
     return [torch.randn(2, 2, n, 32, generator=gen) for _ in range(3)]

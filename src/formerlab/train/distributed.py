@@ -138,9 +138,8 @@ class Distributed:
         """Whether ``flag`` holds on any rank (so that every rank takes the same branch)."""
         if not self.enabled:
             return flag
-        value = torch.tensor([float(flag)])
-        if dist.get_backend() == "nccl":
-            value = value.cuda()
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl reduces GPU tensors
+        value = torch.tensor([float(flag)], device=device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
