@@ -1,8 +1,8 @@
 """What can be checked of the GPU path without a GPU, over one list of workloads: every
 kernel (defaults and the options that take other code paths, padded and causal), the
 streaming steps, every mixer, the fused Nyström projection, the solvers, the
-pseudoinverses, DEQ layers with their regulariser, the three model kinds, generation and
-short training runs.
+pseudoinverses, DEQ layers with their regulariser, the three model kinds, generation,
+Hugging Face models with formerlab attention swapped in, and short training runs.
 
 1. **Device placement.** With torch's default device set to ``meta``, a tensor created
    without ``device=`` (or drawn from a CPU generator without saying so) lands where no
@@ -21,6 +21,7 @@ short training runs.
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -267,6 +268,36 @@ def generation_workload(use_cache):
     return Workload(f"generate-{'cached' if use_cache else 'recomputed'}", MODELS["decoder"], run)
 
 
+def hf_workload(family, kernel):
+    """A tiny random Hugging Face model (no download) with ``kernel`` swapped in."""
+    import transformers
+
+    def build():
+        from formerlab.integrations.hf import swap_attention
+
+        if family == "bert":
+            config = transformers.BertConfig(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=40,
+                intermediate_size=64, max_position_embeddings=72)
+        else:
+            config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                             vocab_size=40, bos_token_id=0, eos_token_id=0)
+        return swap_attention(transformers.AutoModel.from_config(config).eval(), kernel)
+
+    ids = torch.randint(1, 40, (2, 30), generator=torch.Generator().manual_seed(14))
+    attention_mask = padding_mask(30).long()
+
+    def run(model):
+        out = model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+        projections = [p for n, p in model.named_parameters() if "attn" in n or "attention" in n]
+        return gradients(out, projections)
+
+    return Workload(f"hf-{family}-{kernel}", build, run)
+
+
+HF = importlib.util.find_spec("transformers") is not None  # the hf extra (test dependency)
+
+
 TINY_RUN = ["model.dim=32", "model.depth=1", "model.heads=2", "task.options.context=32",
             "train.steps=6", "train.batch_size=4", "train.warmup=2", "train.eval_every=3",
             "train.eval_batches=2", "train.log_every=2", "sample.tokens=8", "tracking=none"]
@@ -301,6 +332,7 @@ WORKLOADS = [
     *(deq_workload(backward) for backward in ("implicit", "phantom", "unroll")),
     *(model_workload(kind) for kind in MODELS),
     *(generation_workload(use_cache) for use_cache in (True, False)),
+    *([hf_workload("bert", "nystrom"), hf_workload("gpt2", "causal_nystrom")] if HF else []),
     training_workload("decoder", []),
     training_workload("deq-body", ["model.deq={}"]),
     training_workload("nystrom-listops", ["model.kernel=nystrom", "model.mixer=attention",
