@@ -425,3 +425,16 @@ def test_pending_info_pickles_with_its_certificate():
     _, fresh = pinv(A, iters=6, return_info=True)
     back = pickle.loads(pickle.dumps(info))
     assert torch.equal(back.bound, fresh.bound) and torch.equal(back.converged, fresh.converged)
+
+
+def test_pinv_warnings_point_at_the_caller():
+    """The autocast guard around pinv adds a frame; the warnings still name this file."""
+    import warnings
+
+    a = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    a[:, 0] = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pinv(a, init="global", on_fail="warn", max_iter=3)
+    assert len(caught) == 2
+    assert all(w.filename == __file__ for w in caught), [w.filename for w in caught]

@@ -534,11 +534,11 @@ def _exponent(a: Tensor, init: str) -> Tensor:
     return e.amax().expand_as(e).clone() if init == "global" and e.numel() else e
 
 
-def _warn_global() -> None:
+def _warn_global(stacklevel: int = 3) -> None:
     warnings.warn(
         'pinv init="global" uses one scale for the whole batch; matrices of smaller scale '
         'then barely move in a fixed number of iterations. Use init="razavi" or "auto".',
-        stacklevel=3,
+        stacklevel=stacklevel,
     )
 
 
@@ -779,7 +779,7 @@ def pinv(
     rcond = default_rcond(A.dtype, m0, n0) if rcond is None else check_rcond(rcond)
     resolved = AUTO_INIT if init == "auto" else init
     if resolved == "global":
-        _warn_global()
+        _warn_global(4)  # the caller of pinv, past in_given_dtypes
 
     transpose = A.shape[-2] > A.shape[-1]
     if transpose:  # pinv(A) = pinv(Aᵀ)ᵀ; iterate on the smaller Gram side
@@ -827,7 +827,8 @@ def pinv(
                 info,
             )
         if on_fail == "warn":
-            warnings.warn(f"pinv: {what}; returning the best valid iterates", stacklevel=2)
+            # stacklevel 3: the caller of pinv, past in_given_dtypes
+            warnings.warn(f"pinv: {what}; returning the best valid iterates", stacklevel=3)
             Z_out = _saturate(Z_out, unrep)
         else:  # exact fallback for the failed matrices only, with the same cut-off
             idx = failed.nonzero().squeeze(-1)
