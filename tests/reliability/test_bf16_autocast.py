@@ -1,5 +1,5 @@
 """bf16 autocast on the CPU: every kernel, mixer, a DEQ body and training stay finite and
-close to float32.
+close to float32; the solvers' updates and the pseudoinverses are not touched by it.
 
 The GPU path runs the same checks under CUDA autocast (``tests/cuda``); CPU autocast casts
 the same ops (matmuls, linear layers) to bfloat16, so it reaches the same code: what must
