@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of the README's GPU section, as one script for a machine with a GPU:
 # the cuda-marked tests, then bench nystrom / causal / generate with --device cuda.
-# Each output goes to $OUT (default ./gpu-results) as well as the screen. About ten
-# minutes on a recent GPU; SIZES, CAUSAL_SIZES and TOKENS shorten it.
+# Each output goes to $OUT (default ./gpu-results) as well as the screen. Estimated at ten
+# minutes or less on a recent GPU (not yet run on one); SIZES, CAUSAL_SIZES and TOKENS
+# shorten it.
 #
 #   benchmarks/gpu_check.sh                  # on the GPU machine, from the repository root
 #   DEVICE=cpu SIZES="1024" CAUSAL_SIZES="1024" TOKENS=64 benchmarks/gpu_check.sh   # a dry run
