@@ -63,8 +63,11 @@ class TokenMixer(nn.Module):
     def init_state(
         self, batch: int, *, dtype: torch.dtype = torch.float32, device: Any = None
     ) -> Any:
-        """The state of an empty causal stream of ``batch`` sequences."""
+        """The state of an empty causal stream of ``batch`` sequences, on ``device``: by
+        default the mixer's parameters' (torch's default device for one without any)."""
         self._check_streaming()
+        if device is None:
+            device = next((p.device for p in self.parameters()), None)
         return self.new_state(check_batch(batch), dtype, device)
 
     def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
