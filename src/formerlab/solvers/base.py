@@ -352,13 +352,11 @@ class Solver:
                 "as solve_fixed_point(lambda z: z + g(z), ...), which converges only if that "
                 "map contracts)"
             )
-        if not isinstance(z0, Tensor):  # SolveRun explains what z0 must be
-            return SolveRun(fn, z0, problem=problem, tol=tol, max_iter=max_iter, stop=stop,
-                            method=self.name).result()
         # the solver's own updates (least squares, low-rank updates, Krylov bases) in its
         # compute dtype, the user's function under the caller's autocast, as if called there
-        fn = with_callers_autocast(z0.device)(fn)
-        with autocast_off(z0.device):
+        device = z0.device if isinstance(z0, Tensor) else torch.device("cpu")  # else SolveRun raises
+        fn = with_callers_autocast(device)(fn)
+        with autocast_off(device):
             run = SolveRun(
                 fn, z0, problem=problem, tol=tol, max_iter=max_iter, stop=stop, method=self.name
             )
