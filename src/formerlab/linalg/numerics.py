@@ -34,16 +34,17 @@ def with_callers_autocast(device: torch.device) -> Callable[[Callable[..., Any]]
     """Wrap a callable so that it runs under the autocast state active *now* on ``device``.
 
     A solver captures its caller's state before it switches autocast off for its own
-    updates, so the user's function (a layer) still runs in bfloat16 where asked.
+    updates, so the user's function (a layer) still runs in bfloat16 where asked. With
+    autocast off now, the callable is returned as it is (off is what it will run under).
     """
-    if not torch.amp.is_autocast_available(device.type):
+    off = not torch.amp.is_autocast_available(device.type)
+    if off or not torch.is_autocast_enabled(device.type):
         return lambda fn: fn
-    enabled = torch.is_autocast_enabled(device.type)
     dtype = torch.get_autocast_dtype(device.type)
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            with torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled):
+            with torch.autocast(device_type=device.type, dtype=dtype):
                 return fn(*args, **kwargs)
 
         return wrapped
