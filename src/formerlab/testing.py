@@ -1,4 +1,5 @@
-"""Reusable property checks for tests: the future-leak and prefix-consistency checkers.
+"""Reusable property checks for tests: the future-leak, prefix-consistency and
+state-as-value checkers.
 
 A causal sequence map ``y = f(x)`` must satisfy, for every position ``t``:
 
@@ -39,6 +40,19 @@ N with junk leaves the real positions equal to the sequence alone::
     assert_prefix_consistent(
         lambda q, k, v: kernel(q, k, v, causal=True), [q, k, v], seq_dim=2,
         padded=lambda q, k, v, mask: kernel(q, k, v, key_padding_mask=mask, causal=True),
+    )
+
+A streaming state must be a value: ``out, new = step(x, state)`` never changes ``state``,
+so one state can be continued twice (beam search, several continuations of one prompt, a
+cached system prompt). :func:`assert_states_are_values` branches continuations from one
+prompt state, steps them interleaved token by token, reuses the prompt state once more,
+and compares every output with the parallel call::
+
+    assert_states_are_values(
+        init=lambda: kernel.init_state(1, 2, 4, dtype=torch.float64),
+        step=lambda xs, state: kernel.step(*xs, state),
+        parallel=lambda q, k, v: kernel(q, k, v, causal=True),
+        sequences=[[q1, k1, v1], [q2, k2, v2]], prompt=40, seq_dim=2,
     )
 """
 
@@ -354,3 +368,61 @@ def assert_prefix_consistent(
     if problems:
         raise AssertionError("not prefix consistent:\n  " + "\n  ".join(problems))
     return report
+
+
+def assert_states_are_values(
+    init: Callable[[], Any],
+    step: Callable[[list[Any], Any], tuple[Tensor, Any]],
+    parallel: Callable[..., Any],
+    sequences: Sequence[Sequence[Any]],
+    prompt: int,
+    *,
+    seq_dim: int = 1,
+    atol: float = 1e-8,
+) -> float:
+    """Raise ``AssertionError`` unless a streaming state behaves as a value.
+
+    ``sequences``: two or more input lists (tensors with the sequence on ``seq_dim``, the
+    same in the output) that agree on their first ``prompt`` positions. The prompt is
+    stepped once from ``init()``; from that one state every sequence's continuation is
+    stepped, all of them interleaved one token at a time; then the prompt state is stepped
+    a last time with the first continuation in one call. Every output must equal
+    ``parallel(*sequence)`` at the same positions within ``atol``. Runs under
+    ``torch.no_grad()``; returns the largest error seen.
+    """
+    if len(sequences) < 2:
+        raise ValueError(f"sequences must hold at least 2 branches; got {len(sequences)}")
+    n = _seq_len(list(sequences[0]), [seq_dim] * len(sequences[0]))
+    if not 1 <= prompt < n:
+        raise ValueError(f"prompt={prompt} is not allowed; expected 1 <= prompt < N = {n}")
+
+    def cut(seq: Sequence[Any], a: int, b: int) -> list[Any]:
+        return [x.narrow(seq_dim, a, b - a) if isinstance(x, Tensor) else x for x in seq]
+
+    worst, problems = 0.0, []
+
+    def compare(what: str, out: Tensor, ref: Tensor) -> None:
+        nonlocal worst
+        err = _max_diff(out, ref)
+        worst = max(worst, err)
+        if not err <= atol:
+            problems.append(f"{what}: off the parallel call by {err:.3g} (> atol={atol:g})")
+
+    with torch.no_grad():
+        refs = [_outputs(parallel, list(seq)) for seq in sequences]
+        out, root = step(cut(sequences[0], 0, prompt), init())
+        compare("the prompt", out, refs[0].narrow(seq_dim, 0, prompt))
+        states = [root] * len(sequences)
+        outs: list[list[Tensor]] = [[] for _ in sequences]
+        for t in range(prompt, n):
+            for i, seq in enumerate(sequences):
+                out, states[i] = step(cut(seq, t, t + 1), states[i])
+                outs[i].append(out)
+        for i, ref in enumerate(refs):
+            got = torch.cat(outs[i], dim=seq_dim)
+            compare(f"branch {i}, interleaved", got, ref.narrow(seq_dim, prompt, n - prompt))
+        out, _ = step(cut(sequences[0], prompt, n), root)
+        compare("the prompt state reused", out, refs[0].narrow(seq_dim, prompt, n - prompt))
+    if problems:
+        raise AssertionError("branched streams differ from the parallel call:\n  " + "\n  ".join(problems))
+    return worst

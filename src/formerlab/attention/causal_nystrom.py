@@ -77,12 +77,16 @@ whole segment and through the landmarks to every other segment — the same cons
 without the causal masks (exact for s = 1 and for s >= N).
 
 Key padding: padded keys get no weight and are left out of the landmark means; a segment
-with no real token has no landmark. Right padding is the supported case for decoders;
-other masks are honoured the same way.
+with no real token has no landmark. Segments are anchored at each row's first real token
+(the leading padding is rotated to the end of the row and the output rotated back), so a
+left-padded row gives its real positions exactly what the unpadded sequence gives them,
+as right padding does; padding inside a row is honoured the same way (left out of the
+means), with segments still counted from the first real token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -92,7 +96,14 @@ from torch import Tensor
 
 from formerlab.attention.base import AttentionKernel, check_kernel_options, compute_dtype
 from formerlab.attention.registry import register
-from formerlab.attention.streaming import GROW_CHUNK, check_step, reserve, state_dims
+from formerlab.attention.streaming import (
+    GROW_CHUNK,
+    Tail,
+    check_step,
+    claim,
+    state_dims,
+    tail_field,
+)
 from formerlab.errors import check_choice
 
 LANDMARK_SYSTEMS = ("block", "triangular")
@@ -251,6 +262,10 @@ def causal_nystrom_attention(
         if key_padding_mask is None
         else key_padding_mask
     )
+    # segments start at each row's first real token: rotate the leading padding to the end
+    lead = None if key_padding_mask is None else leading_padding(key_padding_mask)
+    if lead is not None:
+        q, k, v, real = (rotate_left(t, lead) for t in (q, k, v, real))
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         real = F.pad(real, (0, pad), value=False)
@@ -330,7 +345,24 @@ def causal_nystrom_attention(
         "num_landmarks": float(m),
         "fallback_fraction": dropped / total if total else 0.0,
     }
-    return out[:, :, :n], info
+    out = out[:, :, :n]
+    return (out if lead is None else rotate_left(out, -lead)), info
+
+
+def leading_padding(key_padding_mask: Tensor) -> Tensor:
+    """(B,) the number of padded positions before each row's first real token (0 for a
+    row without any)."""
+    return key_padding_mask.to(torch.uint8).argmax(dim=1)  # argmax: the first maximum
+
+
+def rotate_left(x: Tensor, by: Tensor) -> Tensor:
+    """x (B, N) or (B, H, N, ·) with row b rotated left by ``by[b]`` positions along N."""
+    n = x.shape[1] if x.dim() == 2 else x.shape[2]
+    index = (torch.arange(n, device=x.device) + by[:, None]) % n  # (B, N)
+    if x.dim() == 2:
+        return x.gather(1, index)
+    index = index[:, None, :, None].expand(x.shape[0], x.shape[1], n, x.shape[3])
+    return x.gather(2, index)
 
 
 @dataclass
@@ -343,7 +375,11 @@ class NystromState:
     as its landmark key k̃_a (``land_k``, B, H, capacity, D) and its landmark sum in
     log-scaled form X_a = e^{c_a}·x̃_a (``land_c`` (B, H, capacity), ``land_x``
     (B, H, capacity, E + 1)), grown in preallocated chunks. Memory O(s + t/s) per head.
-    ``step`` updates the state in place and returns it.
+
+    A value: ``step`` returns a new state and never changes this one. The open-segment
+    and landmark buffers are append-only and shared with the states stepped from this one
+    until they diverge (``open_tail`` / ``land_tail``, see
+    :func:`formerlab.attention.streaming.claim`); a closed segment starts new open buffers.
     """
 
     q_open: Tensor
@@ -355,6 +391,8 @@ class NystromState:
     open_len: int = 0
     landmarks: int = 0
     length: int = 0
+    open_tail: Tail = tail_field()
+    land_tail: Tail = tail_field()
 
 
 def _state_dims(state: NystromState) -> tuple[int, int, int, int]:
@@ -380,8 +418,9 @@ def _combine(local: Tensor, v_local: Tensor, far: Tensor | None, x_far: Tensor |
     return sums[..., :dv] / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def _close_segment(state: NystromState, scale: float) -> None:
-    """Turn the full open segment into a landmark (as ``_block_system`` does), in place."""
+def _close_segment(state: NystromState, scale: float) -> NystromState:
+    """The state with its full open segment turned into a landmark (as ``_block_system``
+    does) and empty open buffers; ``state`` itself is not changed."""
     s = state.k_open.shape[2]
     q_land = state.q_open.sum(-2) / s
     k_land = state.k_open.sum(-2) / s
@@ -390,19 +429,38 @@ def _close_segment(state: NystromState, scale: float) -> None:
     c = _shift(delta)
     x = (torch.exp(delta - c).unsqueeze(-2) @ state.v_open).squeeze(-2)
     a = state.landmarks
-    state.land_k = reserve(state.land_k, a, a + 1)
-    state.land_c = reserve(state.land_c, a, a + 1)
-    state.land_x = reserve(state.land_x, a, a + 1)
-    state.land_k[:, :, a] = k_land
-    state.land_c[:, :, a] = c.squeeze(-1)
-    state.land_x[:, :, a] = x
-    state.landmarks, state.open_len = a + 1, 0
+    buffers = (state.land_k, state.land_c, state.land_x)
+    (land_k, land_c, land_x), land_tail = claim(buffers, state.land_tail, a, a + 1)
+    land_k[:, :, a] = k_land
+    land_c[:, :, a] = c.squeeze(-1)
+    land_x[:, :, a] = x
+    # the closed segment's buffers stay with the states that still have it open
+    q_open, k_open, v_open = (t.new_zeros(t.shape) for t in (state.q_open, state.k_open, state.v_open))
+    return dataclasses.replace(
+        state, q_open=q_open, k_open=k_open, v_open=v_open, open_len=0, open_tail=Tail(),
+        land_k=land_k, land_c=land_c, land_x=land_x, landmarks=a + 1, land_tail=land_tail,
+    )
+
+
+def _append_open(state: NystromState, q: Tensor, k: Tensor, v: Tensor) -> NystromState:
+    """The state with q, k, v (B, H, T, ·) appended to its open segment (T <= room left)."""
+    o = state.open_len
+    end = o + q.shape[2]
+    buffers = (state.q_open, state.k_open, state.v_open)
+    (q_open, k_open, v_open), tail = claim(buffers, state.open_tail, o, end)
+    q_open[:, :, o:end] = q
+    k_open[:, :, o:end] = k
+    v_open[:, :, o:end, :-1] = v
+    v_open[:, :, o:end, -1] = 1.0
+    return dataclasses.replace(
+        state, q_open=q_open, k_open=k_open, v_open=v_open, open_len=end, open_tail=tail
+    )
 
 
 def nystrom_step(
     q: Tensor, k: Tensor, v: Tensor, state: NystromState, scale: float
-) -> Tensor:
-    """Outputs of T new tokens (compute dtype), updating ``state`` in place.
+) -> tuple[Tensor, NystromState]:
+    """Outputs of T new tokens (compute dtype) and the new state; ``state`` is unchanged.
 
     The tokens are taken in pieces that fit the open segment; each piece attends exactly
     to the open segment up to itself and to every finished segment through its landmark,
@@ -414,11 +472,8 @@ def nystrom_step(
         o = state.open_len
         take = min(t - i, s - o)
         end = o + take
-        state.q_open[:, :, o:end] = q[:, :, i : i + take]
-        state.k_open[:, :, o:end] = k[:, :, i : i + take]
-        state.v_open[:, :, o:end, :-1] = v[:, :, i : i + take]
-        state.v_open[:, :, o:end, -1] = 1.0
         qp = q[:, :, i : i + take]
+        state = _append_open(state, qp, k[:, :, i : i + take], v[:, :, i : i + take])
         local = scale * qp @ state.k_open[:, :, :end].transpose(-1, -2)
         seen = torch.arange(end, device=q.device)[None, :] <= torch.arange(
             o, end, device=q.device
@@ -431,12 +486,11 @@ def nystrom_step(
             far = far + state.land_c[:, :, None, :a]
             x_far = state.land_x[:, :, :a]
         outs.append(_combine(local, state.v_open[:, :, :end], far, x_far))
-        state.open_len = end
         if end == s:
-            _close_segment(state, scale)
+            state = _close_segment(state, scale)
         i += take
-    state.length += t
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    state = dataclasses.replace(state, length=state.length + t)
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)), state
 
 
 @register(
@@ -528,11 +582,12 @@ class CausalNystromAttention(AttentionKernel):
         )
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: NystromState):
-        """``(out, state)`` for T new tokens (B, H, T, D), equal to the parallel causal call."""
+        """``(out, new_state)`` for T new tokens (B, H, T, D), equal to the parallel causal
+        call; ``state`` itself is left unchanged (it can be stepped again)."""
         check_step(self.name, q, k, v, state, NystromState, _state_dims)
         work = state.k_open.dtype
         scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else self.scale
-        out = nystrom_step(q.to(work), k.to(work), v.to(work), state, scale)
+        out, state = nystrom_step(q.to(work), k.to(work), v.to(work), state, scale)
         return out.to(q.dtype), state
 
     def diagnostics(self) -> dict[str, float]:

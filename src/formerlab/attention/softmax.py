@@ -16,7 +16,14 @@ from formerlab.attention.base import (
     compute_dtype,
 )
 from formerlab.attention.registry import register
-from formerlab.attention.streaming import GROW_CHUNK, check_step, reserve, state_dims
+from formerlab.attention.streaming import (
+    GROW_CHUNK,
+    Tail,
+    check_step,
+    claim,
+    state_dims,
+    tail_field,
+)
 
 
 def softmax_attention(
@@ -58,14 +65,17 @@ class KVCache:
     """Streaming state of ``softmax``: the keys and values seen so far.
 
     ``keys`` (B, H, capacity, D) and ``values`` (B, H, capacity, E) in the compute dtype;
-    the first ``length`` positions are filled. Capacity grows in preallocated chunks
-    (geometrically, :func:`formerlab.attention.streaming.reserve`), so a token costs
-    amortised O(1) copies, not a ``torch.cat`` of the whole cache.
+    the first ``length`` positions are this state's. Capacity grows in preallocated chunks
+    (geometrically), so a token costs amortised O(1) copies, not a ``torch.cat`` of the
+    whole cache. A value: ``step`` returns a new cache and never changes this one; caches
+    stepped from one state share the buffers until they diverge, then copy
+    (:func:`formerlab.attention.streaming.claim`).
     """
 
     keys: Tensor
     values: Tensor
     length: int = 0
+    tail: Tail = tail_field()
 
 
 def _cache_dims(state: KVCache) -> tuple[int, int, int, int]:
@@ -105,13 +115,13 @@ class SoftmaxAttention(AttentionKernel):
         return KVCache(keys, torch.zeros(b, h, GROW_CHUNK, e, dtype=work, device=device))
 
     def step(self, q: Tensor, k: Tensor, v: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
-        """Append k, v (B, H, T, ·) to the cache; new queries see every key up to their own."""
+        """A new cache with k, v (B, H, T, ·) appended (``state`` is left as it was); new
+        queries see every key up to their own."""
         check_step(self.name, q, k, v, state, KVCache, _cache_dims)
         work = state.keys.dtype
         t, start = q.shape[2], state.length
         total = start + t
-        keys = reserve(state.keys, start, total)
-        values = reserve(state.values, start, total)
+        (keys, values), tail = claim((state.keys, state.values), state.tail, start, total)
         keys[:, :, start:total] = k.to(work)
         values[:, :, start:total] = v.to(work)
         # query i (position start + i) sees keys j <= start + i
@@ -121,4 +131,4 @@ class SoftmaxAttention(AttentionKernel):
         out = F.scaled_dot_product_attention(
             q.to(work), keys[:, :, :total], values[:, :, :total], attn_mask=mask, scale=scale
         )
-        return out.to(q.dtype), KVCache(keys, values, total)
+        return out.to(q.dtype), KVCache(keys, values, total, tail)

@@ -3,9 +3,17 @@
 A causal kernel that streams keeps what the past contributes to every future output in a
 plain dataclass of tensors, stored in the compute dtype (float32 for low-precision
 inputs, float64 for float64). This module holds what the states of several kernels
-share: checking a step's inputs against its state, growing a sequence buffer in
-preallocated chunks (amortised O(1) per token, never a ``torch.cat`` per token), and
+share: checking a step's inputs against its state, appending to sequence buffers that
+several states may share (amortised O(1) per token, never a ``torch.cat`` per token), and
 measuring a state's memory (for tests and benchmarks).
+
+States are values: ``step`` never changes the state it is given, so one state can be
+stepped twice (branching, beam search, a cached prompt reused). Buffers that grow with the
+sequence are append-only and shared between a state and its successors: a state that
+holds ``used`` positions may write position ``used`` in place only if nobody has written
+there yet (its :class:`Tail` says how far the shared buffer is filled); otherwise it
+copies its own prefix first (copy-on-write, :func:`claim`). The common single-path case
+never copies more than the geometric growth does.
 """
 
 from __future__ import annotations
@@ -90,6 +98,62 @@ def reserve(buffer: Tensor, used: int, needed: int, dim: int = 2) -> Tensor:
     grown = buffer.new_zeros(shape)
     grown.narrow(dim, 0, used).copy_(buffer.narrow(dim, 0, used))
     return grown
+
+
+class Tail:
+    """How many positions of a set of shared append-only buffers have been written.
+
+    One ``Tail`` is shared by every state that uses the same buffers; a state holding
+    ``used`` positions owns the end of the buffers exactly when ``tail.filled == used``.
+    States keep it as a ``tail_field()`` (left out of their ``==`` and ``repr``).
+    """
+
+    __slots__ = ("filled",)
+
+    def __init__(self, filled: int = 0) -> None:
+        self.filled = filled
+
+    def __repr__(self) -> str:
+        return f"Tail(filled={self.filled})"
+
+
+def tail_field() -> Any:
+    """A dataclass field holding a fresh :class:`Tail` (bookkeeping: no compare, no repr)."""
+    return dataclasses.field(default_factory=Tail, compare=False, repr=False)
+
+
+def claim(
+    buffers: tuple[Tensor, ...], tail: Tail, used: int, needed: int, dim: int = 2
+) -> tuple[tuple[Tensor, ...], Tail]:
+    """Buffers into which a state holding ``used`` positions may write positions
+    ``used … needed − 1`` without changing what any other state sees; and their tail.
+
+    In place (growing geometrically, :func:`reserve`) when the state owns the end of the
+    buffers; otherwise — another state sharing them has written past ``used`` — a copy of
+    the first ``used`` positions (copy-on-write). The returned tail is marked filled to
+    ``needed``: write those positions before anyone else claims these buffers.
+    """
+    if needed < used:
+        raise ValueError(f"needed={needed} is below used={used}")
+    if tail.filled != used:  # shared past `used`: the other branch's tokens are there
+        fresh = tuple(_copy_prefix(b, used, needed, dim) for b in buffers)
+        tail = Tail(used)
+    else:
+        fresh = tuple(reserve(b, used, needed, dim) for b in buffers)
+        if any(f is not b for f, b in zip(fresh, buffers)):
+            tail = Tail(used)  # new storage: the old buffers stay with their old owners
+    tail.filled = needed
+    return fresh, tail
+
+
+def _copy_prefix(buffer: Tensor, used: int, needed: int, dim: int) -> Tensor:
+    """New storage of ``buffer``'s shape (grown as :func:`reserve` grows it, if ``needed``
+    exceeds its capacity) holding its first ``used`` positions."""
+    if needed > buffer.shape[dim]:
+        return reserve(buffer, used, needed, dim)  # growing always allocates
+    fresh = buffer.new_zeros(buffer.shape)
+    fresh.narrow(dim, 0, used).copy_(buffer.narrow(dim, 0, used))
+    return fresh
 
 
 def state_nbytes(state: Any) -> int:
