@@ -79,10 +79,14 @@ def test_seed_and_redraw_policy():
     torch.testing.assert_close(fixed(q, k, v), first)  # never redraws
 
     redraw = attention.build("performer", num_features=8, redraw_interval=2)
-    outs = [redraw(q, k, v) for _ in range(3)]  # training mode: calls 0, 1 share a draw
+    outs = [redraw(q, k, v) for _ in range(3)]  # training mode: calls never redraw
     torch.testing.assert_close(outs[0], outs[1])
-    assert not torch.allclose(outs[1], outs[2])
+    torch.testing.assert_close(outs[1], outs[2])
+    redraw.on_optimizer_step(1)  # optimiser steps 2, 4, ... redraw
+    torch.testing.assert_close(redraw(q, k, v), outs[0])
+    redraw.on_optimizer_step(2)
     assert int(redraw.draws) == 1
+    assert not torch.allclose(redraw(q, k, v), outs[0])
     redraw.eval()
     frozen = redraw(q, k, v)
     torch.testing.assert_close(redraw(q, k, v), frozen)

@@ -45,8 +45,60 @@ def test_core_kernels_compile_without_graph_breaks(name, causal):
         pytest.skip(f"{name} is not causal")
     kernel = attention.build(name)
     q, k, v = qkv()
-    kernel(q, k, v, causal=causal)  # eager first: fills performer's feature cache
+    kernel(q, k, v, causal=causal)  # eager first: warm, as in training
     assert_whole_graph(lambda q, k, v: kernel(q, k, v, causal=causal), q, k, v)
+
+
+def assert_fullgraph(fn, *args):
+    """``fullgraph=True`` too: explain misses a break before the first op (e.g. creating a
+    ``torch.Generator``), which then shows as one graph with zero breaks."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*args), fn(*args), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_fresh_performer_compiles_to_one_graph(causal):
+    """No eager call first: the random features are drawn inside the graph (one op)."""
+    q, k, v = qkv()
+    kernel = attention.build("performer")
+    assert_whole_graph(lambda q, k, v: kernel(q, k, v, causal=causal), q, k, v)
+    fresh = attention.build("performer")
+    assert_fullgraph(lambda q, k, v: fresh(q, k, v, causal=causal), q, k, v)
+
+
+def test_training_with_performer_redraws_compiles_once():
+    """Redraws between optimiser steps (in place, in the ``draws`` buffer) neither break nor
+    recompile the graph, and the compiled steps use the new features (they match eager)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from formerlab.models.decoder import DecoderLM
+    from formerlab.train.loop import on_optimizer_step
+
+    options = {"kernel": "performer", "num_features": 8, "redraw_interval": 1}
+    ids = torch.randint(0, 8, (2, 17), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = DecoderLM(8, dim=32, depth=2, heads=2, max_len=64, mixer_options=options)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        counter = CompileCounterWithBackend("aot_eager")
+        net = torch.compile(model, backend=counter) if mode == "compiled" else model
+        losses = []
+        for step in range(1, 5):
+            logits = net(ids[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            on_optimizer_step(model, step)
+            losses.append(loss.item())
+        runs[mode] = losses
+        draws = [int(m.draws) for m in model.modules() if hasattr(m, "draws")]
+        assert draws == [4, 4]
+    assert counter.frame_count == 1  # one graph for 4 steps and 4 redraws: no recompiles
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-5)
 
 
 @pytest.mark.parametrize("name", CORE_MIXERS + ["attention"])
@@ -115,3 +167,22 @@ def test_train_compile_without_a_cxx_compiler_says_so(tiny, monkeypatch):
     monkeypatch.setattr(compiling, "find_cxx", lambda: None)
     with pytest.raises(ValueError, match="train.compile=true needs a C\\+\\+ compiler"):
         train(load_config(None, tiny(2) + ["train.compile=true"]), progress=False)
+
+
+def test_the_training_loop_with_performer_redraws_compiles_once(tiny, monkeypatch):
+    """``train.compile=true`` with redraws every step: one graph for the whole run (the
+    loop redraws between steps), and the same losses as the eager run."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from formerlab.train import loop
+
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(loop, "compile_model", lambda model, device: torch.compile(model, backend=counter))
+    overrides = tiny(6) + ["model.kernel=performer", "model.kernel_options.num_features=8",
+                           "model.kernel_options.redraw_interval=1", "sample.tokens=0"]
+    eager = train(load_config(None, overrides), progress=False)
+    compiled = train(load_config(None, overrides + ["train.compile=true"]), progress=False)
+    assert counter.frame_count == 1
+    assert not torch._dynamo.utils.counters["graph_break"]
+    got, want = [h["loss"] for h in compiled.history], [h["loss"] for h in eager.history]
+    assert got == pytest.approx(want, rel=1e-5)

@@ -31,13 +31,24 @@ by their shared max, which is safe there.
 
 Random features: ``num_features`` (m), ``seed`` (the projection is a deterministic
 function of seed, draw index and D, so checkpoints restore it from the ``draws``
-buffer), ``redraw_interval`` (0 = fixed features; k > 0 = draw new features every k
-forward calls in training mode, as recommended by the paper to avoid overfitting to
-one draw).
+buffer), ``redraw_interval`` (0 = fixed features; r > 0 = new features every r
+*optimiser steps*, as recommended by the paper to avoid overfitting to one draw).
+
+Redraws happen between optimiser steps, never inside a forward: the training loop calls
+``on_optimizer_step(step)`` on every submodule that defines it after each step, and the
+kernel then switches to draw ``step // r`` when r divides ``step`` (a function of seed and
+step: a resumed run uses the same draws). The forward is a pure function of its inputs
+and the ``draws`` buffer, so every call of one forward sees the same features: a DEQ
+solver iterates one fixed function, and its implicit backward differentiates the
+features the forward used. Nor does the forward hold a Python-side counter: under
+``torch.compile`` the projection is one opaque op (``formerlab::performer_projection``)
+of the ``draws`` buffer, so a fresh kernel is captured as one graph, and a redraw (an
+in-place write to the buffer) neither breaks the graph nor recompiles it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -81,6 +92,34 @@ def orthogonal_gaussian(
         num_features, dim, generator=generator, dtype=torch.float64, device=generator.device
     ).norm(dim=-1)
     return (directions * norms[:, None]).to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def draw_projection(
+    seed: int, draw: int, num_features: int, dim: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """The (num_features, dim) projection of draw ``draw`` of ``seed`` (cached; never modify it).
+
+    A distinct generator stream per (seed, draw): reproducible and independent draws.
+    """
+    with torch.inference_mode(False):  # usable by autograd even if first drawn in inference
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + draw)
+        return orthogonal_gaussian(num_features, dim, gen).to(device=device, dtype=dtype)
+
+
+@torch.library.custom_op("formerlab::performer_projection", mutates_args=())
+def projection_op(
+    draws: Tensor, seed: int, num_features: int, dim: int, dtype: torch.dtype
+) -> Tensor:
+    """``draw_projection`` of the draw index held in the 0-d tensor ``draws``, as one opaque
+    op for ``torch.compile``: the index is read inside the op (no graph break), and a new
+    value of the buffer needs no recompilation."""
+    return draw_projection(seed, int(draws), num_features, dim, draws.device, dtype).clone()
+
+
+@projection_op.register_fake
+def _(draws: Tensor, seed: int, num_features: int, dim: int, dtype: torch.dtype) -> Tensor:
+    return draws.new_empty((num_features, dim), dtype=dtype)
 
 
 def favor_features(
@@ -152,9 +191,10 @@ def normaliser_shift(
 class PerformerAttention(AttentionKernel):
     """FAVOR+ attention with positive orthogonal random features (Choromanski et al., 2021).
 
-    ``num_features``: m random features. ``redraw_interval``: 0 = never redraw; k > 0 =
-    redraw every k forward calls while training. ``seed``: seeds the draws (same seed,
-    same features). ``scale``: logit scale (default 1/√D). ``chunk_size``: as in ``linear``.
+    ``num_features``: m random features. ``redraw_interval``: 0 = never redraw; r > 0 =
+    new features every r optimiser steps (``on_optimizer_step``, called by the training
+    loop; a forward never changes the draw). ``seed``: seeds the draws (same seed, same
+    features). ``scale``: logit scale (default 1/√D). ``chunk_size``: as in ``linear``.
 
     Streams with a constant-size :class:`~formerlab.attention.linear.LinearState` that
     holds the projection of the draw in use when it was created (a redraw later does not
@@ -183,34 +223,31 @@ class PerformerAttention(AttentionKernel):
         self.chunk_size = chunk_size
         # persistent: a checkpoint restores which draw is in use; features are rebuilt
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-        self._cache: tuple[tuple, Tensor] | None = None
-        self._register_load_state_dict_pre_hook(lambda *_: setattr(self, "_cache", None))
+        self._register_load_state_dict_pre_hook(_drop_call_counter)
 
     def projection(self, dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """The (num_features, dim) projection of the current draw (cached)."""
-        cached = self._cache  # in a compiled graph: no host read of `draws` (a graph break);
-        if torch.compiler.is_compiling() and cached and cached[0][1:] == (dim, device, dtype):
-            return cached[1]  # redraw() and load_state_dict() clear the cache
-        key = (int(self.draws), dim, device, dtype)
-        if self._cache is None or self._cache[0] != key:
-            # a distinct stream per (seed, draw): reproducible and independent draws
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.draws))
-            w = orthogonal_gaussian(self.num_features, dim, gen).to(device=device, dtype=dtype)
-            self._cache = (key, w)
-        return self._cache[1]
+        """The (num_features, dim) projection of the current draw (``draws``); read-only."""
+        if torch.compiler.is_compiling():  # no host read of `draws` in a graph
+            return projection_op(self.draws, self.seed, self.num_features, dim, dtype).to(device)
+        return draw_projection(self.seed, int(self.draws), self.num_features, dim, device, dtype)
 
     def redraw(self) -> None:
-        """Switch to the next random draw of features."""
-        self.draws += 1
-        self._cache = None
+        """Switch to the next random draw of features now (by hand; in training,
+        ``on_optimizer_step`` sets the draw from the step count)."""
+        with torch.no_grad():
+            self.draws += 1
+
+    def on_optimizer_step(self, step: int) -> None:
+        """Training-loop hook, called after optimiser step ``step`` (1, 2, ...): with
+        ``redraw_interval`` r > 0, switch to draw ``step // r`` when r divides ``step``
+        (so r, 2r, ... redraw; the draw is a function of seed and step, and a resumed run
+        continues with the same ones). The only place features change during training."""
+        if self.redraw_interval and step % self.redraw_interval == 0:
+            with torch.no_grad():
+                self.draws.fill_(step // self.redraw_interval)
 
     def attend(self, q, k, v, key_padding_mask, causal, need_weights):
-        if self.training and self.redraw_interval:
-            if int(self.calls) and int(self.calls) % self.redraw_interval == 0:
-                self.redraw()
-            self.calls += 1
-        work = compute_dtype(q.dtype)
+        work = compute_dtype(q.dtype)  # the draw never changes here (module doc)
         d = q.shape[-1]
         root = self._scaled(d)
         w = self.projection(d, q.device, work)
@@ -256,3 +293,9 @@ class PerformerAttention(AttentionKernel):
             f"num_features={self.num_features}, redraw_interval={self.redraw_interval}, "
             f"seed={self.seed}"
         )
+
+
+def _drop_call_counter(state_dict, prefix, *_) -> None:
+    """Checkpoints written before redraws moved to ``on_optimizer_step`` hold a ``calls``
+    counter; it means nothing now (the ``draws`` index is what they restore)."""
+    state_dict.pop(prefix + "calls", None)

@@ -1,10 +1,14 @@
 """Eager vs ``torch.compile`` step time (``formerlab bench compile``).
 
-Two targets:
+Three targets:
 
 * ``decoder``: one training step (forward, cross-entropy, backward, AdamW step) of the
   README's demo decoder (``configs/demo-shakespeare.yaml``: d=128, 4 blocks, 4 heads,
   softmax attention, context 128, batch 32, vocabulary 65) on random token ids;
+* ``performer``: the same step with ``performer`` attention (m=128 random features)
+  redrawing its features after every optimiser step (``redraw_interval=1``, the training
+  loop's ``on_optimizer_step``): redraws are buffer writes, so the compiled step is
+  neither recompiled nor broken by them;
 * ``nystrom``: forward + backward of the Nyström attention module of ``bench nystrom``
   (projections, m=64 landmarks, 6 pinv iterations, conv skip 33) at N tokens.
 
@@ -25,7 +29,7 @@ from torch import nn
 from formerlab.bench.measure import sync
 from formerlab.errors import check_choice, check_positive_int
 
-TARGETS = ("decoder", "nystrom")
+TARGETS = ("decoder", "nystrom", "performer")
 
 
 @dataclass
@@ -43,14 +47,19 @@ class CompileRow:
         return self.eager_ms / self.compiled_ms
 
 
-def _decoder(device: str, batch: int, context: int) -> tuple[nn.Module, Callable, str]:
+def _decoder(
+    device: str, batch: int, context: int, kernel: dict | None = None
+) -> tuple[nn.Module, Callable, str]:
     from formerlab.models import DecoderLM
+    from formerlab.train.loop import on_optimizer_step
 
+    kernel = kernel or {"kernel": "softmax"}
     model = DecoderLM(vocab_size=65, dim=128, depth=4, heads=4, max_len=context,
-                      mixer="attention", mixer_options={"kernel": "softmax"}).to(device)
+                      mixer="attention", mixer_options=kernel).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 65, (batch, context + 1), generator=gen).to(device)
+    steps = [0]
 
     def step(net: nn.Module) -> None:
         logits = net(ids[:, :-1])
@@ -58,6 +67,8 @@ def _decoder(device: str, batch: int, context: int) -> tuple[nn.Module, Callable
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        steps[0] += 1
+        on_optimizer_step(model, steps[0])  # performer: a redraw between steps
 
     return model, step, f"B={batch}, N={context}, d=128, 4 blocks"
 
@@ -86,7 +97,12 @@ def compare(
     check_positive_int("warmup", warmup, minimum=0)
     from formerlab.train.compile import compile_model
 
-    module, step, shape = _decoder(device, batch, context) if target == "decoder" else _nystrom(device, n)
+    if target == "nystrom":
+        module, step, shape = _nystrom(device, n)
+    else:
+        kernel = ({"kernel": "performer", "num_features": 128, "redraw_interval": 1}
+                  if target == "performer" else None)
+        module, step, shape = _decoder(device, batch, context, kernel)
     compiled = compile_model(module, device, backend=backend)
     sync(device)
     start = time.perf_counter()

@@ -2,7 +2,9 @@
 
 ``train(cfg)`` builds the task and model, then repeats: draw a batch, forward, loss
 (+ any auxiliary losses the model registers), backward, clip, AdamW step with warm-up +
-cosine learning rate; every ``eval_every`` steps it evaluates and writes a checkpoint.
+cosine learning rate, then each submodule's ``on_optimizer_step(step)`` hook (e.g.
+performer's feature redraws); every ``eval_every`` steps it evaluates and writes a
+checkpoint.
 Everything random draws from seeded generators whose states are checkpointed, so a run
 resumed with ``resume=RUN_DIR`` reproduces the uninterrupted run's losses exactly (CPU).
 """
@@ -87,6 +89,17 @@ def model_diagnostics(model: nn.Module) -> dict[str, float]:
             for key, value in (report() or {}).items():
                 sums.setdefault(key, []).append(float(value))
     return {key: sum(values) / len(values) for key, values in sums.items()}
+
+
+def on_optimizer_step(model: nn.Module, step: int) -> None:
+    """Call ``on_optimizer_step(step)`` on every submodule that defines it, after optimiser
+    step ``step`` (1, 2, ...): the one point between steps where modules may change state
+    that a forward only reads (e.g. ``performer`` redraws its random features here, so all
+    calls of one forward, a DEQ solve and its implicit backward included, see one draw)."""
+    for module in model.modules():
+        hook = getattr(module, "on_optimizer_step", None)
+        if callable(hook):
+            hook(step)
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
@@ -250,6 +263,7 @@ def train(
                     nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 optimizer.step()
                 step += 1
+                on_optimizer_step(model, step)  # e.g. performer's feature redraws
                 tokens += batch.inputs.numel()
                 history.append({"step": step, "loss": ddp.mean(loss).item(), "lr": lr})
 
