@@ -374,9 +374,9 @@ def test_multidimensional_states_are_solved_per_sample():
 
 def test_registry_and_errors():
     assert solvers.available() == [
-        "anderson", "broyden", "broyden_newton", "fixed_point", "newton_krylov"
+        "anderson", "broyden", "broyden_newton", "fixed_point", "hybrid", "newton_krylov"
     ]
-    assert solvers.available(root=True) == ["broyden", "broyden_newton", "newton_krylov"]
+    assert solvers.available(root=True) == ["broyden", "broyden_newton", "hybrid", "newton_krylov"]
     z0 = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="unknown solver 'newton'.*anderson"):
         solvers.solve_fixed_point(lambda z: z, z0, method="newton")

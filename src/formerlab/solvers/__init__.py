@@ -1,8 +1,9 @@
 """Root and fixed-point solvers behind one registry and one result type.
 
 ``solve_fixed_point(f, z0, method="anderson")`` finds z = f(z); ``solve_root(g, z0)``
-finds g(z) = 0 (default ``method="broyden_newton"``; also ``"broyden"``,
-``"newton_krylov"``). Both return ``(z, SolverInfo)`` with per-sample
+finds g(z) = 0 (default ``method="auto"``: ``"hybrid"``, Powell's dogleg trust region
+around a dense Jacobian, for up to 64 unknowns per sample, ``"broyden_newton"`` beyond;
+also ``"broyden"``, ``"newton_krylov"``). Both return ``(z, SolverInfo)`` with per-sample
 stopping and diagnostics (see ``formerlab.solvers.base``). Every module of this package
 registers its solver on import; the package imports them all.
 """
@@ -16,6 +17,7 @@ from formerlab.solvers.base import Solver, SolverInfo, SolveRun
 from formerlab.solvers.broyden import Broyden
 from formerlab.solvers.broyden_newton import BroydenNewton
 from formerlab.solvers.fixed_point import FixedPointIteration
+from formerlab.solvers.hybrid import Hybrid
 from formerlab.solvers.newton_krylov import NewtonKrylov
 from formerlab.solvers.registry import SOLVERS, available, build, describe, register
 
@@ -30,6 +32,7 @@ __all__ = [
     "Broyden",
     "BroydenNewton",
     "FixedPointIteration",
+    "Hybrid",
     "NewtonKrylov",
     "SolveRun",
     "Solver",

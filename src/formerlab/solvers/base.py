@@ -347,8 +347,8 @@ class Solver:
         if problem == "root" and not self.supports_root:
             raise ValueError(
                 f"solver {self.name!r} solves fixed-point problems z = f(z) only, not a root "
-                "problem g(z) = 0; use a root method ('broyden_newton', the default, "
-                "'broyden' or 'newton_krylov') for root problems (or pose the problem "
+                "problem g(z) = 0; use a root method ('auto', the default: 'hybrid' up to 64 "
+                "unknowns, 'broyden_newton' beyond; or 'broyden', 'newton_krylov') for root problems (or pose the problem "
                 "as solve_fixed_point(lambda z: z + g(z), ...), which converges only if that "
                 "map contracts)"
             )

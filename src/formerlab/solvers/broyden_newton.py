@@ -1,4 +1,5 @@
-"""The default root solver: Broyden first, Jacobian-free Newton-Krylov where it stalls.
+"""Broyden first, Jacobian-free Newton-Krylov where it stalls: ``solve_root``'s default
+for more than 64 unknowns per sample (``formerlab.solvers.api``; ``hybrid`` below that).
 
 Broyden's method (``formerlab.solvers.broyden``, probed H0 and line search) costs one
 evaluation per iteration and converges superlinearly when its inverse-Jacobian estimate
@@ -27,7 +28,7 @@ from formerlab.solvers.registry import register
 @register(
     "broyden_newton",
     description="Broyden, switching to Jacobian-free Newton-Krylov where it stalls "
-    "(the solve_root default; root or fixed point)",
+    "(solve_root's default above 64 unknowns; root or fixed point)",
     complexity="1 f-eval/iter, then 1 + k per Newton step; O((L + k) d) memory",
     root=True,
 )
