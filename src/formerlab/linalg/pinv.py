@@ -43,6 +43,30 @@ keeping the singular values σ >= rcond·σ_max and dropping the others.
    matrices with prescribed singular values (condition 1 … 10¹²), scales 10⁻³⁰ … 10³⁰,
    float16 … float64, rank-deficient and rectangular.
 
+**Sharp bound (square A).** With E = I − AZ and ‖E‖₂ < 1, AZ and A are invertible and
+A⁻¹ = Z(AZ)⁻¹ = Z(I − E)⁻¹, so exactly Z − A⁻¹ = −ZE(I − E)⁻¹ and
+
+    ‖Z − A⁻¹‖_F  <=  ‖Z − ZAZ‖_F / (1 − ‖E‖₂)
+
+whatever produced Z (no reach count, no initial scale: the spectrum of AZ alone). A⁻¹ is the
+target when every singular value is kept: σ_min >= (1 − ‖E‖₂)/‖Z‖₂ >= rcond·σ_hi. Computed
+in float64: e = ‖fl(I − AZ)‖_F + γ̃_n‖A‖_F‖Z‖_F >= ‖E‖₂ (required <= ½), d = (‖fl(Z −
+ZAZ)‖_F/‖Z‖_F + ν)/(1 − e) and the bound d/(1 − d) (as ‖T‖_F >= ‖Z‖_F − ‖Z − T‖_F), with
+the rounding allowance ν = ``SHARP_NOISE``·u₆₄·(√n + ‖A‖_F‖Z‖_F/n). Rounding makes the
+computed residual of a float64 iterate noisy at about u‖A‖_F‖Z‖_F/n (relative): its errors
+are not aligned with the top singular vectors of Z, so they are not amplified by ‖Z‖₂ as the
+worst case γ̃_n‖A‖_F‖Z‖₂ of w above assumes — the factor ~n^1.5 that made the bound above
+10³ × the error of ordinary float64 matrices. A backward-stable float64 pseudoinverse (such as
+``torch.linalg.pinv``) is itself that far from A⁻¹: measured up to 14 units of u·(√n +
+‖A‖_F‖Z‖_F/n) for sizes 3 … 128 and condition 1 … 10¹² (most of it at n <= 8), which ν covers
+with a margin of 2.3, so the bound holds against such a reference too; it is a rounding model
+(as γ̃ is), checked by property tests, not a worst-case proof. For a float32 iterate ν is
+negligible (the residual is float64) and the bound is the exact-arithmetic one, 1.0 … 3.2 ×
+the true error. Where both bounds apply the certificate takes the smaller. Measured
+bound/true error (``python -m formerlab.bench.pinv_study 16 64 128``): float64, condition
+1 … 10⁸, n = 16 … 128: 3.4 … 96 (medians 5 … 25); n = 4: up to ~1.3·10³ (the realised error
+of a 4 × 4 matrix can be a lucky 10⁻¹⁷); float32, condition 1 … 10⁴: 1.0 … 3.2.
+
 A singular value within a small factor above the cut-off fails 2., one below it (but not far
 below) keeps w large: such matrices honestly do not converge — no iteration can separate
 singular values on both sides of a cut-off it cannot see.
@@ -116,15 +140,19 @@ GAP = 0.5  # the gap certificate: every dropped singular value has f <= GAP
 _NEVER = 2**62  # reach count of a matrix that cannot be certified
 _CANDIDATE_STEP = 0.5  # the certificate is computed only once the step is below this
 _ASYMPTOTIC = 1e-2  # a relative step below this means the iteration is past its slow start
+# the rounding allowance of the sharp bound, in units of u·(√n + ‖A‖_F‖Z‖_F/n) (module docs):
+# measured, float64 torch.linalg.pinv is within 0.5 … 14 of these units of the exact A⁻¹
+SHARP_NOISE = 32.0
 
 
 def default_tol(dtype: torch.dtype) -> float:
     """Default tolerance on the certified bound: float64 1e-8, float32 1e-5, and for
     float16 / bfloat16 8× their unit roundoff (the output rounding alone is one unit).
 
-    float64: the rounding allowance of the bound is ~√n·u·κ, 1e-10 … 1e-9 for row-softmax
-    matrices of size 64 … 256 whose actual error is ~1e-12 (``formerlab pinv-study``), so a
-    tighter default would refuse them."""
+    float64: for a rectangular or rank-deficient A the rounding allowance of the bound is
+    ~√n·u·κ, 1e-10 … 1e-9 for matrices of condition ~10⁵ whose actual error is ~1e-12, so a
+    tighter default would refuse them (a square A gets the sharp bound, within ~100× of its
+    error: module docs)."""
     work = compute_dtype(dtype)
     if work == torch.float64:
         return 1e-8
@@ -472,20 +500,44 @@ def certify(
         u = unit_roundoff(torch.float64)
         gamma_n, gamma_m = 2 * math.sqrt(n) * u, 2 * math.sqrt(m) * u
         hidden = gamma_n * _fro(ad) * z_hi * zf + gamma_m * zf * _fro(Xd) + u * zf
-        w = _fro(Zd - Zd @ Xd) + hidden
+        w_raw = _fro(Zd - Zd @ Xd)  # ‖Z − ZAZ‖_F as computed
+        w = w_raw + hidden
         rel = torch.where(zf > 2 * w, 2 * w / (zf - 2 * w), math.inf)
         # rounding in the blocks of Z − T between kept and dropped / null directions
         # is invisible to w and amplified up to κ while the small values grow; those
         # blocks are empty when A is square and ‖I − AZ‖_F <= ½ (no dropped values)
         eye = torch.eye(m, dtype=torch.float64, device=a.device)
-        settled = _fro(eye - Xd) <= 0.5  # every eigenvalue f of AZ within ½ of 1
+        e_raw = _fro(eye - Xd)  # ‖I − AZ‖_F as computed
+        settled = e_raw <= 0.5  # every eigenvalue f of AZ within ½ of 1
         full = (m == n) & settled
         kappa = z_hi * sigma_hi.double()
         unseen = 2 * math.sqrt(m + n) * unit_roundoff(a.dtype) * kappa
         bound = rel + _rounding_allowance(k, m, n, a.dtype) + torch.where(full, 0.0, unseen)
         ok = ((k >= reach) | settled) & gap_ok & torch.isfinite(bound)
-        bound = torch.where(zero & (zf == 0), 0.0, torch.where(ok, bound, math.inf))
+        bound = torch.where(ok, bound, math.inf)
+        if m == n:  # both are upper bounds: keep the smaller
+            sharp = _sharp_bound(_fro(ad) * zf, n, w_raw / zf, e_raw, kappa, rcond)
+            bound = torch.minimum(bound, sharp)
+        bound = torch.where(zero & (zf == 0), 0.0, bound)
     return bound
+
+
+def _sharp_bound(
+    kappa_f: Tensor, n: int, w_rel: Tensor, e_raw: Tensor, kappa_hi: Tensor, rcond: float
+) -> Tensor:
+    """The a posteriori bound of a square (n × n) A from the spectrum of AZ (module docs),
+    from float64 quantities computed by :func:`certify`: κ_F = ‖A‖_F‖Z‖_F, w_rel =
+    ‖fl(Z − ZAZ)‖_F/‖Z‖_F, e_raw = ‖fl(I − AZ)‖_F and κ_hi = ‖Z‖₂·σ_hi (upper bounds); inf
+    where ‖I − AZ‖₂ may exceed ½ or a singular value may be below the cut-off."""
+    u = unit_roundoff(torch.float64)
+    # ‖E‖₂ <= ‖fl(I − AZ)‖_F + γ̃_n‖|A||Z|‖_F (the rounding of fl(AZ), γ̃_n = 2√n·u)
+    e_hi = e_raw + 2 * math.sqrt(n) * u * kappa_f
+    # the rounding allowance SHARP_NOISE·u·(√n + ‖A‖_F‖Z‖_F/n) (module docs)
+    allowance = SHARP_NOISE * u * (math.sqrt(n) + kappa_f / n)
+    d = (w_rel + allowance) / (1 - e_hi)  # >= ‖Z − A⁻¹‖_F/‖Z‖_F
+    # every singular value kept: σ_min(A) >= (1 − ‖E‖₂)/‖Z‖₂ >= rcond·σ_max
+    ok = (e_hi <= GAP) & (1 - e_hi >= rcond * kappa_hi) & (d < 1)
+    return torch.where(ok, d / (1 - d).clamp(min=1e-300), math.inf)
 
 
 def _penrose(a: Tensor, Z: Tensor) -> Tensor:
@@ -780,6 +832,9 @@ def pinv(
     resolved = AUTO_INIT if init == "auto" else init
     if resolved == "global":
         _warn_global(4)  # the caller of pinv, past in_given_dtypes
+    if A.numel() == 0:  # m = 0, n = 0 or an empty batch: A⁺ is the (…, n, m) zero matrix
+        Z_out, info = _empty_result(A, resolved, order, tol, rcond)
+        return (Z_out, info) if return_info else Z_out
 
     transpose = A.shape[-2] > A.shape[-1]
     if transpose:  # pinv(A) = pinv(Aᵀ)ᵀ; iterate on the smaller Gram side
@@ -849,6 +904,28 @@ def pinv(
     if transpose:
         Z_out = Z_out.mT
     return (Z_out, info) if return_info else Z_out
+
+
+def _empty_result(
+    A: Tensor, init: str, order: int, tol: float, rcond: float
+) -> tuple[Tensor, PinvInfo]:
+    """pinv of a matrix with no entries: the zero matrix of shape (..., n, m) (as
+    ``torch.linalg.pinv``), exact, in the autograd graph of A (its gradient is zero), with
+    diagnostics that say converged in 0 iterations, bound 0."""
+    batch = A.shape[:-2]
+    dev = A.device
+
+    def full(value: Any, dtype: torch.dtype) -> Tensor:
+        return torch.full(batch, value, dtype=dtype, device=dev)
+
+    no = full(False, torch.bool)
+    info = PinvInfo(
+        full(0, torch.long), full(0.0, compute_dtype(A.dtype)), full(0.0, compute_dtype(A.dtype)),
+        full(True, torch.bool), no, no.clone(), no.clone(), init, order, tol,
+        {"diverged_at": full(-1, torch.long)}, full(0.0, torch.float64), full(0, torch.long),
+        no.clone(), rcond,
+    )
+    return (A.mT * 0).contiguous(), info
 
 
 def _settle(
@@ -1006,6 +1083,7 @@ def _reg_param(arg: str, value: float | Tensor, a: Tensor) -> float | Tensor:
 
 __all__ = [
     "AUTO_INIT", "BACKWARDS", "GAP", "INITS", "ON_FAIL", "PinvError", "PinvInfo", "REG_METHODS",
+    "SHARP_NOISE",
     "binary_exponent", "certify", "default_rcond", "default_tol", "growth_factor",
     "initial_scale", "matmuls_per_iteration", "penrose_residual", "pinv", "pinv_iterates",
     "pinv_reg", "reach_count", "scale_pow2", "spectral_norm_estimate", "spectral_norm_upper",
