@@ -451,9 +451,18 @@ def bench_causal(
     device: str = typer.Option("cpu", help="cpu or cuda (cuda adds SDPA's flash backend, run in bf16: it has no float32 kernel there, and its memory-efficient one)."),
     max_exact_n: int = typer.Option(16384, min=1, help="Skip exact softmax above this N (it grows as N²)."),
     markdown: bool = typer.Option(False, help="Print a markdown table instead of a rich one."),
+    rounds: int = typer.Option(1, min=1, help="Interleaved rounds (median kept)."),
+    option: list[str] = typer.Option([], "--option", help="A non-default kernel option METHOD.KEY=VALUE (repeat); labels the method, e.g. causal_nystrom[segment_size=128]."),
 ) -> None:
-    """Causal kernels vs exact causal softmax (SDPA): forward + backward time, peak memory."""
-    from formerlab.bench.causal import memory_growth, run_benchmark, summary_rows, thread_scaling
+    """Causal kernels vs exact causal softmax (SDPA): forward + backward time, peak memory;
+    every kernel at its defaults unless --option labels it."""
+    from formerlab.bench.causal import (
+        memory_growth,
+        parse_options,
+        run_benchmark,
+        summary_rows,
+        thread_scaling,
+    )
     from formerlab.bench.measure import markdown_table
     from formerlab.bench.threads import parse_threads, scaling_table
 
@@ -484,7 +493,8 @@ def bench_causal(
         results = run_benchmark(
             sizes=tuple(sizes), methods=tuple(methods), batch=batch, heads=heads,
             head_dim=head_dim, warmup=warmup, repeats=repeats, threads=threads, device=device,
-            max_exact_n=max_exact_n, progress=progress,
+            max_exact_n=max_exact_n, progress=progress, options=parse_options(option),
+            rounds=rounds,
         )
     except ValueError as error:
         raise fail(error) from None
@@ -548,16 +558,18 @@ def bench_deq(
 
 @bench_app.command("roots")
 def bench_roots(
-    problems: list[str] = typer.Option(None, "--problem", help="Problems to run (repeat); default: all."),
-    max_iter: int = typer.Option(200, min=1),
-    repeats: int = typer.Option(3, min=1),
+    problems: list[str] = typer.Option(None, "--problem", help="Problems to run (repeat; exact names or shell patterns like 'wood*'); default: all."),
+    methods: list[str] = typer.Option(None, "--method", help="Methods to compare (repeat): 'default' (solve_root's), a root solver name, or hybr / broyden1 / krylov (SciPy); default: default and hybr."),
+    max_iter: int = typer.Option(1000, min=1, help="Our iteration budget (hybr keeps its default maxfev = 200 (n + 1))."),
+    repeats: int = typer.Option(1, min=1, help="Timed runs per method and problem (median)."),
 ) -> None:
-    """Root solvers on the Moré-Garbow-Hillstrom equations, side by side with scipy.optimize.root."""
-    from formerlab.bench.roots import header, run_benchmark, summary
+    """Root solvers on MINPACK's Moré-Garbow-Hillstrom test list and larger problems, side by side with scipy.optimize.root (hybr)."""
+    from formerlab.bench.roots import DEFAULT_METHODS, header, run_benchmark, summary
     from formerlab.bench.roots import markdown_table as roots_table
 
     try:
-        rows = run_benchmark(names=problems or None, max_iter=max_iter, repeats=repeats)
+        rows = run_benchmark(names=problems or None, methods=tuple(methods or DEFAULT_METHODS),
+                             max_iter=max_iter, repeats=repeats)
     except (ValueError, ImportError) as error:
         raise fail(error) from None
     console.print(header(max_iter, repeats), highlight=False, markup=False)
@@ -613,7 +625,7 @@ def bench_generate(
 
 @bench_app.command("compile")
 def bench_compile(
-    targets: list[str] = typer.Option(["decoder", "nystrom"], "--target", help="decoder (the demo LM's training step) and/or nystrom (the attention module); repeat."),
+    targets: list[str] = typer.Option(["decoder", "nystrom"], "--target", help="decoder (the demo LM's training step), nystrom (the attention module) and/or performer (the demo LM with performer, redrawing every step); repeat."),
     size: int = typer.Option(4096, "--size", min=2, help="N for the nystrom target."),
     warmup: int = typer.Option(2, min=0),
     repeats: int = typer.Option(5, min=1, help="Interleaved rounds (time = minimum)."),
@@ -668,11 +680,18 @@ def pinv_study(
     dtype: str = typer.Option("float64", "--dtype", help="float64 or float32."),
     seed: int = typer.Option(0, "--seed"),
     markdown: bool = typer.Option(False, help="Print markdown instead of a rich table."),
+    ratios: bool = typer.Option(False, "--ratios", help="Instead: the certificate's bound / true error by condition number (float64 1…1e8, float32 1…1e4) at each --sizes (default 64)."),
 ) -> None:
     """Iterative pseudoinverse: convergence per init (global, razavi, frobenius, spectral,
-    auto) and order (2, 3, 7) per matrix size, and the error after the paper's 6 iterations."""
+    auto) and order (2, 3, 7) per matrix size, and the error after the paper's 6 iterations;
+    with --ratios, how sharp the convergence certificate is."""
     from formerlab.bench import pinv_study as study
 
+    if ratios:
+        for n in sizes or [64]:
+            console.print(f"  bound / error at n={n} ...", highlight=False)
+            typer.echo(study.ratio_markdown(study.all_ratios(n, seed=seed)))
+        return
     try:
         rows = study.run_pinv_study(
             sizes=tuple(sizes) if sizes else study.DEFAULT_SIZES, kind=kind, tol=tol,

@@ -19,8 +19,37 @@ def test_run_case_measures_forward_and_backward(method):
     assert result.method == method and result.n == 64
     assert result.time_s is not None and result.time_s > 0
     assert result.skipped is None
-    if method == "causal_nystrom":
-        assert result.info["segment_size"] == 8
+    if method == "causal_nystrom":  # the kernel's default, not a length-derived size
+        from formerlab.attention.causal_nystrom import DEFAULT_SEGMENT_SIZE
+
+        assert result.info["segment_size"] == DEFAULT_SEGMENT_SIZE == 32
+
+
+def test_every_kernel_runs_with_its_registry_defaults_unless_labelled():
+    """The table shows what a user gets from ``attention.build(name)``: the benchmarked
+    kernel's options are its defaults, and an option given changes the method's name."""
+    from formerlab import attention
+    from formerlab.bench.causal import causal_step, method_label
+
+    for method in ("softmax", "causal_nystrom", "linear", "performer"):
+        _, kernel = causal_step(Case(method, n=4096, heads=1, head_dim=4))
+        default = attention.build(method)
+        assert kernel.extra_repr() == default.extra_repr(), method
+    _, kernel = causal_step(Case("causal_nystrom", n=64, options={"segment_size": 8}))
+    assert kernel.segment_size == 8
+    assert method_label("causal_nystrom", {}) == "causal_nystrom"
+    assert method_label("causal_nystrom", {"segment_size": 8}) == "causal_nystrom[segment_size=8]"
+
+
+@pytest.mark.filterwarnings("ignore:repeats=2 is too few")
+def test_options_label_the_method_and_rounds_take_the_median():
+    results = run_benchmark(sizes=(64,), methods=("causal_nystrom", "linear"), heads=1,
+                            head_dim=8, warmup=0, repeats=1, threads=1, rounds=2,
+                            options={"causal_nystrom": {"segment_size": 8}})
+    assert [r.method for r in results] == ["causal_nystrom[segment_size=8]", "linear"]
+    assert results[0].info["segment_size"] == 8 and all(r.time_s > 0 for r in results)
+    rows = summary_rows(results)
+    assert "causal_nystrom[segment_size=8] ms" in rows[0]
 
 
 def test_summary_ratios_and_skips():

@@ -21,10 +21,15 @@ def sets(overrides: list[str]) -> list[str]:
 
 
 def _cli_child(args: list[str], out: str, go) -> None:
+    import torch
     from typer.testing import CliRunner
 
     from formerlab.cli import app
 
+    # GNU OpenMP (torch's CPU thread pool) is not fork-safe: once the parent has run a
+    # parallel region, a forked child that enters one waits forever for the parent's
+    # threads. One thread keeps the child out of the pool.
+    torch.set_num_threads(1)
     if go is not None:
         go.wait(60)
     result = CliRunner().invoke(app, args, env={"COLUMNS": "1000"})

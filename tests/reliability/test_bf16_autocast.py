@@ -124,16 +124,48 @@ def test_a_deq_body_under_bf16_autocast_solves_and_differentiates():
     assert relative_error(grads[0], ref_grads[0]) <= 2 * RELATIVE
 
 
+def record_linear_output_dtypes(monkeypatch):
+    """{model.training: dtypes the model's linear layers produced} of the next ``train``:
+    under bf16 autocast they compute in bfloat16, in training steps and in evaluations."""
+    from formerlab.train import loop
+
+    seen = {True: set(), False: set()}
+    build = loop.build_model
+
+    def build_and_hook(*args, **kwargs):
+        model = build(*args, **kwargs)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(
+                    lambda mod, inputs, out: seen[mod.training].add(out.dtype))
+        return model
+
+    monkeypatch.setattr(loop, "build_model", build_and_hook)
+    return seen
+
+
 @pytest.mark.parametrize("extra", [
     [],
     ["model.kernel=nystrom", "model.mixer=attention", "task.name=listops", "task.options={}"],
     ["model.deq={}"],
 ], ids=["softmax-decoder", "nystrom-listops", "deq-body"])
-def test_training_with_bf16_autocast_on_the_cpu_follows_fp32(tiny, extra):
-    overrides = tiny(4) + extra
+def test_training_with_bf16_autocast_on_the_cpu_follows_fp32(tiny, extra, monkeypatch):
+    """Close to float32, and computed in bfloat16: a ``train.bf16`` that is ignored (no
+    autocast) would pass the closeness check alone."""
+    overrides = tiny(4) + extra + ["train.eval_every=2"]  # two evaluations in the run
+    bf16_seen = record_linear_output_dtypes(monkeypatch)
     bf16 = train(load_config(None, overrides + ["train.bf16=true"]), progress=False)
+    fp32_seen = record_linear_output_dtypes(monkeypatch)
     fp32 = train(load_config(None, overrides), progress=False)
     losses = [h["loss"] for h in bf16.history]
+    fp32_losses = [h["loss"] for h in fp32.history]
     assert all(torch.isfinite(torch.tensor(losses)))
-    for got, expected in zip(losses, [h["loss"] for h in fp32.history]):
+    for got, expected in zip(losses, fp32_losses):
         assert got == pytest.approx(expected, rel=3e-2)
+    # autocast ran: bfloat16 matmuls in training steps and in evaluation (eval mode) ...
+    assert torch.bfloat16 in bf16_seen[True], f"training steps computed in {bf16_seen[True]}"
+    assert torch.bfloat16 in bf16_seen[False], f"evaluations computed in {bf16_seen[False]}"
+    assert torch.bfloat16 not in fp32_seen[True] | fp32_seen[False]
+    # ... and it shows in the numbers: the losses and evaluations are not bit-wise float32
+    assert losses != fp32_losses
+    assert [e["eval"]["loss"] for e in bf16.evals] != [e["eval"]["loss"] for e in fp32.evals]

@@ -84,3 +84,32 @@ def test_resume_after_a_crash_between_the_renames_matches_the_straight_run(tmp_p
     a = ckpt.load_run(tmp_path / "straight")[0].state_dict()
     b = ckpt.load_run(tmp_path / "split")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("second", list(POINTS))
+@pytest.mark.parametrize("first", list(POINTS))
+def test_a_save_right_after_a_crashed_save_recovers_first(first, second, parts, tmp_path,
+                                                          monkeypatch):
+    """No load in between: ``save_checkpoint`` itself must put the crashed save's complete
+    copy back in place before it clears ``.tmp`` / ``.old``. (After a crash between the
+    renames, ``.tmp`` holds the only copy of the newest step; a save that starts by
+    clearing ``.tmp`` and then crashes too would leave the step before it.)"""
+    cfg, model, optimizer = parts
+    run_dir = tmp_path / "run"
+    ckpt.save_checkpoint(run_dir, cfg, model, optimizer, _state(1))
+    crash_at(monkeypatch, first)
+    with pytest.raises(Crash):
+        ckpt.save_checkpoint(run_dir, cfg, model, optimizer, _state(2))
+    after_first = POINTS[first]
+    crash_at(monkeypatch, second)
+    with pytest.raises(Crash):
+        ckpt.save_checkpoint(run_dir, cfg, model, optimizer, _state(3))
+    monkeypatch.setattr(ckpt, "_crash_point", lambda name: None)
+    # the second save's own rule (POINTS: 1 = the checkpoint before it, 2 = its own)
+    expected = after_first if POINTS[second] == 1 else 3
+    found = ckpt.resolve_checkpoint(run_dir)
+    assert found is not None
+    assert ckpt.read_state(found)["step"] == expected, (first, second, found.name)
+    ckpt.save_checkpoint(run_dir, cfg, model, optimizer, _state(4))  # and a clean save after
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint"]
+    assert ckpt.read_state(ckpt.checkpoint_folder(run_dir))["step"] == 4

@@ -371,6 +371,204 @@ def test_seeded_draws_come_from_the_generator_wherever_the_result_goes():
     assert torch.equal(unseeded, torch.randn(4, 3, dtype=torch.float64))
 
 
+# --------------------------------------------------------------------------- 1b. foreign
+
+# The converse mistake: a tensor pinned to the CPU (``device="cpu"``, ``torch.device("cpu")``)
+# inside a kernel. Under a ``meta`` default it still meets CPU inputs, so check 1 cannot see
+# it; here the inputs, parameters and states live on ``meta`` while the default device stays
+# the CPU, so a pinned tensor meets foreign ones and the op fails. Meta tensors hold no
+# values: reads of a value (``.item()``, ``bool(t)``, ``nonzero``) are answered with stand-ins
+# (1, True, "all nonzero") so that data-dependent branches run on; only where tensors are
+# made and combined is checked, the numbers are check 1's business.
+
+META = torch.device("meta")
+T = torch.Tensor
+SCALAR_READS = {T.item: 1, T.__float__: 1.0, T.__int__: 1, T.__index__: 1, T.__bool__: False}
+# a healthy input: every finiteness / convergence check passes, no failure flag is set
+REDUCTIONS = {torch.all: True, T.all: True, torch.any: False, T.any: False}
+
+
+class MetaValues(torch.overrides.TorchFunctionMode):
+    """Stand-in answers for value reads of meta tensors (see above)."""
+
+    def __init__(self):
+        super().__init__()
+        self.known = {}  # id -> (tensor, its stand-in truth value): outputs of all / any
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if args and isinstance(args[0], T) and args[0].is_meta:
+            x = args[0]
+            if func in SCALAR_READS:
+                if id(x) in self.known:
+                    return self.known[id(x)][1]
+                value = SCALAR_READS[func]
+                return bool(value) if x.dtype == torch.bool and func is T.item else value
+            if func is T.tolist:
+                return torch.ones(x.shape, dtype=x.dtype, device="cpu").tolist()
+        out = func(*args, **(kwargs or {}))
+        if func in REDUCTIONS and isinstance(out, T) and out.is_meta:
+            self.known[id(out)] = (out, REDUCTIONS[func])
+        return out
+
+
+@contextlib.contextmanager
+def values_on_meta():
+    from torch.fx.experimental import _config
+
+    before = _config.meta_nonzero_assume_all_nonzero
+    _config.meta_nonzero_assume_all_nonzero = True
+    try:
+        with MetaValues():
+            yield
+    finally:
+        _config.meta_nonzero_assume_all_nonzero = before
+
+
+def meta(*tensors, grad=False):
+    return [t.detach().to(META).requires_grad_(grad) for t in tensors]
+
+
+def foreign_kernel(name, options, causal, n):
+    def run():
+        inputs = meta(*qkv(n), grad=True)
+        mask = None if causal else padding_mask(n).to(META)
+        kernel = attention.build(name, **options).to(META)
+        return gradients(kernel(*inputs, key_padding_mask=mask, causal=causal), inputs)
+
+    return f"kernel-{name}-{options}-{'causal' if causal else 'padded'}-{n}", run
+
+
+def foreign_kernel_step(name):
+    def run():
+        q, k, v = meta(*qkv(9))
+        kernel = attention.build(name).to(META)
+        state = kernel.init_state(2, 2, 16, device=META)
+        first, state = kernel.step(q[:, :, :5], k[:, :, :5], v[:, :, :5], state)
+        second, state = kernel.step(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], state)
+        return [first, second]
+
+    return f"kernel-step-{name}", run
+
+
+def foreign_mixer(name, options, causal):
+    def run():
+        x, = meta(torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(3)), grad=True)
+        mask = None if causal else padding_mask(70).to(META)
+        mixer = mixers.build(name, dim=32, heads=2, **options).to(META)
+        return gradients(mixer(x, key_padding_mask=mask, causal=causal), [x, *mixer.parameters()])
+
+    return f"mixer-{name}-{options}-{'causal' if causal else 'padded'}", run
+
+
+def foreign_mixer_step(name):
+    def run():
+        x, = meta(torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(5)))
+        mixer = mixers.build(name, dim=32, heads=2).to(META)
+        has_parameters = any(True for _ in mixer.parameters())
+        state = mixer.init_state(2) if has_parameters else mixer.init_state(2, device=META)
+        first, state = mixer.step(x[:, :4], state)
+        second, state = mixer.step(x[:, 4:], state)
+        return [first, second]
+
+    return f"mixer-step-{name}", run
+
+
+def foreign_solver(method):
+    def run():
+        gen = torch.Generator().manual_seed(6)
+        a, b = meta(0.04 * torch.randn(3, 8, 8, generator=gen), torch.randn(3, 8, 1, generator=gen))
+        z, info = solvers.solve_fixed_point(lambda z: a @ z + b, torch.zeros_like(b),
+                                            method=method, tol=1e-6, max_iter=20)
+        out = [z, info.residual]
+        if method in ROOT_METHODS:
+            root, info = solvers.solve_root(lambda z: z - a @ z - b, torch.zeros_like(b),
+                                            method=method, tol=1e-6, max_iter=20)
+            out += [root, info.residual]
+        return out
+
+    return f"solver-{method}", run
+
+
+def foreign_pinv():
+    def run():
+        a, = meta(torch.randn(3, 8, 6, generator=torch.Generator().manual_seed(7)))
+        z, info = pinv(a, return_info=True)
+        return [z, info.residual, pinv_reg(a, lam=1e-3), pinv_reg(a, method="tsvd", rcond=1e-3)]
+
+    return "pinv-and-pinv_reg", run
+
+
+def foreign_deq(backward):
+    def run():
+        x, = meta(torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(8)), grad=True)
+        deq = DEQ(Body(), backward=backward, jac_reg=0.1, max_iter=5).to(META)
+        y = deq(x)
+        return [y, *torch.autograd.grad(y.square().sum() + deq.reg_loss, [x, *deq.parameters()])]
+
+    return f"deq-{backward}", run
+
+
+def foreign_model(kind):
+    def run():
+        ids = torch.randint(1, 20, (2, 40), generator=torch.Generator().manual_seed(9)).to(META)
+        mask = None if kind == "decoder" else padding_mask(40).to(META)
+        model = MODELS[kind]().to(META)
+        return gradients(model(ids, key_padding_mask=mask), list(model.parameters()))
+
+    return f"model-{kind}", run
+
+
+def foreign_generation(use_cache):
+    def run():
+        prompt = torch.randint(1, 20, (2, 5), generator=torch.Generator().manual_seed(10))
+        model = MODELS["decoder"]().to(META).eval()
+        # no CPU generator: its draw would copy meta probabilities to the CPU (no data)
+        return [model.generate(prompt.to(META), 6, use_cache=use_cache)]
+
+    return f"generate-{'cached' if use_cache else 'recomputed'}", run
+
+
+FOREIGN = [
+    *(foreign_kernel(*case, n) for case in KERNELS for n in (37, 100)),
+    *(foreign_kernel_step(n) for n in attention.available(causal=True)
+      if attention.build(n).supports_streaming),
+    *(foreign_mixer(name, options, causal) for name, options in MIXERS
+      for causal in (False, True)
+      if not causal or mixers.build(name, dim=32, heads=2, **options).supports_causal),
+    *(foreign_mixer_step(n) for n in mixers.available()
+      if mixers.build(n, dim=32, heads=2).supports_streaming),
+    *(foreign_solver(method) for method in solvers.available()),
+    foreign_pinv(),
+    # the implicit backward solves in an autograd hook, which the autograd engine runs on
+    # the meta device's own thread, without this thread's stand-in answers
+    *(foreign_deq(backward) for backward in ("phantom", "unroll")),
+    *(foreign_model(kind) for kind in MODELS),
+    *(foreign_generation(use_cache) for use_cache in (True, False)),
+]
+
+
+@pytest.mark.parametrize("run", [r for _, r in FOREIGN], ids=[i for i, _ in FOREIGN])
+def test_every_workload_runs_with_its_inputs_and_parameters_on_another_device(run):
+    assert torch.get_default_device().type == "cpu"
+    with values_on_meta():
+        out = run()
+    assert len(out) > 0
+    assert all(t.device == META for t in out), [t.device for t in out]
+
+
+def test_a_tensor_pinned_to_the_cpu_meets_meta_inputs_and_fails():
+    """The check above has teeth: the mistake it is for fails it."""
+
+    def pinned(q):
+        return q + torch.ones(q.shape[-1], device="cpu")
+
+    q, = meta(torch.randn(2, 3))
+    with values_on_meta(), pytest.raises(RuntimeError, match="meta"):
+        pinned(q)
+    with meta_default_device():  # ... where check 1 cannot see it
+        assert pinned(torch.randn(2, 3, device="cpu")).device.type == "cpu"
+
+
 # --------------------------------------------------------------------------- 2. CUDA ops
 
 # chosen by the dispatcher for CPU tensors of a device-generic op (scaled_dot_product_attention);

@@ -5,24 +5,31 @@ Forward + backward through ``kernel(q, k, v, causal=True)`` on per-head tensors
 
 * ``softmax``: exact causal attention (``F.scaled_dot_product_attention(is_causal=True)``,
   the fused kernel — the strongest exact baseline PyTorch has);
-* ``causal_nystrom``: segment landmarks, segment size ⌈√N⌉ unless given (O(N^1.5·D); the
-  kernel's own default is a fixed s = 32, which a decoder needs for prefix consistency);
+* ``causal_nystrom``: segment landmarks with the kernel's defaults (a fixed segment size
+  s = 32, which a decoder needs for prefix consistency: O(N·(s + N/s)·D), i.e. O(N²·D/32)
+  at large N);
 * ``linear``: elu+1 feature maps with chunk-wise prefix sums (O(N·D²));
 * ``performer``: FAVOR+ with ``num_features`` random features (O(N·m·D)).
+
+Every kernel runs with its registry defaults unless ``options`` say otherwise, and then
+its name in the results says so: ``causal_nystrom[segment_size=128]`` (``method_label``),
+so a table never shows a tuned setting under a default's name.
 
 Every case runs in a fresh subprocess so that its peak memory is its own: on a GPU
 ``torch.cuda.max_memory_allocated`` over the timed passes, on a CPU the growth of the
 process's peak resident set (VmHWM) over the timed passes (Linux; ``None`` elsewhere).
-Times are medians over ``repeats`` passes after ``warmup``. Ratios are formed between
-cases of the same run, the comparable quantity on a shared machine. Exact attention is
-skipped above ``max_exact_n`` (its time grows as N² — say so next to the numbers).
+Times are medians over ``repeats`` passes after ``warmup``; with ``rounds`` > 1 every case
+is measured once per round, the rounds interleaved (all cases, then all cases again), and
+the median over rounds is kept (a noisy stretch of a shared machine then hits one round of
+every case rather than every round of one). Ratios are formed between cases of the same
+run, the comparable quantity on a shared machine. Exact attention is skipped above
+``max_exact_n`` (its time grows as N² — say so next to the numbers).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import statistics
 import sys
 from collections.abc import Callable
@@ -88,11 +95,8 @@ def causal_step(case: Case) -> tuple[Callable[[], None], Any]:
     check_choice("methods", case.method, ALL_METHODS)
     torch.manual_seed(case.seed)
     pinned = case.method in SDPA_METHODS
-    options = dict(case.options)
-    if case.method == "causal_nystrom":
-        # the O(N^1.5) setting; the kernel's default segment size is fixed (prefix consistency)
-        options.setdefault("segment_size", max(1, math.ceil(math.sqrt(case.n))))
-    kernel = attention.build("softmax" if pinned else case.method, **options).to(case.device)
+    # the kernel as users get it: registry defaults, overridden only by what ``options`` give
+    kernel = attention.build("softmax" if pinned else case.method, **case.options).to(case.device)
     shape = (case.batch, case.heads, case.n, case.head_dim)
     q, k, v = (torch.randn(shape, device=case.device, requires_grad=True) for _ in range(3))
     grad_out = torch.randn(shape, device=case.device)
@@ -106,6 +110,13 @@ def causal_step(case: Case) -> tuple[Callable[[], None], Any]:
     return step, kernel
 
 
+def method_label(method: str, options: dict[str, Any] | None) -> str:
+    """``method``, or ``method[key=value, ...]`` when it runs with non-default options."""
+    if not options:
+        return method
+    return f"{method}[{', '.join(f'{k}={v}' for k, v in sorted(options.items()))}]"
+
+
 def thread_scaling(
     n: int, threads: tuple[int, ...], methods: tuple[str, ...] = METHODS, batch: int = 1,
     heads: int = 4, head_dim: int = 64, warmup: int = 1, repeats: int = 3,
@@ -114,8 +125,8 @@ def thread_scaling(
     """``{method: {threads: ms}}`` at one N, interleaved over thread counts and methods."""
     options = options or {}
     steps = {
-        m: causal_step(Case(m, n, batch, heads, head_dim, dict(options.get(m, {})),
-                            device=device))[0]
+        method_label(m, options.get(m)): causal_step(
+            Case(m, n, batch, heads, head_dim, dict(options.get(m, {})), device=device))[0]
         for m in methods
     }
     return time_over_threads(steps, threads, warmup, repeats, device)
@@ -125,6 +136,21 @@ def run_in_subprocess(case: Case, timeout_s: float = 1800.0) -> Result:
     """Run ``case`` in a fresh Python process (its own peak memory)."""
     result, reason = run_json_worker("formerlab.bench.causal", asdict(case), timeout_s)
     return Result(case.method, case.n, skipped=reason) if result is None else Result(**result)
+
+
+def parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["causal_nystrom.segment_size=128", ...]`` -> ``{"causal_nystrom": {"segment_size":
+    128}}`` (values parsed as YAML); ``ValueError`` naming an item not METHOD.KEY=VALUE."""
+    import yaml
+
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        target, _, value = item.partition("=")
+        method, _, key = target.partition(".")
+        if not (method and key and value):
+            raise ValueError(f"--option {item!r} is not allowed; expected METHOD.KEY=VALUE")
+        options.setdefault(method, {})[key] = yaml.safe_load(value)
+    return options
 
 
 def run_benchmark(
@@ -140,18 +166,22 @@ def run_benchmark(
     max_exact_n: int | None = None,
     options: dict[str, dict[str, Any]] | None = None,
     progress: Callable[[Result], None] | None = None,
+    rounds: int = 1,
 ) -> list[Result]:
     """Measure every method at every size (causal forward + backward); one result each.
 
-    ``options``: per-method kernel options (e.g. ``{"performer": {"num_features": 128}}``).
+    ``options``: per-method kernel options (e.g. ``{"performer": {"num_features": 128}}``);
+    a method given options is reported as ``method_label(method, options)``.
     ``max_exact_n``: skip exact ``softmax`` above this N (None = never skip).
-    ``progress(result)`` is called after each case.
+    ``rounds``: interleaved rounds; each result is the median over them (peak memory: the
+    median too). ``progress(result)`` is called after each case of each round.
     """
     for arg, value in (("batch", batch), ("heads", heads), ("head_dim", head_dim)):
         check_positive_int(arg, value)
     check_positive_int("warmup", warmup, minimum=0)
     check_positive_int("repeats", repeats)
-    check_repeats(repeats)
+    check_positive_int("rounds", rounds)
+    check_repeats(repeats * rounds)  # every round is a sample of each case
     for n in sizes:
         check_positive_int("sizes", n)
     for method in methods:
@@ -159,22 +189,36 @@ def run_benchmark(
     if max_exact_n is not None:
         check_positive_int("max_exact_n", max_exact_n)
     options = options or {}
-    results = []
-    for n in sizes:
-        for method in methods:
-            exact = method == "softmax" or method in SDPA_METHODS
-            if exact and max_exact_n is not None and n > max_exact_n:
-                result = Result(method, n, skipped=f"skipped: N > max_exact_n={max_exact_n}")
-            else:
-                case = Case(
-                    method, n, batch, heads, head_dim, dict(options.get(method, {})),
-                    warmup, repeats, threads, device,
-                )  # fmt: skip
-                result = run_in_subprocess(case)
-            results.append(result)
-            if progress is not None:
-                progress(result)
-    return results
+    by_case: dict[tuple[int, str], list[Result]] = {}
+    for _ in range(rounds):
+        for n in sizes:
+            for method in methods:
+                label = method_label(method, options.get(method))
+                exact = method == "softmax" or method in SDPA_METHODS
+                if exact and max_exact_n is not None and n > max_exact_n:
+                    result = Result(label, n, skipped=f"skipped: N > max_exact_n={max_exact_n}")
+                else:
+                    case = Case(
+                        method, n, batch, heads, head_dim, dict(options.get(method, {})),
+                        warmup, repeats, threads, device,
+                    )  # fmt: skip
+                    result = run_in_subprocess(case)
+                    result.method = label
+                by_case.setdefault((n, label), []).append(result)
+                if progress is not None:
+                    progress(result)
+    return [median_result(runs) for runs in by_case.values()]
+
+
+def median_result(runs: list[Result]) -> Result:
+    """One result from the rounds of one case: median time and peak (skipped if any was)."""
+    first = runs[0]
+    skipped = next((r.skipped for r in runs if r.skipped), None)
+    if skipped or len(runs) == 1:
+        return first if not skipped else Result(first.method, first.n, skipped=skipped)
+    peaks = [r.peak_bytes for r in runs if r.peak_bytes is not None]
+    return Result(first.method, first.n, statistics.median(r.time_s for r in runs),
+                  int(statistics.median(peaks)) if peaks else None, info=dict(first.info))
 
 
 def _measured(r: Result | None, name: str) -> float | None:
@@ -188,7 +232,9 @@ def _ratio(a: float | None, b: float | None) -> str:
 def summary_rows(results: list[Result], methods: tuple[str, ...] = ALL_METHODS) -> list[dict[str, str]]:
     """One row per size: time and peak memory per method, and speed-ups over exact softmax."""
     by = {(r.method, r.n): r for r in results}
-    present = [m for m in methods if any(r.method == m for r in results)]
+    # labelled methods (``causal_nystrom[segment_size=128]``) sit where their kernel does
+    labels = list(dict.fromkeys(r.method for r in results))
+    present = [label for m in methods for label in labels if label.split("[")[0] == m]
     rows = []
     for n in sorted({r.n for r in results}):
         row = {"N": str(n)}
