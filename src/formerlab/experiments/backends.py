@@ -38,6 +38,7 @@ from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import Any
 
+from formerlab.experiments.results import FAILED, RESULT_FILE, read_result, write_json
 from formerlab.experiments.trial import TrialJob, read_attempts, release_dead_lock, run_trial
 
 EventFn = Callable[[dict[str, Any]], None] | None
@@ -54,8 +55,6 @@ MAX_WORKER_DEATHS = 2
 def crashed_result(job: TrialJob, message: str, attempts: int = 0) -> dict[str, Any]:
     """The failed result of a trial whose worker died without reporting; written to disk.
     ``attempts``: the processes started on it as far as the caller knows."""
-    from formerlab.experiments.sweep import FAILED, RESULT_FILE, read_result, write_json
-
     previous = read_result(Path(job.trial_dir)) or {}
     result = {
         "index": job.index, "label": job.label, "labels": job.labels, "hash": job.key,
@@ -72,8 +71,6 @@ def crashed_result(job: TrialJob, message: str, attempts: int = 0) -> dict[str, 
 
 
 def _attempts_on_disk(job: TrialJob) -> int:
-    from formerlab.experiments.sweep import read_result
-
     previous = read_result(Path(job.trial_dir)) or {}
     return max(read_attempts(job.trial_dir), previous.get("attempts", 0))
 
@@ -264,7 +261,6 @@ class RayBackend:
             raise ValueError(
                 "backend='ray' needs Ray: pip install 'formerlab[ray]'"
             ) from None
-        from formerlab.experiments.sweep import RESULT_FILE, write_json
 
         started_here = not ray.is_initialized()
         if started_here:

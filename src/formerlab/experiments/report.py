@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from formerlab.experiments import plots
-from formerlab.experiments.sweep import COMPLETED, FAILED, SWEEP_FILE, read_result
+from formerlab.experiments.results import COMPLETED, FAILED, SWEEP_FILE, read_result
 
 REPORT_FILE = "report.md"
 #: per-trial numbers stored at the top level of result.json (the rest are in "metrics")

@@ -15,13 +15,14 @@ A sweep file (YAML)::
 Trials are the cross product of the axes (``trials``, when given, is one more axis). Every
 trial's config is validated, and its model built once, before the first trial starts.
 
-On disk (``SWEEP_DIR``): ``sweep.json`` (the spec and the trial list), ``trials/<label>-<hash>/``
-per trial (the run: config, checkpoint, ``result.json``), ``mlflow.db`` (the default
-tracking store: one parent run for the sweep, one child run per trial). A trial's identity
-is the hash of its config without ``name``, ``runs_dir`` and ``tracking``, so ``--resume``
-recognises finished trials whatever the sweep folder is called. Its torch thread count is
-part of that config (``train.threads``, pinned to ``DEFAULT_TRIAL_THREADS`` when unset), so
-results do not depend on ``--workers``.
+On disk (``SWEEP_DIR``; the file names and result I/O live in ``results``): ``sweep.json``
+(the spec and the trial list), ``trials/<label>-<hash>/`` per trial (the run: config,
+checkpoint, ``result.json``), ``mlflow.db`` (the default tracking store: one parent run
+for the sweep, one child run per trial). A trial's identity is the hash of its config
+without ``name``, ``runs_dir`` and ``tracking``, so ``--resume`` recognises finished
+trials whatever the sweep folder is called. Its torch thread count is part of that config
+(``train.threads``, pinned to ``DEFAULT_TRIAL_THREADS`` when unset), so results do not
+depend on ``--workers``.
 
 Resuming is refused when the trials' settings differ from those stored in ``sweep.json``
 (``check_same_settings`` names the keys) and while a live process owns a trial folder
@@ -47,6 +48,17 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from formerlab import mixers
+from formerlab.experiments.backends import make_backend
+from formerlab.experiments.results import (  # noqa: F401 - RESULT_FILE: re-exported
+    COMPLETED,
+    FAILED,
+    RESULT_FILE,
+    SWEEP_FILE,
+    TRIALS_DIR,
+    read_result,
+    write_json,
+)
+from formerlab.experiments.trial import LOCK_FILE, TrialJob, owner_alive, read_owner
 from formerlab.train.build import build_model, build_task
 from formerlab.train.config import (
     ConfigError,
@@ -60,10 +72,6 @@ from formerlab.train.config import (
 
 SWEEP_KEYS = ("name", "description", "base", "axes", "trials")
 BACKENDS = ("local", "ray")
-SWEEP_FILE = "sweep.json"
-RESULT_FILE = "result.json"
-TRIALS_DIR = "trials"
-COMPLETED, FAILED = "completed", "failed"
 #: torch threads of a trial whose config leaves ``train.threads`` unset. Pinned in the
 #: trial's config (so in its hash), never derived from ``--workers``: float reductions
 #: depend on the thread count, and a trial's result must not depend on its neighbours.
@@ -322,24 +330,7 @@ def expand(spec: SweepSpec, sweep_dir: Path, check_models: bool = True) -> list[
     return trials
 
 
-# --- results on disk --------------------------------------------------------------------
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    tmp.replace(path)
-
-
-def read_result(trial_dir: Path) -> dict[str, Any] | None:
-    """The ``result.json`` of a trial folder, or None when it has none (or a broken one)."""
-    path = Path(trial_dir) / RESULT_FILE
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+# --- sweep folders on disk (file names, result I/O: ``results``) -----------------------
 
 
 def find_trial_dir(sweep_dir: Path, key: str) -> Path | None:
@@ -410,8 +401,6 @@ def check_same_settings(previous: dict[str, Any], trials: list[Trial], sweep_dir
 def check_trial_locks(jobs: list[Any], console: Console) -> None:
     """Before resuming: refuse while a live process owns a trial folder; say which dead
     owners' locks will be taken over."""
-    from formerlab.experiments.trial import LOCK_FILE, owner_alive, read_owner
-
     busy = []
     for job in jobs:
         lock = Path(job.trial_dir) / LOCK_FILE
@@ -500,9 +489,6 @@ def run_sweep(
     ``overrides`` (``["train.device=cuda"]``) change the base config before the axes apply;
     they change the trials' hashes, so a resumed sweep needs the same ones.
     """
-    from formerlab.experiments.backends import make_backend
-    from formerlab.experiments.trial import TrialJob
-
     console = console or Console()
     if not isinstance(spec, SweepSpec):
         spec = load_sweep(spec)

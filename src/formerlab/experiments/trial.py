@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from formerlab.experiments.results import COMPLETED, FAILED, RESULT_FILE, read_result, write_json
 from formerlab.train import loop
 from formerlab.train.build import build_task
 from formerlab.train.checkpoint import CheckpointError, has_checkpoint, read_config
@@ -286,8 +287,6 @@ def run_trial(job: TrialJob, report: Reporter | None = None, console=None) -> di
     try:
         stolen = acquire_lock(trial_dir)
     except (TrialLocked, OSError) as error:  # not ours: write nothing into the folder
-        from formerlab.experiments.sweep import FAILED
-
         return {**result, "status": FAILED, "error": f"{type(error).__name__}: {error}",
                 "duration_s": 0.0, "attempts": read_attempts(trial_dir), "locked": True}
     threads = torch.get_num_threads()
@@ -302,7 +301,6 @@ def run_trial(job: TrialJob, report: Reporter | None = None, console=None) -> di
 
 def _run_locked(job: TrialJob, trial_dir: Path, result: dict[str, Any], report: Reporter | None,
                 console) -> dict[str, Any]:
-    from formerlab.experiments.sweep import COMPLETED, FAILED, RESULT_FILE, read_result, write_json
     from formerlab.experiments.tracking import make_tracker
 
     started_wall, started = datetime.now().isoformat(timespec="seconds"), time.perf_counter()
@@ -373,7 +371,7 @@ def _close_tracker(tracker: ReportingTracker | None, job: TrialJob, result: dict
         if setter is None:
             return
         setter("formerlab.status", result["status"])
-        if result["status"] != "completed":
+        if result["status"] != COMPLETED:
             setter("formerlab.error", result["error"][:4000])
             inner.log_artifact(Path(job.trial_dir) / "config.yaml")
             inner.finish("FAILED")
