@@ -9,7 +9,7 @@ export FORMERLAB_DATA
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-shakespeare test lint clean
+.PHONY: install demo demo-shakespeare test lint docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev,ray,hf]"
+	$(BIN)/pip install --quiet -e ".[dev,ray,hf,docs]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,8 +37,13 @@ demo-shakespeare: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 
-test: install lint
+# The documentation site (docs/, Sphinx + MyST): HTML in docs/_build/html, offline, every
+# warning an error (the generated references are rebuilt from the code each time).
+docs: install
+	$(BIN)/sphinx-build -W --keep-going -E -q -b html docs docs/_build/html
+
+test: install lint docs
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis docs/_build docs/reference/_generated

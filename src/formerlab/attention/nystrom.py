@@ -144,14 +144,14 @@ class NystromAttention(AttentionKernel):
             ``pinv_iters`` is then unused) or λ / rcond (regularised, from ``REG_GRID``)
             per head by the error on ``select_rows`` exactly computed rows; gradients are
             unrolled through the chosen iterate.
-
-    Options that another option makes meaningless raise a ``ValueError`` when set to
-    anything but their default (e.g. ``pinv_tol`` with ``pinv_reg="tikhonov"``,
-    ``pinv_max_iter`` with a fixed ``pinv_iters``, ``select_rows`` without ``pinv_select``).
         select_rows: s, rows sampled per sequence for validation (cost O(s·N·d)).
         conv_kernel: odd kernel size of the depthwise convolution skip on V, or None.
         conv_heads: heads of the convolution (one filter each); None shares one filter.
         scale: logit scale (default 1/√D).
+
+    Options that another option makes meaningless raise a ``ValueError`` when set to
+    anything but their default (e.g. ``pinv_tol`` with ``pinv_reg="tikhonov"``,
+    ``pinv_max_iter`` with a fixed ``pinv_iters``, ``select_rows`` without ``pinv_select``).
     """
 
     name = "nystrom"

@@ -67,7 +67,7 @@ class DEQ(nn.Module):
     """Fixed point of ``f(z, x, **kwargs)`` in z, with implicit / phantom / unrolled gradients.
 
     Args:
-        f: a module (or callable) mapping (z, x, **kwargs) -> z-shaped tensor.
+        f: a module (or callable) mapping ``(z, x, **kwargs)`` to a z-shaped tensor.
         solver: forward solver name (``"anderson"``, ``"broyden"``, ``"fixed_point"``,
             ``"newton_krylov"``, ``"broyden_newton"``; see ``formerlab.solvers``) or a built
             ``Solver``; ``solver_options`` go to it.
