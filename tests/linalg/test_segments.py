@@ -89,7 +89,7 @@ def test_n_not_multiple_of_m_has_no_zero_padding_bias():
 def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="num_segments"):
         segment_layout(5, 0)
-    with pytest.raises(ValueError, match="key_padding_mask"):
+    with pytest.raises(ValueError, match="attention_mask"):
         segment_layout(5, 2, torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="x"):
         segment_means(torch.randn(5, 3), 2)
