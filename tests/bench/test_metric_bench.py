@@ -25,7 +25,7 @@ def test_materialised_reference_equals_metric_attention(causal):
     x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
     got = materialised_metric_attention(mixer, x, mask, causal=causal)
-    want = mixer(x, key_padding_mask=mask, causal=causal)
+    want = mixer(x, attention_mask=mask, causal=causal)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     grads = [x, mixer.metric_params, mixer.proj.weight]
     g = torch.randn(want.shape, dtype=torch.float64)

@@ -1,5 +1,7 @@
 """`formerlab generate`: streams through the cache, reports tokens/s, refuses bad input."""
 
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -65,3 +67,15 @@ def test_bad_input_gets_a_clear_error(run_dir, args, message):
     result = generate(run_dir, *args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_the_speed_line_is_on_a_line_of_its_own(run_dir):
+    # the sample may end mid-line (a token without a newline); on a terminal both streams
+    # share the screen: the speed line must never continue the text
+    result = generate(run_dir, "--prompt", "ROMEO:", "--tokens", "20", "--top-k", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith("\n")
+    speed = re.compile(r"^20 tokens in \d+\.\d+ s: [\d.]+ tokens/s \(cached\)$", flags=re.M)
+    assert speed.search(result.output), result.output
+    text, _, rest = result.output.partition("20 tokens in")
+    assert text.endswith("\n\n"), repr(text[-40:])  # a blank line between sample and speed

@@ -51,7 +51,7 @@ class QKV:
     q: Tensor
     k: Tensor
     v: Tensor
-    key_padding_mask: Tensor | None = None
+    attention_mask: Tensor | None = None
 
 
 @dataclass
@@ -135,13 +135,13 @@ def checkpoint_qkv(run_dir: str, batch_size: int = 4, seed: int = 0) -> list[QKV
         if isinstance(module, SelfAttention):
             def hook(mod, args, kwargs, name=name):
                 x = args[0]
-                captured[name] = (x.detach(), kwargs.get("key_padding_mask"))
+                captured[name] = (x.detach(), kwargs.get("attention_mask"))
             hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     if not hooks:
         raise ValueError(f"run {run_dir!r} has no SelfAttention layers to take q, k from")
     try:
         with torch.no_grad():
-            model(batch.inputs, key_padding_mask=batch.key_padding_mask)
+            model(batch.inputs, attention_mask=batch.attention_mask)
     finally:
         for h in hooks:
             h.remove()
@@ -195,7 +195,7 @@ def compare_kernels(
     data: QKV, causal: bool, landmarks: int, weights: bool = True, seed: int = 0
 ) -> list[Row]:
     """Errors of every kernel variant on ``data`` against exact (causal) softmax."""
-    q, k, v, mask = data.q, data.k, data.v, data.key_padding_mask
+    q, k, v, mask = data.q, data.k, data.v, data.attention_mask
     ref_out, ref_w = softmax_attention(q, k, v, mask, causal, need_weights=weights)
     real = None if mask is None else mask[:, None, :, None].to(q.dtype)
     if real is not None:
@@ -210,12 +210,12 @@ def compare_kernels(
                 w_err = None
                 if weights:
                     try:
-                        out, w = kern(q, k, v, key_padding_mask=mask, causal=causal, need_weights=True)
+                        out, w = kern(q, k, v, attention_mask=mask, causal=causal, need_weights=True)
                         w_err = _rel(w if real is None else w * real, ref_w if real is None else ref_w * real)
                     except ValueError:
-                        out = kern(q, k, v, key_padding_mask=mask, causal=causal)
+                        out = kern(q, k, v, attention_mask=mask, causal=causal)
                 else:
-                    out = kern(q, k, v, key_padding_mask=mask, causal=causal)
+                    out = kern(q, k, v, attention_mask=mask, causal=causal)
             note = _note(kern, opts)
             rows.append(Row(data.label, label, w_err, _rel(out, ref_out), note))
         except Exception as error:  # a broken kernel must not hide the others' numbers
@@ -245,7 +245,7 @@ def iteration_curve(data: QKV, landmarks: int, max_iter: int = 20, init: str = "
                     order: int = 3) -> Curve:
     """Nyström output error ‖ÂV − AV‖/‖AV‖ with the k-th pinv iterate, k = 0 … max_iter,
     and with Tikhonov λ ∈ {1e-6, …, 1}."""
-    q, k, v, mask = data.q, data.k, data.v, data.key_padding_mask
+    q, k, v, mask = data.q, data.k, data.v, data.attention_mask
     ref, _ = softmax_attention(q, k, v, mask)
     real = None if mask is None else mask[:, None, :, None].to(q.dtype)
     if real is not None:
@@ -287,8 +287,10 @@ def run_approx(
     weights: bool = True,
     curve_iters: int = 20,
     seed: int = 0,
+    progress=None,
 ) -> ApproxReport:
-    """Run the study on synthetic q, k, v (each ``data`` × ``scales``) or a checkpoint."""
+    """Run the study on synthetic q, k, v (each ``data`` × ``scales``) or a checkpoint;
+    ``progress(message)``, when given, is called before each source."""
     check_positive_int("n", n, minimum=2)
     check_positive_int("landmarks", landmarks)
     check_positive_int("head_dim", head_dim)
@@ -309,7 +311,9 @@ def run_approx(
         ]
     rows: list[Row] = []
     curves: list[Curve] = []
-    for src in sources:
+    for number, src in enumerate(sources, start=1):
+        if progress is not None:
+            progress(f"q, k, v {number}/{len(sources)}: {src.label}")
         rows += compare_kernels(src, causal, landmarks, weights, seed)
         if not causal:
             curves.append(iteration_curve(src, landmarks, curve_iters))

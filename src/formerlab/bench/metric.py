@@ -51,7 +51,7 @@ METHODS = ("attention", "metric", "materialised")
 def materialised_metric_attention(
     mixer: MetricAttention,
     x: Tensor,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     causal: bool = False,
 ) -> Tensor:
     """Metric attention with the (token pair, feature pair) tensor made explicit.
@@ -85,13 +85,13 @@ def materialised_metric_attention(
     if causal:
         allowed = allowed.tril()
     allowed = allowed.expand(b, 1, n, n)
-    if key_padding_mask is not None:
-        allowed = allowed & key_padding_mask[:, None, None, :]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :]
     allowed = allowed | ~allowed.any(-1, keepdim=True)  # fully masked rows: zeroed below
     weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     out = weights @ p
-    if key_padding_mask is not None:
-        out = out * key_padding_mask[:, None, :, None].to(out.dtype)
+    if attention_mask is not None:
+        out = out * attention_mask[:, None, :, None].to(out.dtype)
     return mixer.out(merge_heads(out))
 
 

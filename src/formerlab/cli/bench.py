@@ -1,0 +1,352 @@
+"""``formerlab bench ...``: speed / memory benchmarks. Every one takes ``--threads`` as a
+count or a comma list (parsed by :func:`formerlab.cli.common.parse_threads`) and prints its
+tables through :func:`formerlab.cli.common.write_table` (``--format table|markdown|csv``)."""
+
+from __future__ import annotations
+
+import typer
+
+from formerlab.cli.common import (
+    Format,
+    console,
+    fail,
+    format_option,
+    markdown_option,
+    one_thread_count,
+    parse_threads,
+    progress_line,
+    resolve_format,
+    threads_option,
+    with_sdpa_backends,
+    write_markdown,
+    write_table,
+)
+
+#: --format of the commands whose --threads list prints a thread-scaling table instead
+SCALING_NOTE = "; markdown when unset and --threads lists several counts (the scaling table)."
+
+bench_app = typer.Typer(help="Speed / memory benchmarks (ratios measured side by side).",
+                        no_args_is_help=True)
+
+
+@bench_app.command("metric")
+def bench_metric(
+    sizes: list[int] = typer.Option([64, 128, 256, 512, 1024], "--size", help="Sequence lengths N (repeat the option)."),
+    batch: int = typer.Option(2, min=1),
+    heads: int = typer.Option(4, min=1),
+    head_dim: int = typer.Option(32, min=1, help="k, the per-head projection size."),
+    causal: bool = typer.Option(False, help="Causal masking in every method."),
+    warmup: int = typer.Option(1, min=0),
+    repeats: int = typer.Option(3, min=1),
+    threads: str = threads_option(what="(one count: this benchmark runs at one)"),
+    device: str = typer.Option("cpu"),
+    max_materialised_gib: float = typer.Option(6.0, help="Skip the materialised form above this estimate."),
+    fmt: Format = format_option(),
+    markdown: bool = markdown_option(),
+    methods: list[str] = typer.Option(
+        ["attention", "metric", "materialised"], "--method", help="Methods to run (repeat the option)."
+    ),
+) -> None:
+    """Metric attention vs standard attention vs the materialising O(N²k²) form (fwd + bwd)."""
+    from formerlab.bench.metric import run_benchmark, summary_rows
+
+    fmt = resolve_format(fmt, markdown)
+    threads = one_thread_count(parse_threads(threads), "bench metric")
+
+    def progress(result) -> None:
+        status = result.skipped or f"{result.time_s * 1e3:.1f} ms"
+        progress_line(f"N={result.n:<5} {result.method:<13} {status}")
+
+    try:
+        results = run_benchmark(
+            sizes=tuple(sizes), batch=batch, heads=heads, head_dim=head_dim, causal=causal,
+            warmup=warmup, repeats=repeats, threads=threads, device=device,
+            max_materialised_gib=max_materialised_gib, methods=tuple(methods), progress=progress,
+        )
+    except ValueError as error:
+        raise fail(error) from None
+    rows = summary_rows(results)
+    write_table(f"metric attention, forward + backward, B={batch}, heads={heads}, "
+                f"k={head_dim}, {'causal' if causal else 'bidirectional'} (ms / MiB)",
+                list(rows[0]), [list(r.values()) for r in rows], fmt, right=True)
+
+
+
+@bench_app.command("causal")
+def bench_causal(
+    sizes: list[int] = typer.Option([1024, 4096, 16384, 32768], "--size", help="Sequence lengths N (repeat the option)."),
+    methods: list[str] = typer.Option(
+        ["softmax", "causal_nystrom", "linear", "performer"], "--method", help="Kernels to run (repeat the option)."
+    ),
+    batch: int = typer.Option(1, min=1),
+    heads: int = typer.Option(4, min=1),
+    head_dim: int = typer.Option(64, min=1),
+    warmup: int = typer.Option(1, min=0),
+    repeats: int = typer.Option(3, min=1),
+    threads: str = threads_option(),
+    device: str = typer.Option("cpu", help="cpu or cuda (cuda adds SDPA's flash backend, run in bf16: it has no float32 kernel there, and its memory-efficient one)."),
+    max_exact_n: int = typer.Option(16384, min=1, help="Skip exact softmax above this N (it grows as N²)."),
+    fmt: Format = format_option(None, SCALING_NOTE),
+    markdown: bool = markdown_option(),
+    rounds: int = typer.Option(1, min=1, help="Interleaved rounds (median kept)."),
+    option: list[str] = typer.Option([], "--option", help="A non-default kernel option METHOD.KEY=VALUE (repeat); labels the method, e.g. causal_nystrom[segment_size=128]."),
+) -> None:
+    """Causal kernels vs exact causal softmax (SDPA): forward + backward time, peak memory;
+    every kernel at its defaults unless --option labels it."""
+    from formerlab.bench.causal import (
+        memory_growth,
+        parse_options,
+        run_benchmark,
+        summary_rows,
+        thread_scaling,
+    )
+    from formerlab.bench.threads import scaling_table
+
+    scaling_fmt = resolve_format(fmt, markdown, default=Format.markdown)
+    fmt = resolve_format(fmt, markdown)
+    methods = with_sdpa_backends(methods, device)
+    counts = parse_threads(threads)
+    if counts is not None and len(counts) > 1:
+        for n in sizes:
+            try:
+                times = thread_scaling(n, counts, tuple(methods), batch, heads, head_dim,
+                                       warmup, repeats, device)
+            except ValueError as error:
+                raise fail(error) from None
+            write_markdown(f"causal, forward + backward, N={n}, B={batch}, H={heads}, "
+                           f"D={head_dim}, {device}; min of {repeats} interleaved rounds; paired: "
+                           "the median of the per-round ratios",
+                           scaling_table(times, reference=methods[0]), scaling_fmt)
+        return
+    threads = None if counts is None else counts[0]
+
+    def progress(result) -> None:
+        status = result.skipped or f"{result.time_s * 1e3:.0f} ms"
+        progress_line(f"N={result.n:<6} {result.method:<15} {status}")
+
+    try:
+        results = run_benchmark(
+            sizes=tuple(sizes), methods=tuple(methods), batch=batch, heads=heads,
+            head_dim=head_dim, warmup=warmup, repeats=repeats, threads=threads, device=device,
+            max_exact_n=max_exact_n, progress=progress, options=parse_options(option),
+            rounds=rounds,
+        )
+    except ValueError as error:
+        raise fail(error) from None
+    rows = summary_rows(results)
+    notes = []
+    for method in methods:
+        points = memory_growth(results, method)
+        if points:
+            per_token = ", ".join(f"N={n}: {b / 1024:.1f}" for n, b in points)
+            notes.append(f"peak KiB per token, {method}: {per_token}")
+    write_table(f"causal attention, forward + backward, B={batch}, H={heads}, "
+                f"D={head_dim} (ms / peak MiB)",
+                list(rows[0]), [list(r.values()) for r in rows], fmt, right=True, notes=notes)
+
+
+@bench_app.command("deq")
+def bench_deq(
+    dim: int = typer.Option(256, min=1),
+    seq: int = typer.Option(128, min=1),
+    batch: int = typer.Option(8, min=1),
+    gains: list[float] = typer.Option([1.0, 2.0, 3.0], "--gain", help="Block weight gains (repeat the option); >1 = harder problems."),
+    depths: list[int] = typer.Option([2, 4, 8, 12], "--depth", help="Explicit stack depths to compare memory with (repeat)."),
+    tol: float = typer.Option(1e-3, help="Relative residual to reach."),
+    max_iter: int = typer.Option(100, min=1),
+    repeats: int = typer.Option(3, min=1),
+    torchdeq: bool = typer.Option(True, help="Compare with the torchdeq package if installed."),
+    device: str = typer.Option("cpu"),
+    threads: str = threads_option(what="to time every solver (ours, torchdeq) at each, interleaved, at the first --gain"),
+    fmt: Format = format_option(None, "; markdown when unset."),
+) -> None:
+    """DEQ solvers (ours vs torchdeq) on DEQ-Transformer fixed points; DEQ vs explicit training memory."""
+    from formerlab.bench.deq import run, thread_scaling
+    from formerlab.bench.threads import scaling_table
+
+    counts = parse_threads(threads)
+    if counts is not None:
+        try:
+            times = thread_scaling(counts, dim, seq, batch, gains[0], tol, max_iter,
+                                   compare_torchdeq=torchdeq, repeats=repeats, device=device)
+        except ValueError as error:
+            raise fail(error) from None
+        write_markdown(f"DEQ solves, d={dim}, N={seq}, B={batch}, gain {gains[0]:g}, tol {tol:g}, "
+                       f"{device}; min of {repeats} interleaved rounds",
+                       scaling_table(times, label="solver"),
+                       resolve_format(fmt, default=Format.markdown))
+        return
+
+    try:
+        run(
+            dim=dim, seq=seq, batch=batch, gains=tuple(gains), depths=tuple(depths), tol=tol,
+            max_iter=max_iter, repeats=repeats, compare_torchdeq=torchdeq, device=device,
+            echo=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True),
+        )
+    except ValueError as error:
+        raise fail(error) from None
+
+
+@bench_app.command("roots")
+def bench_roots(
+    problems: list[str] = typer.Option(None, "--problem", help="Problems to run (repeat; exact names or shell patterns like 'wood*'); default: all."),
+    methods: list[str] = typer.Option(None, "--method", help="Methods to compare (repeat): 'default' (solve_root's), a root solver name, or hybr / broyden1 / krylov (SciPy); default: default and hybr."),
+    max_iter: int = typer.Option(1000, min=1, help="Our iteration budget (hybr keeps its default maxfev = 200 (n + 1))."),
+    repeats: int = typer.Option(1, min=1, help="Timed runs per method and problem (median)."),
+    fmt: Format = format_option(None, "; markdown when unset."),
+) -> None:
+    """Root solvers on MINPACK's Moré-Garbow-Hillstrom test list and larger problems, side by side with scipy.optimize.root (hybr)."""
+    from formerlab.bench.roots import DEFAULT_METHODS, header, run_benchmark, summary
+    from formerlab.bench.roots import markdown_table as roots_table
+
+    try:
+        rows = run_benchmark(names=problems or None, methods=tuple(methods or DEFAULT_METHODS),
+                             max_iter=max_iter, repeats=repeats)
+    except (ValueError, ImportError) as error:
+        raise fail(error) from None
+    write_markdown(header(max_iter, repeats), roots_table(rows),
+                   resolve_format(fmt, default=Format.markdown),
+                   right=lambda i, column: i == 1 or i >= 3, notes=summary(rows))
+
+
+@bench_app.command("generate")
+def bench_generate(
+    kernels: list[str] = typer.Option(None, "--kernel", help="Causal kernels to run (repeat; default all)."),
+    tokens: int = typer.Option(4096, min=1, help="Tokens to generate after the prompt."),
+    prompt: int = typer.Option(16, min=1, help="Prompt length."),
+    dim: int = typer.Option(128, min=1),
+    depth: int = typer.Option(4, min=1),
+    heads: int = typer.Option(4, min=1),
+    rounds: int = typer.Option(2, min=1, help="Interleaved rounds (minimum kept)."),
+    repeats: int = typer.Option(3, min=1, help="Forwards per uncached point (median)."),
+    positions: list[int] = typer.Option(None, "--at", help="Positions to report (repeat; default 1024 2048 4096)."),
+    uncached: bool = typer.Option(True, help="Also measure the recompute path."),
+    full_uncached: bool = typer.Option(False, help="Time the whole recompute loop instead of integrating per-position times (slow)."),
+    threads: str = threads_option(what="(one count: this benchmark runs at one)"),
+    device: str = typer.Option("cpu"),
+    clock: str = typer.Option("wall", help="wall, or cpu (thread CPU time; needs --threads 1) on a shared machine."),
+    fmt: Format = format_option(),
+    markdown: bool = markdown_option(),
+) -> None:
+    """Generation speed, cached vs recomputed, per causal kernel: tokens/s, ms per token at
+    1k / 2k / 4k, decoder-state memory (quick run: --tokens 1024 --at 256 --at 1024)."""
+    import torch
+
+    from formerlab.bench import generate as bench
+
+    fmt = resolve_format(fmt, markdown)
+    threads = one_thread_count(parse_threads(threads), "bench generate")
+
+    try:
+        results = bench.run_benchmark(
+            kernels=tuple(kernels or ()) or None, tokens=tokens, prompt=prompt, dim=dim,
+            depth=depth, heads=heads, rounds=rounds, repeats=repeats,
+            report_at=tuple(positions or bench.REPORT_AT), uncached=uncached,
+            full_uncached=full_uncached, threads=threads, device=device, clock=clock,
+            progress=progress_line,
+        )
+    except ValueError as error:
+        raise fail(error) from None
+    rows = bench.summary_rows(results)
+    title = (f"generation, {depth} layers, width {dim}, {tokens} tokens after {prompt}, "
+             f"{device}, {torch.get_num_threads()} thread(s), {clock} clock")
+    write_table(title, list(rows[0]), [list(r.values()) for r in rows], fmt)
+
+
+@bench_app.command("compile")
+def bench_compile(
+    targets: list[str] = typer.Option(["decoder", "nystrom"], "--target", help="decoder (the demo LM's training step), nystrom (the attention module) and/or performer (the demo LM with performer, redrawing every step); repeat."),
+    size: int = typer.Option(4096, "--size", min=2, help="N for the nystrom target."),
+    warmup: int = typer.Option(2, min=0),
+    repeats: int = typer.Option(5, min=1, help="Interleaved rounds (time = minimum)."),
+    threads: str = threads_option("1", what="(one count: this benchmark runs at one)"),
+    device: str = typer.Option("cpu"),
+    backend: str = typer.Option("inductor", help="torch.compile backend."),
+    fmt: Format = format_option(None, "; markdown when unset."),
+) -> None:
+    """Eager vs torch.compile step time (and compile time) of the demo decoder and the
+    Nyström module."""
+    import torch
+
+    from formerlab.bench import compile as bench
+
+    threads = one_thread_count(parse_threads(threads), "bench compile")
+    torch.set_num_threads(threads)
+    rows = []
+    for target in targets:
+        try:
+            row = bench.compare(target, n=size, warmup=warmup, repeats=repeats, device=device,
+                                backend=backend)
+        except ValueError as error:
+            raise fail(error) from None
+        progress_line(f"{target}: eager {row.eager_ms:.1f} ms, compiled {row.compiled_ms:.1f} ms "
+                      f"(compile {row.compile_s:.0f} s)")
+        rows.append(row)
+    write_markdown(f"eager vs torch.compile, {device}, backend {backend}",
+                   bench.markdown_table(rows, threads),
+                   resolve_format(fmt, default=Format.markdown))
+
+
+
+
+@bench_app.command("nystrom")
+def bench_nystrom(
+    sizes: list[int] = typer.Option([1024, 4096, 8192, 16384, 32768], "--size", help="Sequence lengths N (repeat the option)."),
+    methods: list[str] = typer.Option(
+        ["nystrom", "softmax", "nystrom-attention"], "--method", help="Methods to run (repeat the option)."
+    ),
+    batch: int = typer.Option(1, min=1),
+    heads: int = typer.Option(4, min=1),
+    head_dim: int = typer.Option(64, min=1),
+    landmarks: int = typer.Option(64, min=1),
+    conv_kernel: int = typer.Option(33, min=1),
+    warmup: int = typer.Option(1, min=0),
+    repeats: int = typer.Option(5, min=1, help="Interleaved timing rounds (time = minimum)."),
+    threads: str = threads_option("1", what="to time every method at each count, interleaved (time only)"),
+    device: str = typer.Option("cpu", help="cpu or cuda (cuda adds SDPA's flash backend, run in bf16: it has no float32 kernel there, and its memory-efficient one)."),
+    max_exact_n: int = typer.Option(16384, help="Skip exact softmax above this N."),
+    memory: bool = typer.Option(True, help="Measure peak memory (one subprocess per case)."),
+    fmt: Format = format_option(None, SCALING_NOTE),
+    markdown: bool = markdown_option(),
+) -> None:
+    """Nyström vs exact softmax vs the nystrom-attention package: forward + backward of the
+    whole module (projections included), time and peak memory, ratios from one run."""
+    from formerlab.bench import nystrom as bench
+    from formerlab.bench.threads import scaling_table
+
+    scaling_fmt = resolve_format(fmt, markdown, default=Format.markdown)
+    fmt = resolve_format(fmt, markdown)
+    methods = with_sdpa_backends(methods, device)
+    counts = parse_threads(threads)
+    if len(counts) > 1:
+        for n in sizes:
+            try:
+                times = bench.thread_scaling(n, counts, tuple(methods), batch, heads, head_dim,
+                                             landmarks, conv_kernel, warmup, repeats, device)
+            except ValueError as error:
+                raise fail(error) from None
+            write_markdown(f"nystrom module, forward + backward, N={n}, B={batch}, heads={heads}, "
+                           f"d={head_dim}, m={landmarks}, {device}; min of {repeats} interleaved "
+                           "rounds; paired: the median of the per-round ratios",
+                           scaling_table(times, reference="nystrom" if "nystrom" in times else None),
+                           scaling_fmt)
+        return
+    threads = counts[0]
+    try:
+        results = bench.run_benchmark(
+            sizes=tuple(sizes), methods=tuple(methods), batch=batch, heads=heads,
+            head_dim=head_dim, landmarks=landmarks, conv_kernel=conv_kernel, warmup=warmup,
+            repeats=repeats, threads=threads, device=device, max_exact_n=max_exact_n,
+            memory=memory, progress=progress_line,
+        )
+    except ValueError as error:
+        raise fail(error) from None
+    per_k = ", ".join(f"N={n}: {t:.1f}" for n, t in bench.linearity(results))
+    write_markdown(
+        f"nystrom, forward + backward, B={batch}, heads={heads}, d={head_dim}, m={landmarks}, "
+        f"conv {conv_kernel}, {device}, {threads} thread(s): ms (peak MiB)",
+        bench.markdown_table(results), fmt,
+        notes=[f"nystrom ms per 1k tokens (flat = linear in N): {per_k}"],
+    )
+
+
