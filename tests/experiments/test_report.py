@@ -30,6 +30,22 @@ def test_report_lists_every_trial_and_writes_the_plots(reference, tmp_path):
     assert sorted((c[0], c[1]) for c in cells) == [
         ("linear", "length=4"), ("linear", "length=6"), ("softmax", "length=4"), ("softmax", "length=6")]
     assert all(c[header.index("baseline accuracy")] == "20.0 %" for c in cells)
+    # memory is the trials' work (model, optimizer, activations), not their processes
+    assert "work peak MiB" in header and "peak MiB (+trial)" not in header
+    assert "work peak MiB: the peak memory of the trial's work" in text
+    process_mib = _process_rss_mib()
+    for cell in cells:
+        work = float(cell[header.index("work peak MiB")].replace(",", ""))
+        assert 0 <= work < process_mib / 4, (work, process_mib)
+
+
+def _process_rss_mib() -> float:
+    from formerlab.train.memory import _status_mb
+
+    rss = _status_mb("VmRSS")
+    if rss is None:
+        pytest.skip("no /proc/self/status here")
+    return rss
 
 
 def test_pending_and_failed_trials_still_appear(reference, tmp_path):
@@ -60,7 +76,7 @@ def _result(label, seed, accuracy, iterations=None, status="completed"):
         "dir": "trials/x", "metrics": {"accuracy": accuracy, "loss": 1.0},
         "task": {"name": "sort", "main_metric": "accuracy", "higher_is_better": True,
                  "seq_len": 33, "baseline": {"accuracy": 0.1}},
-        "parameters": 1000, "tokens_per_s": 100.0, "peak_memory_mb": 50.0,
+        "parameters": 1000, "tokens_per_s": 100.0, "work_memory_mb": 50.0,
         "diagnostics": {} if iterations is None else {
             "pinv_iterations": iterations, "pinv_iterations_max": 9.0, "pinv_converged": 1.0},
         "history": [{"step": 1, "loss": 2.0 + seed}, {"step": 2, "loss": 1.0 + seed}],

@@ -26,7 +26,7 @@ def test_local_sweep_runs_every_trial_and_persists_results(reference):
         assert result["task"]["baseline"]["accuracy"] == pytest.approx(1 / 5)
         assert result["task"]["seq_len"] == 2 * trial.config.task.options["length"]
         assert result["parameters"] > 0 and result["tokens_per_s"] > 0
-        assert result["peak_memory_mb"] > 0
+        assert result["work_memory_mb"] >= 0 and "peak_memory_mb" not in result
     meta = json.loads((reference.sweep_dir / "sweep.json").read_text())
     assert [t["hash"] for t in meta["trials"]] == [t.key for t in reference.trials]
     assert meta["last_run"]["completed"] == 4

@@ -5,7 +5,12 @@ import torch
 from typer.testing import CliRunner
 
 from formerlab.cli import app
-from formerlab.experiments.viz import attention_figure, attention_maps, parse_kernel_spec
+from formerlab.experiments.viz import (
+    attention_figure,
+    attention_maps,
+    parse_kernel_spec,
+    relative_error,
+)
 from formerlab.train import load_config, load_run, train
 
 runner = CliRunner()
@@ -66,18 +71,26 @@ def test_nystrom_with_as_many_landmarks_as_tokens_is_exact(tagger_run):
         assert panel.error < 1e-4, panel.title
 
 
-def test_causal_model_gets_a_causal_reference(tmp_path):
+def test_causal_model_scores_every_panel_against_causal_softmax(tmp_path):
     run = _train(tmp_path, "decoder", "task.options={length: 6, num_values: 5}")
-    _, panels, facts = attention_maps(run, "3 1 4 1 0 2 | 0 1 1 2", num_landmarks=3)
-    assert facts["causal"]
-    assert torch.count_nonzero(torch.triu(panels[0].weights, diagonal=1)) == 0
-    # Nyström is not causal: it is compared with bidirectional softmax, and says so
-    assert all("(bidirectional)" in p.title for p in panels[1:4])
-    # causal_nystrom keeps its fixed segments (num_landmarks is refused when causal)
-    _, panels, _ = attention_maps(run, "3 1 4 1 0 2 | 0 1 1 2", num_landmarks=3,
-                                  kernels=["causal_nystrom"])
-    assert "(bidirectional)" not in panels[-1].title
-    assert torch.count_nonzero(torch.triu(panels[-1].weights, diagonal=1)) == 0
+    text = "3 1 4 1 0 2 | 0 1 1 2"
+    _, panels, facts = attention_maps(run, text, num_landmarks=3, kernels=["causal_nystrom", "linear"])
+    assert facts["causal"] and facts["segment_size"] == 4
+    reference = panels[0].weights
+    assert panels[0].title == "exact softmax (causal)"
+    assert [p.title for p in panels[1:3]] == ["causal Nyström, block landmarks (s=4)",
+                                              "causal Nyström, triangular landmarks (s=4)"]
+    for panel in panels:  # every map is what the model could compute: lower-triangular
+        assert torch.count_nonzero(torch.triu(panel.weights, diagonal=1)) == 0, panel.title
+        assert "(bidirectional)" not in panel.title
+    for panel in panels[1:]:  # ... and its error is against the drawn causal reference
+        assert panel.error == pytest.approx(relative_error(panel.weights, reference)), panel.title
+    # with one token per segment causal Nyström is exact causal softmax
+    _, exact, _ = attention_maps(run, text, num_landmarks=11)
+    assert all(p.error < 1e-6 for p in exact[1:])
+    # a kernel that cannot run causally is refused, naming the causal ones
+    with pytest.raises(ValueError, match=r"kernel 'nystrom' cannot run causally.*causal kernels: \["):
+        attention_maps(run, text, kernels=["nystrom"])
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,7 @@ def test_every_kernel_under_bf16_autocast_stays_close_to_fp32(name, causal):
     mask = None if causal else torch.arange(200) < torch.tensor([[150], [200]])
     kernel = attention.build(name)
     (out, grads), (ref, ref_grads) = bf16_and_fp32(
-        lambda q, k, v: kernel(q, k, v, key_padding_mask=mask, causal=causal), inputs)
+        lambda q, k, v: kernel(q, k, v, attention_mask=mask, causal=causal), inputs)
     assert out.dtype == torch.float32  # the input's dtype, whatever autocast computed in
     assert relative_error(out, ref) <= RELATIVE
     for g, r in zip(grads, ref_grads):

@@ -4,6 +4,7 @@ wrong and what to do; never a traceback."""
 import json
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from formerlab.cli import app
@@ -92,6 +93,10 @@ def test_state_json_whose_config_does_not_fit_the_weights(run_copy):
     meta = json.loads(path.read_text())
     meta["config"]["model"]["dim"] = 32  # the weights are dim 16
     path.write_text(json.dumps(meta))
+    # config.yaml agrees with the stored config (a resume refuses an edited config.yaml)
+    stored = yaml.safe_load((run_copy / "config.yaml").read_text())
+    stored["model"]["dim"] = 32
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(stored))
     line = one_line_error(invoke("train", "--resume", str(run_copy)), "model.safetensors",
                           "do not match the config", "model.dim=32")
     assert "has shape" in line and len(line) < 600

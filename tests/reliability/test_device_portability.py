@@ -117,7 +117,7 @@ def kernel_workload(name, options, causal, n):
 
     def run(kernel):
         torch.manual_seed(2)
-        return gradients(kernel(*inputs, key_padding_mask=mask, causal=causal), inputs)
+        return gradients(kernel(*inputs, attention_mask=mask, causal=causal), inputs)
 
     how = "causal" if causal else "padded"
     return Workload(f"kernel-{name}-{options}-{how}-{n}",
@@ -151,7 +151,7 @@ def mixer_workload(name, options, causal):
 
     def run(mixer):
         torch.manual_seed(2)
-        return gradients(mixer(x, key_padding_mask=mask, causal=causal), [x, *mixer.parameters()])
+        return gradients(mixer(x, attention_mask=mask, causal=causal), [x, *mixer.parameters()])
 
     how = "causal" if causal else "padded"
     return Workload(f"mixer-{name}-{options}-{how}",
@@ -255,7 +255,7 @@ def model_workload(kind):
     mask = None if kind == "decoder" else padding_mask(40)
 
     def run(model):
-        return gradients(model(ids, key_padding_mask=mask), list(model.parameters()))
+        return gradients(model(ids, attention_mask=mask), list(model.parameters()))
 
     return Workload(f"model-{kind}", MODELS[kind], run)
 
@@ -433,7 +433,7 @@ def foreign_kernel(name, options, causal, n):
         inputs = meta(*qkv(n), grad=True)
         mask = None if causal else padding_mask(n).to(META)
         kernel = attention.build(name, **options).to(META)
-        return gradients(kernel(*inputs, key_padding_mask=mask, causal=causal), inputs)
+        return gradients(kernel(*inputs, attention_mask=mask, causal=causal), inputs)
 
     return f"kernel-{name}-{options}-{'causal' if causal else 'padded'}-{n}", run
 
@@ -455,7 +455,7 @@ def foreign_mixer(name, options, causal):
         x, = meta(torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(3)), grad=True)
         mask = None if causal else padding_mask(70).to(META)
         mixer = mixers.build(name, dim=32, heads=2, **options).to(META)
-        return gradients(mixer(x, key_padding_mask=mask, causal=causal), [x, *mixer.parameters()])
+        return gradients(mixer(x, attention_mask=mask, causal=causal), [x, *mixer.parameters()])
 
     return f"mixer-{name}-{options}-{'causal' if causal else 'padded'}", run
 
@@ -513,7 +513,7 @@ def foreign_model(kind):
         ids = torch.randint(1, 20, (2, 40), generator=torch.Generator().manual_seed(9)).to(META)
         mask = None if kind == "decoder" else padding_mask(40).to(META)
         model = MODELS[kind]().to(META)
-        return gradients(model(ids, key_padding_mask=mask), list(model.parameters()))
+        return gradients(model(ids, attention_mask=mask), list(model.parameters()))
 
     return f"model-{kind}", run
 

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from formerlab.experiments.run import run_training
 from formerlab.experiments.tracking import MLflowTracker, default_tracking_uri
 from formerlab.train import load_config, train
-from formerlab.train.checkpoint import checkpoint_folder, read_state
+from formerlab.train.checkpoint import CheckpointError, checkpoint_folder, read_state
 from formerlab.train.loop import new_run_dir
 
 from .conftest import fork_cli, forked_result, sets, tiny_args
@@ -83,6 +83,17 @@ def test_steps_replayed_after_a_kill_are_logged_once(tmp_path):
     assert resumed.step == 10
 
 
+def saved_past_step_zero(runs: Path) -> bool:
+    """Whether a run under ``runs`` has a readable checkpoint beyond step 0."""
+    for run_dir in runs.glob("*/"):
+        try:
+            if read_state(checkpoint_folder(run_dir))["step"] > 0:
+                return True
+        except (FileNotFoundError, CheckpointError):
+            pass  # not written yet, or being written
+    return False
+
+
 def test_ctrl_c_saves_exits_130_and_prints_the_resume_command(tmp_path):
     # a real `formerlab train` process, as from a terminal
     runs = tmp_path / "runs"
@@ -101,7 +112,11 @@ def test_ctrl_c_saves_exits_130_and_prints_the_resume_command(tmp_path):
         while not list(runs.glob("*/config.yaml")) and time.monotonic() < deadline:
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             time.sleep(0.1)  # config.yaml is written just before the first step
-        time.sleep(0.5)
+        # a checkpoint past step 0 (every evaluation saves one): on a loaded machine a fixed
+        # sleep could interrupt the run before its first step
+        while not saved_past_step_zero(runs) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=60)
     finally:

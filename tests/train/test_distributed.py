@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from formerlab.data import IGNORE_INDEX, build
+from formerlab.models import decoder
 from formerlab.train import load_config, train
 from formerlab.train.checkpoint import checkpoint_folder
 from formerlab.train.distributed import Distributed, ShardDropout, launch
@@ -173,9 +174,15 @@ def test_two_processes_reproduce_the_one_process_losses_with_dropout(job):
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if n not in ("dropout", "deq-default")])
-def test_every_mixer_and_the_implicit_deq_train_the_same_on_two_ranks(job, name):
+def test_every_mixer_and_the_implicit_deq_train_the_same_on_two_ranks(job, name, monkeypatch):
     cases, results = job
-    one = one_process(cases[name])
+    if name.startswith("deq"):  # its sample is generated without a cache, and it says so
+        # the warning is once per process: forget earlier tests' warnings
+        monkeypatch.setattr(decoder, "_WARNED", set())
+        with pytest.warns(RuntimeWarning, match="DEQStack cannot stream its state"):
+            one = one_process(cases[name])
+    else:
+        one = one_process(cases[name])
     assert results[name]["losses"] == pytest.approx([h["loss"] for h in one.history], abs=1e-5)
     if name.startswith("deq"):  # the adjoint solves ran, and their statistics were logged
         assert results[name]["logged"]["diag/deq_backward_iterations"] >= 1

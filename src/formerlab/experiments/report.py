@@ -2,7 +2,7 @@
 
 Reads ``sweep.json`` and each trial's ``result.json`` (no MLflow needed) and writes
 ``report.md`` plus PNGs into the sweep folder: per task a table (mechanism x main metric
-mean ± std over seeds, loss, baseline, parameters, tokens/s, peak memory, iteration
+mean ± std over seeds, loss, baseline, parameters, tokens/s, work peak memory, iteration
 counts of pseudoinverses / solvers when the model reports them), loss curves, a metric bar
 chart and, when the sweep varies the sequence length, time and memory against N.
 """
@@ -25,7 +25,7 @@ from formerlab.experiments.results import COMPLETED, FAILED, SWEEP_FILE, read_re
 
 REPORT_FILE = "report.md"
 #: per-trial numbers stored at the top level of result.json (the rest are in "metrics")
-RESULT_KEYS = ("tokens_per_s", "peak_memory_mb", "memory_increase_mb", "parameters")
+RESULT_KEYS = ("tokens_per_s", "work_memory_mb", "parameters")
 PENDING = "pending"
 
 
@@ -203,11 +203,11 @@ def table_rows(rows: list[Row], compact: bool = False) -> tuple[list[str], list[
     show_status = not compact or any(len(row.completed) != len(row.results) for row in rows)
     header = ["mechanism"] + (["setting"] if show_setting else []) + (["N"] if show_n else [])
     if compact:
-        header += [metric, "baseline", "params", "tok/s", "MiB", "ms/step"]
+        header += [metric, "baseline", "params", "tok/s", "work MiB", "ms/step"]
         header += [_short(k) for k in diag_keys]
     else:
         header += [f"{metric} (mean ± std)"] + (["val loss"] if metric != "loss" else [])
-        header += [f"baseline {metric}", "params", "train tokens/s", "peak MiB (+trial)", "ms/step"]
+        header += [f"baseline {metric}", "params", "train tokens/s", "work peak MiB", "ms/step"]
         header += [k.replace("_", " ") for k in diag_keys]
     header += (["seeds"] if show_seeds else []) + (["trials"] if show_status else [])
     cells = []
@@ -223,8 +223,7 @@ def table_rows(rows: list[Row], compact: bool = False) -> tuple[list[str], list[
         number = _si if compact else _fmt
         line.append(number(params[0] if params else None))
         line.append(number(row.mean_std("tokens_per_s")[0]))
-        peak, extra = row.mean_std("peak_memory_mb")[0], row.mean_std("memory_increase_mb")[0]
-        line.append(_fmt(peak) + (f" (+{extra:,.0f})" if extra is not None and not compact else ""))
+        line.append(_fmt(row.mean_std("work_memory_mb")[0]))  # results before it: "–"
         line.append(_fmt(row.ms_per_step(), ".1f"))
         diagnostics = row.diagnostics()
         line += [_fmt(diagnostics.get(k), ".3g") for k in diag_keys]
@@ -280,8 +279,10 @@ def write_report(sweep_dir: str | Path) -> Report:
         f"backend {meta.get('backend')}, workers {meta.get('workers') or 1}",
         "- metric: mean ± std over seeds on the validation split at the last step; "
         "baseline: the task's chance / majority predictor; tokens/s: training throughput; "
-        "peak MiB: the trial process's peak resident memory (CPU; in brackets what the trial "
-        "added to the process's memory when it started) or peak allocated (CUDA); "
+        "work peak MiB: the peak memory of the trial's work (model, optimizer state, "
+        "activations) above what its process held before the model was built: peak "
+        "allocated tensor memory on CUDA, peak resident memory on CPU (not the memory of a "
+        "Python process with torch loaded); "
         "ms/step: wall time of the run divided by its steps (evaluation included)",
         "",
     ]
@@ -310,17 +311,13 @@ def write_report(sweep_dir: str | Path) -> Report:
         lengths = {row.seq_len for row in done if row.seq_len}
         if len(lengths) > 1:
             series: dict[str, list[tuple[float, float, float]]] = {}
-            # on CPU the trial's own increase shows the scaling; the process baseline hides it
-            increase = all(row.values("memory_increase_mb") for row in done)
-            memory_key = "memory_increase_mb" if increase else "peak_memory_mb"
             for row in done:
-                ms, mem = row.ms_per_step(), row.mean_std(memory_key)[0]
+                ms, mem = row.ms_per_step(), row.mean_std("work_memory_mb")[0]
                 if row.seq_len and ms and mem:
                     series.setdefault(row.mechanism, []).append((row.seq_len, ms, mem))
             scale = plots.scaling(
                 sweep_dir / f"{_slug(task)}-scaling.png", f"{task}: cost against sequence length",
-                series, memory_label="peak memory added by the trial (MiB)" if increase
-                else "peak memory (MiB)")
+                series, memory_label="work peak memory (MiB)")
             written.append(scale)
             lines += [f"![{task} time and memory against N]({scale.name})", ""]
     failed = [r for r in results if r.get("status") == FAILED]

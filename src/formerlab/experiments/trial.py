@@ -19,7 +19,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 import socket
 import time
@@ -233,26 +232,6 @@ class ReportingTracker(Tracker):
         self.inner.finish(status)
 
 
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak resident set size (Linux), so a trial's peak is its own
-    even in a process that ran other trials before."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_mb(field: str = "VmHWM") -> float | None:
-    """``VmHWM`` (peak) or ``VmRSS`` (current) resident memory of this process, MiB."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    found = re.search(rf"{field}:\s+(\d+)\s+kB", status)
-    return int(found.group(1)) / 1024 if found else None
-
-
 def _thin(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if len(history) <= MAX_HISTORY:
         return [{"step": h["step"], "loss": h["loss"]} for h in history]
@@ -330,22 +309,18 @@ def _run_locked(job: TrialJob, trial_dir: Path, result: dict[str, Any], report: 
             "formerlab.mechanism": job.mechanism,
         })
         tracker = ReportingTracker(inner, job, cfg.train.steps, report)
-        measured_rss = _reset_peak_rss() and not cfg.train.device.startswith("cuda")
-        rss_start = _rss_mb("VmRSS") if measured_rss else None
-        if cfg.train.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
         train_started = time.perf_counter()
         out = loop.train(cfg, run_dir=None if resume else trial_dir, resume=resume,
                          tracker=tracker, progress=False, console=console)
-        peak = _rss_mb() if measured_rss else None
         result.update(
             status=COMPLETED, steps=out.step, metrics=out.metrics, evals=out.evals,
             history=_thin(out.history), parameters=out.parameters,
             tokens_per_s=out.tokens_per_s, train_s=time.perf_counter() - train_started,
             batch_size=cfg.train.batch_size, threads=torch.get_num_threads(),
-            peak_memory_mb=peak if peak is not None else out.peak_memory_mb,
-            # what the trial added on top of the process it ran in (imports, earlier trials)
-            memory_increase_mb=peak - rss_start if peak is not None and rss_start is not None else None,
+            # the work's peak (model, optimizer, activations) above what the process held
+            # before the model was built: not torch's imports nor earlier trials
+            # (formerlab.train.memory; allocator peak on CUDA, resident-set peak on CPU)
+            work_memory_mb=out.peak_memory_mb,
             diagnostics=out.diagnostics, resumed_from_checkpoint=resume is not None,
         )
         result["task"]["baseline"] = task.baseline()
@@ -377,6 +352,6 @@ def _close_tracker(tracker: ReportingTracker | None, job: TrialJob, result: dict
             inner.finish("FAILED")
         else:
             inner.log_metrics({"trial/duration_s": result["duration_s"],
-                               "trial/peak_memory_mb": result["peak_memory_mb"]}, result["steps"])
+                               "trial/work_memory_mb": result["work_memory_mb"]}, result["steps"])
     except Exception as error:  # noqa: BLE001 - tracking trouble must not lose the result
         result["tracking_error"] = f"{type(error).__name__}: {error}"

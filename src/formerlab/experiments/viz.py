@@ -6,6 +6,10 @@ mixer, and runs several kernels on those same q, k, v with ``need_weights=True``
 exact softmax, Nyström with 6 fixed pseudoinverse iterations (the paper's setting),
 Nyström iterated to a tolerance, Nyström with the exact pseudoinverse, plus any kernel
 asked for. Each map's relative Frobenius error against softmax goes in its title.
+
+A causal model (a decoder) is shown as it ran: the reference is causal softmax, the Nyström
+panels are ``causal_nystrom`` (block and triangular landmark systems), every panel's map is
+lower-triangular, and a kernel that cannot run causally is refused (naming the causal ones).
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ NYSTROM_VARIANTS = (
     ("Nyström, 6 iterations", {"pinv_iters": 6}),
     ("Nyström, to tolerance 1e-6", {"pinv_iters": None, "pinv_tol": 1e-6, "pinv_max_iter": 200}),
     ("Nyström, exact pinv", {"pinv_reg": "exact"}),
+)
+
+#: (title, options) drawn instead for a causal model (``causal_nystrom``, segment landmarks
+#: of ``segment_size = ceil(N / num_landmarks)``): bidirectional Nyström would be scored
+#: against a bidirectional reference the model never computed
+CAUSAL_NYSTROM_VARIANTS = (
+    ("causal Nyström, block landmarks", {"landmark_system": "block"}),
+    ("causal Nyström, triangular landmarks", {"landmark_system": "triangular"}),
 )
 
 
@@ -105,12 +117,10 @@ def _mixer_input(model, ids: Tensor, layer: int):
     return captured["x"], mixer, captured["causal"]
 
 
-def _weights(kernel, q, k, v, causal: bool) -> tuple[Tensor, bool]:
-    """The kernel's (B, H, N, N) weights, causally if asked and supported."""
-    if causal and not getattr(kernel, "supports_causal", True):
-        causal = False
+def _weights(kernel, q, k, v, causal: bool) -> Tensor:
+    """The kernel's (B, H, N, N) weights, computed as the model ran (causally or not)."""
     _, weights = kernel(q, k, v, causal=causal, need_weights=True)
-    return weights.float().cpu(), causal
+    return weights.float().cpu()
 
 
 def relative_error(approx: Tensor, exact: Tensor) -> float:
@@ -147,14 +157,25 @@ def attention_maps(
     q, k, v = (split_heads(t, mixer.heads).double() for t in mixer.qkv(x).chunk(3, dim=-1))
     scale = cfg.model.kernel_options.get("scale")
     softmax = attention.build("softmax", **({"scale": scale} if scale else {}))
-    exact = {c: _weights(softmax, q, k, v, c)[0][0, head] for c in {causal, False}}
+    exact = _weights(softmax, q, k, v, causal)[0, head]
+    segment_size = max(1, math.ceil(len(ids) / num_landmarks))
 
     requested: list[tuple[str, str, dict[str, Any]]] = []
-    if "nystrom" in attention.KERNELS:
+    if causal and "causal_nystrom" in attention.KERNELS:
+        for title, options in CAUSAL_NYSTROM_VARIANTS:
+            requested.append((f"{title} (s={segment_size})", "causal_nystrom",
+                              {**options, "segment_size": segment_size}))
+    elif not causal and "nystrom" in attention.KERNELS:
         for title, options in NYSTROM_VARIANTS:
             requested.append((title, "nystrom", {**options, "num_landmarks": num_landmarks}))
     for spec in kernels:
         name, options = parse_kernel_spec(spec)
+        if causal and name not in attention.available(causal=True):
+            raise ValueError(
+                f"kernel {name!r} cannot run causally, and this run's model is causal (a "
+                f"decoder): its map could only be compared with attention the model never "
+                f"computed; causal kernels: {attention.available(causal=True)}"
+            )
         takes = attention.KERNELS.entry(name).options()
         # causal_nystrom refuses num_landmarks with causal=True (not prefix consistent)
         if "num_landmarks" in takes and not (causal and "segment_size" in takes):
@@ -162,17 +183,18 @@ def attention_maps(
         shown = ", ".join(f"{k}={v}" for k, v in options.items())
         requested.append((f"{name}" + (f" ({shown})" if shown else ""), name, options))
 
-    panels = [AttentionMap("exact softmax" + (" (causal)" if causal else ""), exact[causal], 0.0)]
+    # every panel is computed as the model ran (causally for a decoder) and scored against
+    # the exact softmax map drawn first
+    panels = [AttentionMap("exact softmax" + (" (causal)" if causal else ""), exact, 0.0)]
     for title, name, options in requested:
         kernel = attention.build(name, **options)
-        weights, used_causal = _weights(kernel, q, k, v, causal)
-        reference = exact[used_causal]
-        note = " (bidirectional)" if causal and not used_causal else ""
-        map_ = weights[0, head]
-        panels.append(AttentionMap(title + note, map_, relative_error(map_, reference), note))
+        map_ = _weights(kernel, q, k, v, causal)[0, head]
+        panels.append(AttentionMap(title, map_, relative_error(map_, exact)))
     tokens = [task.vocab[i] for i in ids]
     facts = {"layer": layer, "head": head, "causal": causal, "num_landmarks": num_landmarks,
              "task": task.name, "n": len(ids)}
+    if causal:
+        facts["segment_size"] = segment_size
     return tokens, panels, facts
 
 
@@ -202,7 +224,10 @@ def draw_attention(
         figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight")
     figure.suptitle(
         f"{facts['task']}: layer {facts['layer']}, head {facts['head']}, N={facts['n']}, "
-        f"Nyström landmarks m={facts['num_landmarks']} (colour scale: exact map's range)"
+        + ("causal, " if facts.get("causal") else "")
+        + (f"causal Nyström segments s={facts['segment_size']}" if "segment_size" in facts
+           else f"Nyström landmarks m={facts['num_landmarks']}")
+        + " (colour scale: exact map's range)"
     )
     return plots.save(figure, path)
 

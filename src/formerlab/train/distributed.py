@@ -121,7 +121,7 @@ class Distributed:
             return batch, 1.0
         size = batch.inputs.shape[0] // self.world
         rows = slice(self.rank * size, (self.rank + 1) * size)
-        mask = batch.key_padding_mask
+        mask = batch.attention_mask
         part = Batch(batch.inputs[rows], batch.targets[rows], None if mask is None else mask[rows])
         weight = self.world * _target_count(part, task) / max(_target_count(batch, task), 1)
         return part, weight

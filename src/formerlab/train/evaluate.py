@@ -68,7 +68,7 @@ def metric_totals(
                 continue
             batch = batch.to(device)
             with autocast(device, bf16):
-                logits = model(batch.inputs, key_padding_mask=batch.key_padding_mask)
+                logits = model(batch.inputs, attention_mask=batch.attention_mask)
             for key, value in task.metrics(logits, batch).items():
                 totals[key] = totals.get(key, 0.0) + value
     finally:

@@ -12,7 +12,6 @@ resumed with ``resume=RUN_DIR`` reproduces the uninterrupted run's losses exactl
 from __future__ import annotations
 
 import math
-import resource
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,12 +30,13 @@ from formerlab.train.checkpoint import (
     TrainerState,
     checkpoint_folder,
     load_trainer_state,
-    read_config,
     save_checkpoint,
 )
 from formerlab.train.compile import compile_model
 from formerlab.train.config import RunConfig, config_hash
 from formerlab.train.evaluate import autocast, task_loss
+from formerlab.train.memory import WorkMemory
+from formerlab.train.resume import flatten, resume_config
 from formerlab.train.tracker import Tracker
 
 
@@ -56,6 +56,8 @@ class TrainResult:
     sample: str | None = None
     parameters: int = 0
     tokens_per_s: float = 0.0
+    #: peak memory of the run's work (model, optimizer, activations) above what the process
+    #: held before the model was built, MiB: allocator peak on CUDA, resident-set peak on CPU
     peak_memory_mb: float = 0.0
     diagnostics: dict[str, float] = field(default_factory=dict)
 
@@ -137,13 +139,6 @@ def new_run_dir(cfg: RunConfig) -> Path:
     raise TrainingError(f"could not create a new run folder next to {base} (10000 taken)")
 
 
-def peak_memory_mb(device: str) -> float:
-    """Peak device memory (CUDA) or the process's peak resident memory (CPU), in MiB."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def generate_sample(model: nn.Module, task: Task, cfg: RunConfig) -> str | None:
     """Sample text from a language model whose task has a text vocabulary."""
     if task.kind != "decoder" or cfg.sample.tokens == 0:
@@ -172,22 +167,31 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     console: Console | None = None,
+    overrides: list[str] | None = None,
 ) -> TrainResult:
     """Train ``cfg`` (or continue the run in ``resume``) and return a ``TrainResult``.
 
     ``stop_after`` stops after that many total steps with a checkpoint, as if interrupted
     (used to test resumption). ``tracker`` receives params, metrics and artifacts.
+    ``overrides`` (``["train.steps=2000"]``, with ``resume`` only) change the keys of the
+    stored config that a resumed run may change (``RESUMABLE_KEYS``), e.g. to extend a
+    finished run; ``resume`` refuses a ``RUN_DIR/config.yaml`` edited to differ from the
+    checkpoint's config (see ``formerlab.train.resume``).
+    Each evaluation is printed on ``console`` as it happens (``eval step S/T: val loss
+    ...``), with or without the progress bar.
     """
     console = console or Console()
     tracker = tracker or Tracker()
     if resume is not None:
-        cfg = read_config(resume)
+        cfg = resume_config(resume, overrides)
         run_dir = Path(resume)
+    elif overrides:
+        raise ValueError("train(overrides=...) changes a resumed run (resume=RUN_DIR); "
+                         "for a new run apply them to the config (load_config(path, overrides))")
     elif cfg is None:
         raise ValueError("train() needs a config (cfg=...) or a run to resume (resume=RUN_DIR)")
     # one process, or this rank of a torchrun job (train/distributed.py): rank 0 writes
     ddp = distributed.setup(cfg.train.device)
-    run_dir = ddp.from_main(lambda: Path(run_dir) if run_dir is not None else new_run_dir(cfg))
     if not ddp.is_main:
         tracker, progress = Tracker(), False
     t = cfg.train
@@ -196,10 +200,14 @@ def train(
         torch.set_num_threads(t.threads)
 
     # --- task, model, optimizer (seeded), or their state from the checkpoint -------------
+    # built before the run folder exists: a config error (a kernel that cannot run causally
+    # in a decoder, a missing dataset) must not leave an empty folder in runs_dir
     torch.manual_seed(cfg.seed)
     task = build_task(cfg)
+    memory = WorkMemory(t.device)  # the work's memory: from here (model, optimizer, steps)
     model = ddp.prepare(build_model(cfg, task).to(t.device))
     optimizer = make_optimizer(model, cfg)
+    run_dir = ddp.from_main(lambda: Path(run_dir) if run_dir is not None else new_run_dir(cfg))
     data_rng = torch.Generator().manual_seed(cfg.seed + 1)
     step, history, evals = 0, [], []
     if resume is not None:
@@ -209,11 +217,16 @@ def train(
         history = [h for h in history if "eval" not in h]
         torch.set_rng_state(state.torch_rng)
         data_rng.set_state(state.data_rng)
+        if step > t.steps:
+            raise ValueError(
+                f"train.steps={t.steps} is below the step the run in {str(run_dir)!r} reached "
+                f"({step}); to extend it, set train.steps above {step}"
+            )
     net = compile_model(ddp.wrap(model), t.device) if t.compile else ddp.wrap(model)
     if ddp.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     parameters = sum(p.numel() for p in model.parameters())
-    params = {**_flatten(cfg.model_dump(mode="json")), "parameters": parameters}
+    params = {**flatten(cfg.model_dump(mode="json")), "parameters": parameters}
     tracker.start(cfg.name, run_dir, params)
 
     def checkpoint() -> None:
@@ -247,7 +260,7 @@ def train(
                 part, weight = ddp.shard(batch, task)  # this rank's rows (all of them alone)
                 part = part.to(t.device)
                 with autocast(t.device, t.bf16):
-                    logits = net(part.inputs, key_padding_mask=part.key_padding_mask)
+                    logits = net(part.inputs, attention_mask=part.attention_mask)
                 loss = task_loss(logits, part, task) * weight
                 extra = auxiliary_loss(model)
                 total = loss if extra is None else loss + extra
@@ -284,6 +297,9 @@ def train(
                     scores = ddp.evaluate(model, task, "val", t.batch_size, t.eval_batches, t.device, t.bf16)
                     evals.append({"step": step, "eval": scores})
                     tracker.log_metrics({f"val/{k}": v for k, v in scores.items()}, step)
+                    if ddp.is_main:  # as it happens, with or without the progress bar
+                        bar.console.print(format_eval(step, t.steps, scores), highlight=False,
+                                          markup=False, soft_wrap=True)
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or step % t.eval_every == 0:
                     checkpoint()
                 if t.time_budget_s is not None and ddp.any(elapsed > t.time_budget_s):
@@ -310,13 +326,21 @@ def train(
     result = TrainResult(
         run_dir=run_dir, step=step, metrics=metrics, history=history, evals=evals,
         sample=sample, parameters=parameters, tokens_per_s=tokens / elapsed,
-        peak_memory_mb=peak_memory_mb(t.device), diagnostics=model_diagnostics(model),
+        peak_memory_mb=memory.peak_mb(), diagnostics=model_diagnostics(model),
     )
     if status == "FINISHED":
         tracker.log_metrics({"run/tokens_per_s": result.tokens_per_s,
-                             "run/peak_memory_mb": result.peak_memory_mb}, step)
+                             "run/work_memory_mb": result.peak_memory_mb}, step)
         tracker.finish(status)
     return result
+
+
+def format_eval(step: int, steps: int, scores: dict[str, float]) -> str:
+    """One evaluation as printed during training: ``eval step 200/1000: val loss 1.8421
+    accuracy 0.4170`` (the loss first, then the task's metrics)."""
+    ordered = sorted(scores.items(), key=lambda item: item[0] != "loss")
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in ordered)
+    return f"eval step {step}/{steps}: val {shown}"
 
 
 def _last_checkpoint(run_dir: Path) -> str:
@@ -324,17 +348,6 @@ def _last_checkpoint(run_dir: Path) -> str:
         return str(checkpoint_folder(run_dir))
     except FileNotFoundError:
         return "none (no checkpoint was written before the failure)"
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _yaml(cfg: RunConfig) -> str:
