@@ -33,3 +33,19 @@ def check_positive_float(arg: str, value: Any, allow_zero: bool = False) -> floa
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{arg}={value!r} is not allowed; expected a finite number {bound}")
     return float(value)
+
+
+def refuse_key_padding_mask(value: Any) -> None:
+    """Raise ``TypeError`` if the removed ``key_padding_mask`` keyword was given.
+
+    formerlab's mask is ``attention_mask`` (bool (B, N), True = real token, the meaning of
+    Hugging Face's ``attention_mask``). The old name meant the same, the opposite of
+    ``torch.nn.MultiheadAttention``'s ``key_padding_mask`` (True = ignore): a PyTorch user's
+    usual mask would have masked every real token, silently. So the old name is refused.
+    """
+    if value is not None:
+        raise TypeError(
+            "key_padding_mask= is not accepted: pass attention_mask= (bool (B, N), True = real "
+            "token, as Hugging Face's attention_mask). A torch.nn.MultiheadAttention-style "
+            "key_padding_mask (True = padding) converts as attention_mask=~key_padding_mask"
+        )

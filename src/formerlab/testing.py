@@ -39,7 +39,7 @@ N with junk leaves the real positions equal to the sequence alone::
 
     assert_prefix_consistent(
         lambda q, k, v: kernel(q, k, v, causal=True), [q, k, v], seq_dim=2,
-        padded=lambda q, k, v, mask: kernel(q, k, v, key_padding_mask=mask, causal=True),
+        padded=lambda q, k, v, mask: kernel(q, k, v, attention_mask=mask, causal=True),
     )
 
 A streaming state must be a value: ``out, new = step(x, state)`` never changes ``state``,

@@ -115,7 +115,7 @@ def test_causal_kernel_does_not_leak_with_right_padding(name):
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[1, 7:] = False
     assert_no_future_leak(
-        lambda q, k, v, m: kernel(q, k, v, key_padding_mask=m, causal=True),
+        lambda q, k, v, m: kernel(q, k, v, attention_mask=m, causal=True),
         [q, k, v, mask],
         seq_dim=[2, 2, 2, 1],
         out_seq_dim=2,

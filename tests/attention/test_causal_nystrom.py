@@ -14,7 +14,7 @@ SYSTEMS = ["block", "triangular"]
 
 
 def exact(q, k, v, mask=None):
-    return attention.build("softmax")(q, k, v, key_padding_mask=mask, causal=True)
+    return attention.build("softmax")(q, k, v, attention_mask=mask, causal=True)
 
 
 def _qkv(b, h, n, d, seed, dtype=torch.float64, scale=1.0):
@@ -74,7 +74,7 @@ def test_exact_with_padding_inside_segments_of_identical_tokens(system):
     mask[0, [1, 2, 9]] = False  # inside segments 0 and 2
     mask[1, [4, 5, 6, 13]] = False
     kernel = attention.build("causal_nystrom", segment_size=s, landmark_system=system)
-    out = kernel(q, k, v, key_padding_mask=mask, causal=True)
+    out = kernel(q, k, v, attention_mask=mask, causal=True)
     want = exact(q, k, v, mask) * mask[:, None, :, None]
     torch.testing.assert_close(out, want, rtol=0, atol=1e-10)
 
@@ -108,7 +108,7 @@ def test_block_system_matches_its_formula_with_padding_inside_segments():
     mask = torch.ones(1, 14, dtype=torch.bool)
     mask[0, [1, 6, 7, 13]] = False
     out = attention.build("causal_nystrom", segment_size=4)(
-        q, k, v, key_padding_mask=mask, causal=True
+        q, k, v, attention_mask=mask, causal=True
     )
     want = _block_reference(q[0, 0], k[0, 0], v[0, 0], mask[0], 4)
     torch.testing.assert_close(out[0, 0], want, rtol=0, atol=1e-12)
@@ -121,7 +121,7 @@ def test_queries_that_see_no_key_give_zero_not_nan(system):
     mask[0, :5] = False  # left padding: the first queries see no real key
     mask[1] = False  # an all-padded sequence
     kernel = attention.build("causal_nystrom", segment_size=3, landmark_system=system)
-    out = kernel(q, k, v, key_padding_mask=mask, causal=True)
+    out = kernel(q, k, v, attention_mask=mask, causal=True)
     assert torch.isfinite(out).all() and (out[0, :, :5] == 0).all() and (out[1] == 0).all()
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
@@ -133,7 +133,7 @@ def test_right_padding_equals_the_unpadded_sequence(system):
     mask = torch.ones(2, 23, dtype=torch.bool)
     mask[1, 15:] = False
     kernel = attention.build("causal_nystrom", segment_size=4, landmark_system=system)
-    out = kernel(q, k, v, key_padding_mask=mask, causal=True)
+    out = kernel(q, k, v, attention_mask=mask, causal=True)
     short = kernel(q[1:, :, :15], k[1:, :, :15], v[1:, :, :15], causal=True)
     torch.testing.assert_close(out[1:, :, :15], short, rtol=0, atol=1e-10)
     torch.testing.assert_close(out[:1], kernel(q[:1], k[:1], v[:1], causal=True))
@@ -149,7 +149,7 @@ def test_bf16_outputs_and_gradients_are_finite(system, spread):
     mask[0, 70:] = False
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     kernel = attention.build("causal_nystrom", landmark_system=system)
-    out = kernel(q, k, v, key_padding_mask=mask, causal=True)
+    out = kernel(q, k, v, attention_mask=mask, causal=True)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     out.float().square().sum().backward()
     for t in (q, k, v):

@@ -39,7 +39,7 @@ def _causal(kernel):
 
 
 def _masked(kernel):
-    return lambda q, k, v, m: kernel(q, k, v, key_padding_mask=m, causal=True)
+    return lambda q, k, v, m: kernel(q, k, v, attention_mask=m, causal=True)
 
 
 # --- the checker itself -----------------------------------------------------------

@@ -26,11 +26,11 @@ def test_padded_keys_have_no_influence():
     mask = torch.ones(2, 9, dtype=torch.bool)
     mask[1, 6:] = False
     kernel = attention.build("double_softmax")
-    out = kernel(q, k, v, key_padding_mask=mask)
+    out = kernel(q, k, v, attention_mask=mask)
     k2, v2 = k.clone(), v.clone()
     k2[1, :, 6:] += 5.0
     v2[1, :, 6:] -= 3.0
-    torch.testing.assert_close(out, kernel(q, k2, v2, key_padding_mask=mask))
+    torch.testing.assert_close(out, kernel(q, k2, v2, attention_mask=mask))
     short = kernel(q[1:, :, :6], k[1:, :, :6], v[1:, :, :6])
     torch.testing.assert_close(out[1, :, :6], short[0])
     assert (out[1, :, 6:] == 0).all()
@@ -40,7 +40,7 @@ def test_all_padded_sequence_is_finite():
     q, k, v = _qkv(seed=2)
     mask = torch.zeros(2, 9, dtype=torch.bool)
     q.requires_grad_()
-    out = attention.build("double_softmax")(q, k, v, key_padding_mask=mask)
+    out = attention.build("double_softmax")(q, k, v, attention_mask=mask)
     assert (out == 0).all()
     out.sum().backward()
     assert torch.isfinite(q.grad).all()

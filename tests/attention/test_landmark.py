@@ -38,7 +38,7 @@ def test_padding_invariance_any_n(left):
     else:
         mask[1, 18:] = False
     kern = attention.build("landmark", num_landmarks=5)
-    out, w = kern(q, k, v, key_padding_mask=mask, need_weights=True)
+    out, w = kern(q, k, v, attention_mask=mask, need_weights=True)
     real = mask[1]
     alone = kern(q[1:, :, real], k[1:, :, real], v[1:, :, real])
     torch.testing.assert_close(out[1][:, real], alone[0], atol=1e-5, rtol=1e-5)

@@ -39,7 +39,7 @@ def test_left_padding_leaves_the_real_outputs_alone(name, options, n, pads):
         rows.append(row)
         masks.append((torch.arange(n + width) >= pad) & (torch.arange(n + width) < pad + n))
     qp, kp, vp = (torch.cat([r[i] for r in rows]) for i in range(3))
-    out = kernel(qp, kp, vp, key_padding_mask=torch.stack(masks), causal=True)
+    out = kernel(qp, kp, vp, attention_mask=torch.stack(masks), causal=True)
     for b, pad in enumerate(pads):
         assert torch.allclose(out[b, :, pad : pad + n], ref[b], atol=1e-10, rtol=0), (b, pad)
         assert not out[b, :, :pad].any() and not out[b, :, pad + n :].any()
@@ -55,7 +55,7 @@ def test_causal_nystrom_left_padding_was_the_bug():
     ref = kernel(q, k, v, causal=True)
     padded = [left_padded(t, 5, seed=1).requires_grad_() for t in (q, k, v)]
     mask = (torch.arange(35) >= 5)[None]
-    out = kernel(*padded, key_padding_mask=mask, causal=True)
+    out = kernel(*padded, attention_mask=mask, causal=True)
     assert (out[:, :, 5:] - ref).abs().max() <= 1e-12
     out.sum().backward()
     assert all(not t.grad[:, :, :5].any() for t in padded)
@@ -73,6 +73,6 @@ def test_need_weights_follow_the_rotation():
     _, ref = kernel(q, k, v, causal=True, need_weights=True)
     padded = [left_padded(t, 4, seed=2) for t in (q, k, v)]
     mask = (torch.arange(14) >= 4)[None]
-    _, weights = kernel(*padded, key_padding_mask=mask, causal=True, need_weights=True)
+    _, weights = kernel(*padded, attention_mask=mask, causal=True, need_weights=True)
     assert torch.allclose(weights[..., 4:, 4:], ref, atol=1e-12)
     assert not weights[..., 4:, :4].any()

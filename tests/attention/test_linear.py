@@ -58,7 +58,7 @@ def test_padding(causal):
     q, k, v = _qkv(12, seed=3)
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[0, 9:] = False
-    out = attention.build("linear", chunk_size=5)(q, k, v, key_padding_mask=mask, causal=causal)
+    out = attention.build("linear", chunk_size=5)(q, k, v, attention_mask=mask, causal=causal)
     ref = explicit(FEATURE_MAPS["elu"], q, k, v, mask=mask.double(), causal=causal)
     torch.testing.assert_close(out[0, :, :9], ref[0, :, :9])
     torch.testing.assert_close(out[1], ref[1])

@@ -59,7 +59,7 @@ def test_padding_invariance(lengths, m, left, conv):
             mask[b, :length] = True
     torch.manual_seed(0)
     kern = attention.build("nystrom", num_landmarks=m, conv_kernel=conv)
-    out = kern(q, k, v, key_padding_mask=mask)
+    out = kern(q, k, v, attention_mask=mask)
     for b in range(len(lengths)):
         real = mask[b]
         alone = kern(q[b:b + 1, :, real], k[b:b + 1, :, real], v[b:b + 1, :, real])
@@ -73,7 +73,7 @@ def test_fully_padded_sequence_gives_zeros_not_nan(kernel):
     mask = torch.ones(2, 20, dtype=torch.bool)
     mask[1] = False
     qq = q.clone().requires_grad_()
-    out = attention.build(kernel, num_landmarks=4)(qq, k, v, key_padding_mask=mask)
+    out = attention.build(kernel, num_landmarks=4)(qq, k, v, attention_mask=mask)
     out.sum().backward()
     assert torch.all(out[1] == 0) and torch.isfinite(out).all() and torch.isfinite(qq.grad).all()
 
@@ -82,7 +82,7 @@ def test_short_sequence_in_a_batch_of_long_ones_is_exact():
     q, k, v = qkv(b=2, n=50)
     mask = torch.ones(2, 50, dtype=torch.bool)
     mask[1, 6:] = False
-    out = attention.build("nystrom", num_landmarks=8)(q, k, v, key_padding_mask=mask)
+    out = attention.build("nystrom", num_landmarks=8)(q, k, v, attention_mask=mask)
     ref, _ = softmax_attention(q[1:, :, :6], k[1:, :, :6], v[1:, :, :6])
     torch.testing.assert_close(out[1, :, :6], ref[0], atol=1e-5, rtol=1e-5)
 
@@ -156,7 +156,7 @@ def test_need_weights_is_the_matrix_the_output_uses():
     q, k, v = qkv(n=37)
     mask = torch.ones(2, 37, dtype=torch.bool)
     mask[0, 30:] = False
-    out, w = attention.build("nystrom", num_landmarks=6)(q, k, v, key_padding_mask=mask,
+    out, w = attention.build("nystrom", num_landmarks=6)(q, k, v, attention_mask=mask,
                                                         need_weights=True)
     assert w.shape == (2, 2, 37, 37)
     real = mask[:, None, :, None]
@@ -292,7 +292,7 @@ def test_exact_rows_are_masked_softmax_rows():
     mask[0, 13:] = False
     fac = landmark_factors(q, k, v, mask, 4)
     idx = torch.tensor([[0, 5, 12], [1, 19, 7]])
-    ref, _ = softmax_attention(q, k, v, key_padding_mask=mask)
+    ref, _ = softmax_attention(q, k, v, attention_mask=mask)
     got = exact_rows(fac, idx, mask)
     torch.testing.assert_close(got, ref.gather(2, idx[:, None, :, None].expand(-1, 2, -1, 8)))
 

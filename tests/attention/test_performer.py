@@ -117,7 +117,7 @@ def test_padding_matches_unpadded():
     mask[0, 8:] = False
     kernel = attention.build("performer", num_features=32)
     for causal in (False, True):
-        out = kernel(q, k, v, key_padding_mask=mask, causal=causal)
+        out = kernel(q, k, v, attention_mask=mask, causal=causal)
         short = kernel(q[:, :, :8], k[:, :, :8], v[:, :, :8], causal=causal)
         torch.testing.assert_close(out[:, :, :8], short)
         assert (out[:, :, 8:] == 0).all()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from formerlab import attention
 
 
-def looped_reference(q, k, v, key_padding_mask=None, causal=False, scale=None):
+def looped_reference(q, k, v, attention_mask=None, causal=False, scale=None):
     """Softmax attention written out row by row in float64, with the kernel contract made
     explicit: a padded query row gives output 0 (and no weights); a real query attends to
     the real keys it may see (j <= i under ``causal``) — never empty, it sees itself."""
@@ -19,7 +19,7 @@ def looped_reference(q, k, v, key_padding_mask=None, causal=False, scale=None):
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     out = torch.zeros(b, h, n, v.shape[-1], dtype=torch.float64)
     weights = torch.zeros(b, h, n, n, dtype=torch.float64)
-    real = torch.ones(b, n, dtype=torch.bool) if key_padding_mask is None else key_padding_mask
+    real = torch.ones(b, n, dtype=torch.bool) if attention_mask is None else attention_mask
     for bi in range(b):
         for i in range(n):
             if not real[bi, i]:
@@ -69,8 +69,8 @@ def test_softmax_matches_reference(case, causal, scale):
     kernel = attention.build("softmax", scale=scale)
     expected, expected_w = looped_reference(q, k, v, mask, causal, scale)
     qg = q.clone().requires_grad_()
-    out = kernel(qg, k, v, key_padding_mask=mask, causal=causal)
-    out_w, weights = kernel(q, k, v, key_padding_mask=mask, causal=causal, need_weights=True)
+    out = kernel(qg, k, v, attention_mask=mask, causal=causal)
+    out_w, weights = kernel(q, k, v, attention_mask=mask, causal=causal, need_weights=True)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out_w.double(), expected, atol=1e-5, rtol=1e-5)
     assert weights.shape == (q.shape[0], q.shape[1], q.shape[2], q.shape[2])
@@ -112,7 +112,7 @@ def test_float64_is_exact_and_dtype_is_kept():
 def test_left_padding_under_causal_mask_has_no_nan_and_zero_grad_at_pads():
     q = torch.randn(1, 1, 5, 4, requires_grad=True)
     mask = torch.tensor([[False, False, True, True, True]])
-    out = attention.build("softmax")(q, q, q, key_padding_mask=mask, causal=True)
+    out = attention.build("softmax")(q, q, q, attention_mask=mask, causal=True)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
     assert (out[0, 0, :2] == 0).all()
@@ -123,8 +123,8 @@ def test_bad_inputs_name_the_argument():
     x = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match="q must be a 4-d tensor"):
         kernel(x[0], x, x)
-    with pytest.raises(ValueError, match="key_padding_mask"):
-        kernel(x, x, x, key_padding_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="attention_mask"):
+        kernel(x, x, x, attention_mask=torch.ones(1, 4))
     with pytest.raises(ValueError, match="must agree"):
         kernel(x, x[:, :, :3], x)
 

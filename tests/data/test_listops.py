@@ -138,9 +138,9 @@ def test_batches_pad_with_mask_and_keep_tokens(task: ListOps) -> None:
     by_tokens = {tuple(ids): label for ids, label in pool}
     b = task.batch("train", 16, torch.Generator().manual_seed(1))
     assert task.kind == "encoder" and task.num_classes == 10
-    assert b.inputs.dtype == torch.int64 and b.key_padding_mask.dtype == torch.bool
-    assert b.inputs.shape[1] == int(b.key_padding_mask.sum(1).max())  # padded to the longest
-    for row, mask, label in zip(b.inputs, b.key_padding_mask, b.targets):
+    assert b.inputs.dtype == torch.int64 and b.attention_mask.dtype == torch.bool
+    assert b.inputs.shape[1] == int(b.attention_mask.sum(1).max())  # padded to the longest
+    for row, mask, label in zip(b.inputs, b.attention_mask, b.targets):
         n = int(mask.sum())
         assert mask[:n].all() and not mask[n:].any()  # real tokens first, then padding
         assert (row[n:] == PAD_ID).all()

@@ -55,11 +55,11 @@ def test_eval_walks_the_whole_dev_set_in_order(words: SST2, files) -> None:
     labels = torch.cat([b.targets for b in batches]).tolist()
     assert labels == [label for label, _ in files["val"]]
     first = batches[0]
-    for row, mask, (_, text) in zip(first.inputs, first.key_padding_mask, files["val"][:100]):
+    for row, mask, (_, text) in zip(first.inputs, first.attention_mask, files["val"][:100]):
         n = int(mask.sum())
         assert row[:n].tolist() == words.encode(text)
         assert (row[n:] == PAD_ID).all() and not mask[n:].any()
-    assert words.max_len >= max(int(b.key_padding_mask.sum(1).max()) for b in batches)
+    assert words.max_len >= max(int(b.attention_mask.sum(1).max()) for b in batches)
 
 
 def test_majority_baseline(words: SST2, files) -> None:
@@ -75,7 +75,7 @@ def test_char_level_and_truncation(files) -> None:
     assert set(chars.vocab[2:]) == {c for _, text in files["train"] for c in text}
     assert chars.max_len == 40
     b = chars.batch("train", 64, torch.Generator().manual_seed(0))
-    assert int(b.key_padding_mask.sum(1).max()) <= 40
+    assert int(b.attention_mask.sum(1).max()) <= 40
     assert chars.decode(chars.encode("a good film")) == "a good film"
     long = next(t for _, t in files["val"] if len(t) > 40)
     index = [t for _, t in files["val"]].index(long)

@@ -99,7 +99,7 @@ def test_matches_naive_einsum_values_and_gradients(
     if padded:
         lengths = torch.randint(0, n + 1, (batch,), generator=gen)
         mask = torch.arange(n)[None, :] < lengths[:, None]
-    got = mixer(x, key_padding_mask=mask, causal=causal)
+    got = mixer(x, attention_mask=mask, causal=causal)
     want = naive_metric_attention(mixer, x, mask, causal)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
@@ -202,7 +202,7 @@ class _NonCausalKernel(AttentionKernel):
     name = "test-noncausal"
     supports_causal = False
 
-    def attend(self, q, k, v, key_padding_mask, causal, need_weights):
+    def attend(self, q, k, v, attention_mask, causal, need_weights):
         return v, None
 
 
@@ -246,6 +246,6 @@ def test_any_kernel_equals_tied_self_attention(kernel):
     x = torch.randn(2, 6, dim, dtype=torch.float64)
     mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
     causal = metric.supports_causal
-    got = metric(x, key_padding_mask=mask, causal=causal)
+    got = metric(x, attention_mask=mask, causal=causal)
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, standard(x, key_padding_mask=mask, causal=causal))
+    torch.testing.assert_close(got, standard(x, attention_mask=mask, causal=causal))

@@ -60,7 +60,7 @@ def test_trains_in_encoder_classifier_with_padding(name, options):
     labels = (ids[:, 0] > 4).long()  # depends on a real token: the first one
 
     def loss():
-        return torch.nn.functional.cross_entropy(enc(ids, key_padding_mask=mask), labels)
+        return torch.nn.functional.cross_entropy(enc(ids, attention_mask=mask), labels)
 
     losses = _fit(enc, loss)
     assert losses[-1] < 0.7 * losses[0], losses
@@ -89,7 +89,7 @@ def test_causal_mixers_do_not_leak(name, options):
     assert_no_future_leak(lambda x: mixer(x, causal=True), [x], seq_dim=1, atol=1e-12)
     mask = torch.tensor([[True] * 9, [True] * 6 + [False] * 3])
     assert_no_future_leak(
-        lambda x: mixer(x, key_padding_mask=mask, causal=True), [x], seq_dim=1, atol=1e-12
+        lambda x: mixer(x, attention_mask=mask, causal=True), [x], seq_dim=1, atol=1e-12
     )
 
 

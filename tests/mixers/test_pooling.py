@@ -39,7 +39,7 @@ def test_matches_naive_windows(batch, n, dim, pool_size, causal, padded, seed):
     mask = None
     if padded:
         mask = torch.rand(batch, n, generator=gen) < 0.7  # holes anywhere, not just a tail
-    got = Pooling(dim, pool_size)(x, key_padding_mask=mask, causal=causal)
+    got = Pooling(dim, pool_size)(x, attention_mask=mask, causal=causal)
     torch.testing.assert_close(got, naive_pooling(x, pool_size, mask, causal), rtol=1e-12, atol=1e-12)
 
 

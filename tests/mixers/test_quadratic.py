@@ -59,7 +59,7 @@ def test_matches_naive_einsum(batch, n, heads, k, rank_frac, causal, padded, see
     mask = None
     if padded:
         mask = torch.arange(n)[None, :] < torch.randint(0, n + 1, (batch, 1), generator=gen)
-    got = mixer(x, key_padding_mask=mask, causal=causal)
+    got = mixer(x, attention_mask=mask, causal=causal)
     want = naive_quadratic(mixer, x, mask, causal)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     params = [x] + [p for p in mixer.parameters()]

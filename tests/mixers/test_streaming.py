@@ -109,7 +109,7 @@ def test_every_causal_mixer_is_prefix_consistent(case):
     x = torch.randn(2, 70, DIM, dtype=torch.float64)
     assert_prefix_consistent(
         lambda t: mixer(t, causal=True), [x], seq_dim=1, lengths=[1, 7, 20, 33, 40, 65],
-        padded=lambda t, mask: mixer(t, key_padding_mask=mask, causal=True),
+        padded=lambda t, mask: mixer(t, attention_mask=mask, causal=True),
     )
 
 

@@ -104,7 +104,7 @@ def test_deq_classifier_ignores_padding():
     mask = torch.tensor([[True] * 8 + [False] * 4])
     with torch.no_grad():
         short = model(ids)
-        long = model(padded, key_padding_mask=mask)
+        long = model(padded, attention_mask=mask)
     torch.testing.assert_close(short, long, atol=1e-8, rtol=0)
 
 

@@ -135,7 +135,7 @@ def test_decoder_is_causal_and_prefix_consistent(case, positions):
     assert_no_future_leak(model, [ids], seq_dim=1, check_grad=False, atol=1e-10)
     assert_prefix_consistent(
         model, [ids], seq_dim=1, lengths=[1, 5, 13, 33, 39],
-        padded=lambda t, mask: model(t, key_padding_mask=mask),
+        padded=lambda t, mask: model(t, attention_mask=mask),
     )
 
 

@@ -28,7 +28,7 @@ def test_mixers_are_left_padding_invariant(name, rope):
     x = torch.randn(1, N, 16, generator=g, dtype=F64)
     junk = 10 * torch.randn(1, PAD, 16, generator=g, dtype=F64)
     ref = mixer(x, causal=True)
-    out = mixer(torch.cat([junk, x], dim=1), key_padding_mask=mask(), causal=True)
+    out = mixer(torch.cat([junk, x], dim=1), attention_mask=mask(), causal=True)
     assert (out[:, PAD:] - ref).abs().max() <= 1e-10
 
 
@@ -41,7 +41,7 @@ def test_decoder_is_left_padding_invariant(positions):
     ids = torch.randint(0, 13, (1, N), generator=g)
     junk = torch.randint(0, 13, (1, PAD), generator=g)
     ref = lm(ids)
-    out = lm(torch.cat([junk, ids], dim=1), key_padding_mask=mask())
+    out = lm(torch.cat([junk, ids], dim=1), attention_mask=mask())
     assert (out[:, PAD:] - ref).abs().max() <= 1e-9
     # the padding must matter if it is not masked: the check can fail
     assert (lm(torch.cat([junk, ids], dim=1))[:, PAD:] - ref).abs().max() > 1e-3

@@ -12,7 +12,7 @@ def test_decoder_and_encoder_shapes():
     assert DecoderLM(11, dim=16, depth=2, heads=2, max_len=8)(ids).shape == (3, 7, 11)
     mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 5 + [0] * 2]).bool()
     enc = EncoderClassifier(11, 4, dim=16, depth=1, heads=2, max_len=8)
-    assert enc(ids, key_padding_mask=mask).shape == (3, 4)
+    assert enc(ids, attention_mask=mask).shape == (3, 4)
 
 
 def test_decoder_head_is_tied_to_embedding():

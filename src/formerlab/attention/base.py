@@ -1,9 +1,9 @@
 """The attention-kernel contract shared by every mechanism.
 
 A kernel is called on per-head tensors ``q, k, v`` of shape (B, H, N, D) as
-``kernel(q, k, v, key_padding_mask=None, causal=False, need_weights=False)``:
+``kernel(q, k, v, attention_mask=None, causal=False, need_weights=False)``:
 
-* ``key_padding_mask``: bool (B, N), True = real token. Outputs at padded query
+* ``attention_mask``: bool (B, N), True = real token. Outputs at padded query
   positions are zero, and padded keys get no weight.
 * ``causal``: position i sees keys j <= i only. A kernel that cannot do this raises
   ``ValueError`` naming the causal kernels instead of ignoring the flag.
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from formerlab.errors import check_positive_float, check_positive_int
+from formerlab.errors import check_positive_float, check_positive_int, refuse_key_padding_mask
 from formerlab.linalg.numerics import compute_dtype
 
 __all__ = [
@@ -88,7 +88,7 @@ def check_kernel_options(kernel: str, nullable: Iterable[str] = (), **options: A
 
 
 def check_attention_inputs(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
+    q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None
 ) -> None:
     """Validate shapes and dtypes of a kernel call; raise ``ValueError`` naming the culprit."""
     for arg, t in (("q", q), ("k", k), ("v", v)):
@@ -108,18 +108,18 @@ def check_attention_inputs(
         )
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if key_padding_mask is not None:
+    if attention_mask is not None:
         b, _, n, _ = q.shape
-        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, n):
+        if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) != (b, n):
             raise ValueError(
-                "key_padding_mask must be a bool tensor of shape (B, N) = "
-                f"({b}, {n}) with True = real token; got dtype {key_padding_mask.dtype}, "
-                f"shape {tuple(key_padding_mask.shape)}"
+                "attention_mask must be a bool tensor of shape (B, N) = "
+                f"({b}, {n}) with True = real token; got dtype {attention_mask.dtype}, "
+                f"shape {tuple(attention_mask.shape)}"
             )
 
 
 def allowed_keys(
-    key_padding_mask: Tensor | None, causal: bool, n: int, device: torch.device
+    attention_mask: Tensor | None, causal: bool, n: int, device: torch.device
 ) -> Tensor | None:
     """Bool mask (B or 1, 1, N, N) of which key each query may see, or None if all.
 
@@ -130,8 +130,8 @@ def allowed_keys(
     mask = None
     if causal:
         mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]
-    if key_padding_mask is not None:
-        keys = key_padding_mask[:, None, None, :]
+    if attention_mask is not None:
+        keys = attention_mask[:, None, None, :]
         mask = keys if mask is None else mask & keys
     if mask is None:
         return None
@@ -139,17 +139,17 @@ def allowed_keys(
     return mask | empty
 
 
-def zero_padded_queries(out: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+def zero_padded_queries(out: Tensor, attention_mask: Tensor | None) -> Tensor:
     """Zero the outputs at padded query positions (the contract for every kernel)."""
-    if key_padding_mask is None:
+    if attention_mask is None:
         return out
-    return out * key_padding_mask[:, None, :, None].to(out.dtype)
+    return out * attention_mask[:, None, :, None].to(out.dtype)
 
 
 class AttentionKernel(nn.Module):
     """Base class: validates a call, dispatches to ``attend``, enforces the contract.
 
-    Subclasses set ``supports_causal`` and implement ``attend(q, k, v, key_padding_mask,
+    Subclasses set ``supports_causal`` and implement ``attend(q, k, v, attention_mask,
     causal, need_weights) -> (out, weights or None)``.
     """
 
@@ -165,7 +165,7 @@ class AttentionKernel(nn.Module):
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        key_padding_mask: Tensor | None,
+        attention_mask: Tensor | None,
         causal: bool,
         need_weights: bool,
     ) -> tuple[Tensor, Tensor | None]:
@@ -176,11 +176,14 @@ class AttentionKernel(nn.Module):
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        key_padding_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         causal: bool = False,
         need_weights: bool = False,
+        *,
+        key_padding_mask: Any = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        check_attention_inputs(q, k, v, key_padding_mask)
+        refuse_key_padding_mask(key_padding_mask)
+        check_attention_inputs(q, k, v, attention_mask)
         for arg, flag in (("causal", causal), ("need_weights", need_weights)):
             if not isinstance(flag, bool):  # "no" would be truthy: never guess
                 raise ValueError(f"{arg}={flag!r} is not allowed; expected True or False")
@@ -191,8 +194,8 @@ class AttentionKernel(nn.Module):
                 f"attention kernel {self.name!r} does not support causal=True; "
                 f"use one of the causal kernels: {available(causal=True)}"
             )
-        out, weights = self.attend(q, k, v, key_padding_mask, causal, need_weights)
-        out = zero_padded_queries(out, key_padding_mask).to(q.dtype)
+        out, weights = self.attend(q, k, v, attention_mask, causal, need_weights)
+        out = zero_padded_queries(out, attention_mask).to(q.dtype)
         if need_weights:
             if weights is None:
                 raise ValueError(f"attention kernel {self.name!r} cannot return weights")

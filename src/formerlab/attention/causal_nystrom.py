@@ -227,7 +227,7 @@ def causal_nystrom_attention(
     k: Tensor,
     v: Tensor,
     segment_size: int,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     scale: float | None = None,
     landmark_system: str = "block",
     causal: bool = True,
@@ -259,11 +259,11 @@ def causal_nystrom_attention(
     q, k, v = q.to(work), k.to(work), v.to(work)
     real = (
         torch.ones(b, n, dtype=torch.bool, device=q.device)
-        if key_padding_mask is None
-        else key_padding_mask
+        if attention_mask is None
+        else attention_mask
     )
     # segments start at each row's first real token: rotate the leading padding to the end
-    lead = None if key_padding_mask is None else leading_padding(key_padding_mask)
+    lead = None if attention_mask is None else leading_padding(attention_mask)
     if lead is not None:
         q, k, v, real = (rotate_left(t, lead) for t in (q, k, v, real))
     if pad:
@@ -349,10 +349,10 @@ def causal_nystrom_attention(
     return (out if lead is None else rotate_left(out, -lead)), info
 
 
-def leading_padding(key_padding_mask: Tensor) -> Tensor:
+def leading_padding(attention_mask: Tensor) -> Tensor:
     """(B,) the number of padded positions before each row's first real token (0 for a
     row without any)."""
-    return key_padding_mask.to(torch.uint8).argmax(dim=1)  # argmax: the first maximum
+    return attention_mask.to(torch.uint8).argmax(dim=1)  # argmax: the first maximum
 
 
 def rotate_left(x: Tensor, by: Tensor) -> Tensor:
@@ -539,7 +539,7 @@ class CausalNystromAttention(AttentionKernel):
             )
         self.segment_size, self.num_landmarks, self.scale = segment_size, num_landmarks, scale
 
-    def attend(self, q, k, v, key_padding_mask, causal, need_weights):
+    def attend(self, q, k, v, attention_mask, causal, need_weights):
         if not causal and self.landmark_system != "block":
             raise ValueError(
                 "causal_nystrom with landmark_system='triangular' is causal by construction "
@@ -548,7 +548,7 @@ class CausalNystromAttention(AttentionKernel):
             )
         s = resolve_segment_size(q.shape[-2], self.segment_size, self.num_landmarks, causal)
         run = {
-            "key_padding_mask": key_padding_mask,
+            "attention_mask": attention_mask,
             "scale": self.scale,
             "landmark_system": self.landmark_system,
             "causal": causal,

@@ -146,10 +146,10 @@ class DepthwiseConvSkip(nn.Module):
             raise ValueError(f"conv_heads={self.heads} does not match the {heads} heads of the input")
         return self.weight.to(dtype).expand(heads, -1)
 
-    def forward(self, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def forward(self, v: Tensor, attention_mask: Tensor | None) -> Tensor:
         w = self.head_weights(v.shape[1], v.dtype)
-        if key_padding_mask is not None:
-            v = v * key_padding_mask[:, None, :, None].to(v.dtype)
+        if attention_mask is not None:
+            v = v * attention_mask[:, None, :, None].to(v.dtype)
         return depthwise_conv_seq(v, w)
 
     def extra_repr(self) -> str:

@@ -22,7 +22,7 @@ def double_softmax_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     need_weights: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """softmax(q, features) · (softmax(k, positions)ᵀ · v) on (B, H, N, D) -> (out, weights?).
@@ -35,8 +35,8 @@ def double_softmax_attention(
     q, k, v = q.to(work), k.to(work), v.to(work)
     rho_q = q.softmax(dim=-1)
     logits = k
-    if key_padding_mask is not None:
-        keep = key_padding_mask[:, None, :, None]
+    if attention_mask is not None:
+        keep = attention_mask[:, None, :, None]
         keep = keep | ~keep.any(dim=-2, keepdim=True)  # all-padded sequence: no NaN
         logits = k.masked_fill(~keep, float("-inf"))
     rho_k = logits.softmax(dim=-2)
@@ -57,6 +57,6 @@ class DoubleSoftmaxAttention(AttentionKernel):
     name = "double_softmax"
     supports_causal = False
 
-    def attend(self, q, k, v, key_padding_mask, causal, need_weights):
-        out, weights = double_softmax_attention(q, k, v, key_padding_mask, need_weights)
+    def attend(self, q, k, v, attention_mask, causal, need_weights):
+        out, weights = double_softmax_attention(q, k, v, attention_mask, need_weights)
         return out, None if weights is None else weights.to(q.dtype)

@@ -72,7 +72,7 @@ def landmark_factors(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    key_padding_mask: Tensor | None,
+    attention_mask: Tensor | None,
     num_landmarks: int,
     scale: float | None = None,
 ) -> LandmarkFactors:
@@ -81,20 +81,20 @@ def landmark_factors(
     work = compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qs, kf, vf = q.to(work) * scale, k.to(work), v.to(work)
-    layout = segment_layout(n, num_landmarks, key_padding_mask, b, q.device)
+    layout = segment_layout(n, num_landmarks, attention_mask, b, q.device)
     q_land, nonempty = segment_means(qs, layout=layout)
     k_land, _ = segment_means(kf, layout=layout)
     # empty landmarks only exist for sequences shorter than m; a sequence without any real
     # token keeps all (its outputs are zeroed anyway) so no softmax row is empty -> no NaN
     lmask = None
-    if n <= num_landmarks or key_padding_mask is not None:
+    if n <= num_landmarks or attention_mask is not None:
         lmask = (nonempty | (layout.lengths == 0)[:, None])[:, None, None, :]
     f_scores = qs @ k_land.mT
     if lmask is not None:
         f_scores = f_scores.masked_fill(~lmask, float("-inf"))
     r_scores = q_land @ kf.mT
-    if key_padding_mask is not None:
-        keys = key_padding_mask | ~key_padding_mask.any(dim=-1, keepdim=True)
+    if attention_mask is not None:
+        keys = attention_mask | ~attention_mask.any(dim=-1, keepdim=True)
         r_scores = r_scores.masked_fill(~keys[:, None, None, :], float("-inf"))
     return LandmarkFactors(
         qs, kf, vf, q_land, k_land, f_scores.softmax(dim=-1), r_scores.softmax(dim=-1),
@@ -121,8 +121,8 @@ class LandmarkAttention(AttentionKernel):
         self.num_landmarks = num_landmarks
         self.scale = None if scale is None else float(scale)
 
-    def attend(self, q, k, v, key_padding_mask, causal, need_weights):
-        fac = landmark_factors(q, k, v, key_padding_mask, self.num_landmarks, self.scale)
+    def attend(self, q, k, v, attention_mask, causal, need_weights):
+        fac = landmark_factors(q, k, v, attention_mask, self.num_landmarks, self.scale)
         out = fac.F @ (fac.R @ fac.v)
         weights = (fac.F @ fac.R).to(q.dtype) if need_weights else None
         return out, weights

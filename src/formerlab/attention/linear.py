@@ -47,7 +47,7 @@ def linear_sums(
     phi_q: Tensor,
     phi_k: Tensor,
     v: Tensor,
-    key_padding_mask: Tensor | None,
+    attention_mask: Tensor | None,
     causal: bool,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> Tensor:
@@ -59,8 +59,8 @@ def linear_sums(
     never NaN); an absolute ``eps`` would distort features that are legitimately tiny
     (e.g. Performer's). Works in the dtype of the inputs; callers pass float32/float64.
     """
-    if key_padding_mask is not None:
-        phi_k = phi_k * key_padding_mask[:, None, :, None].to(phi_k.dtype)
+    if attention_mask is not None:
+        phi_k = phi_k * attention_mask[:, None, :, None].to(phi_k.dtype)
     # one extra value column of ones yields the normaliser from the same product
     ones = torch.ones_like(v[..., :1])
     v1 = torch.cat([v, ones], dim=-1)
@@ -73,15 +73,15 @@ def linear_sums(
 
 
 def linear_weights(
-    phi_q: Tensor, phi_k: Tensor, key_padding_mask: Tensor | None, causal: bool
+    phi_q: Tensor, phi_k: Tensor, attention_mask: Tensor | None, causal: bool
 ) -> Tensor:
     """The explicit (B, H, N, N) attention matrix of feature-map attention (small N only)."""
     scores = phi_q @ phi_k.transpose(-1, -2)
     n = scores.shape[-1]
     if causal:
         scores = scores * torch.ones(n, n, device=scores.device, dtype=scores.dtype).tril()
-    if key_padding_mask is not None:
-        scores = scores * key_padding_mask[:, None, None, :].to(scores.dtype)
+    if attention_mask is not None:
+        scores = scores * attention_mask[:, None, None, :].to(scores.dtype)
     return scores / safe_denominator(scores.sum(-1, keepdim=True))
 
 
@@ -165,13 +165,13 @@ class LinearAttention(AttentionKernel):
         self.phi = feature_map if callable(feature_map) else FEATURE_MAPS[feature_map]
         self.chunk_size = chunk_size
 
-    def attend(self, q, k, v, key_padding_mask, causal, need_weights):
+    def attend(self, q, k, v, attention_mask, causal, need_weights):
         work = compute_dtype(q.dtype)
         phi_q, phi_k = self.phi(q.to(work)), self.phi(k.to(work))
-        out = linear_sums(phi_q, phi_k, v.to(work), key_padding_mask, causal, self.chunk_size)
+        out = linear_sums(phi_q, phi_k, v.to(work), attention_mask, causal, self.chunk_size)
         weights = None
         if need_weights:
-            weights = linear_weights(phi_q, phi_k, key_padding_mask, causal).to(q.dtype)
+            weights = linear_weights(phi_q, phi_k, attention_mask, causal).to(q.dtype)
         return out, weights
 
     def init_state(self, batch, heads, head_dim, *, dtype=torch.float32, device=None,

@@ -89,21 +89,21 @@ class NystromInfo:
     extra: dict = field(default_factory=dict)
 
 
-def sample_rows(key_padding_mask: Tensor | None, b: int, n: int, s: int, device) -> Tensor:
+def sample_rows(attention_mask: Tensor | None, b: int, n: int, s: int, device) -> Tensor:
     """(B, s) indices of random real query positions (with replacement)."""
-    weights = torch.ones(b, n, device=device) if key_padding_mask is None else key_padding_mask.float()
+    weights = torch.ones(b, n, device=device) if attention_mask is None else attention_mask.float()
     weights = weights + (weights.sum(-1, keepdim=True) == 0).float()  # all-padded rows
     return torch.multinomial(weights, s, replacement=True)
 
 
-def exact_rows(fac: LandmarkFactors, idx: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+def exact_rows(fac: LandmarkFactors, idx: Tensor, attention_mask: Tensor | None) -> Tensor:
     """Exact softmax attention outputs at query rows ``idx`` (B, s): (B, H, s, D), O(s·N·D)."""
     h, d = fac.q.shape[1], fac.q.shape[-1]
     gather = idx[:, None, :, None].expand(-1, h, -1, d)
     qs = fac.q.gather(2, gather)
     scores = qs @ fac.k.mT
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask[:, None, None, :], float("-inf"))
     return scores.softmax(-1) @ fac.v
 
 
@@ -365,13 +365,13 @@ class NystromAttention(AttentionKernel):
         return Z, NystromInfo(selected=chosen, val_error=best_err)
 
     def _inverse(
-        self, fac: LandmarkFactors, W: Tensor, RV: Tensor, key_padding_mask: Tensor | None
+        self, fac: LandmarkFactors, W: Tensor, RV: Tensor, attention_mask: Tensor | None
     ) -> tuple[Tensor, NystromInfo]:
         if self.pinv_select == "rows":
             b, _, n, _ = fac.q.shape
-            idx = sample_rows(key_padding_mask, b, n, self.select_rows, W.device)
+            idx = sample_rows(attention_mask, b, n, self.select_rows, W.device)
             with torch.no_grad():
-                target = exact_rows(fac, idx, key_padding_mask)
+                target = exact_rows(fac, idx, attention_mask)
             F_s = fac.F.gather(2, idx[:, None, :, None].expand(-1, fac.F.shape[1], -1, fac.F.shape[-1]))
             if self.pinv_reg is None:
                 return self._select_iterations(W, F_s.detach(), RV.detach(), target)
@@ -390,23 +390,23 @@ class NystromAttention(AttentionKernel):
 
     # ------------------------------------------------------------------ forward
 
-    def attend(self, q, k, v, key_padding_mask, causal, need_weights):
+    def attend(self, q, k, v, attention_mask, causal, need_weights):
         b, h, n, _ = q.shape
         m = self.num_landmarks
-        fusable = key_padding_mask is None and n > m and not need_weights
+        fusable = attention_mask is None and n > m and not need_weights
         # (torch.compile traces the plain ops below and fuses them itself)
         if fusable and self.pinv_select is None and not torch.compiler.is_compiling():
             return self._attend_unmasked(q, k, v), None
-        fac = landmark_factors(q, k, v, key_padding_mask, m, self.scale)
+        fac = landmark_factors(q, k, v, attention_mask, m, self.scale)
         # sequences with <= m real tokens: every token is its own landmark -> exact
-        exact = fac.layout.exact if (n <= m or key_padding_mask is not None) else None
+        exact = fac.layout.exact if (n <= m or attention_mask is not None) else None
         any_exact = exact is not None and bool(exact.any())
         W = fac.W()
         if any_exact:  # their W is not used; an identity keeps the iteration trivial
             eye = torch.eye(m, dtype=W.dtype, device=W.device)
             W = torch.where(exact[:, None, None, None], eye, W)
         RV = fac.R @ fac.v
-        Z, info = self._inverse(fac, W, RV, key_padding_mask)
+        Z, info = self._inverse(fac, W, RV, attention_mask)
         info.exact_sequences = int(exact.sum()) if any_exact else 0
         self.last_info = info
         out = fac.F @ (Z @ RV)
@@ -420,7 +420,7 @@ class NystromAttention(AttentionKernel):
             if need_weights:
                 weights = torch.where(sel, fac.F @ assign, weights)
         if self.conv is not None:
-            out = out + self.conv(fac.v, key_padding_mask)
+            out = out + self.conv(fac.v, attention_mask)
         return out, (weights.to(q.dtype) if weights is not None else None)
 
     def _attend_unmasked(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -126,7 +126,7 @@ def favor_features(
     x: Tensor,
     w: Tensor,
     is_query: bool,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     causal: bool = True,
 ) -> Tensor:
     """Positive random features of scaled inputs ``x`` (B, H, N, D) for projection ``w`` (m, D).
@@ -147,8 +147,8 @@ def favor_features(
         # non-causal: one shift shared by all (real) keys of a sequence is safe and
         # keeps large-norm keys away from underflow
         masked = logits
-        if key_padding_mask is not None:
-            masked = logits.masked_fill(~key_padding_mask[:, None, :, None], float("-inf"))
+        if attention_mask is not None:
+            masked = logits.masked_fill(~attention_mask[:, None, :, None], float("-inf"))
         shift = masked.amax(dim=(-2, -1), keepdim=True).detach()
         shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         logits = logits - shift
@@ -158,7 +158,7 @@ def favor_features(
 def normaliser_shift(
     phi_q: Tensor,
     phi_k: Tensor,
-    key_padding_mask: Tensor | None,
+    attention_mask: Tensor | None,
     causal: bool,
     prior: Tensor | None = None,
 ) -> Tensor:
@@ -172,8 +172,8 @@ def normaliser_shift(
     streaming step continues the cumulative sum from it).
     """
     with torch.no_grad():
-        if key_padding_mask is not None:
-            phi_k = phi_k * key_padding_mask[:, None, :, None].to(phi_k.dtype)
+        if attention_mask is not None:
+            phi_k = phi_k * attention_mask[:, None, :, None].to(phi_k.dtype)
         z = phi_k.cumsum(-2) if causal else phi_k.sum(-2, keepdim=True)
         if prior is not None:
             z = z + prior.unsqueeze(-2)
@@ -246,18 +246,18 @@ class PerformerAttention(AttentionKernel):
             with torch.no_grad():
                 self.draws.fill_(step // self.redraw_interval)
 
-    def attend(self, q, k, v, key_padding_mask, causal, need_weights):
+    def attend(self, q, k, v, attention_mask, causal, need_weights):
         work = compute_dtype(q.dtype)  # the draw never changes here (module doc)
         d = q.shape[-1]
         root = self._scaled(d)
         w = self.projection(d, q.device, work)
         phi_q = favor_features(q.to(work) * root, w, is_query=True)
-        phi_k = favor_features(k.to(work) * root, w, False, key_padding_mask, causal)
-        phi_q = phi_q * normaliser_shift(phi_q, phi_k, key_padding_mask, causal)
-        out = linear_sums(phi_q, phi_k, v.to(work), key_padding_mask, causal, self.chunk_size)
+        phi_k = favor_features(k.to(work) * root, w, False, attention_mask, causal)
+        phi_q = phi_q * normaliser_shift(phi_q, phi_k, attention_mask, causal)
+        out = linear_sums(phi_q, phi_k, v.to(work), attention_mask, causal, self.chunk_size)
         weights = None
         if need_weights:
-            weights = linear_weights(phi_q, phi_k, key_padding_mask, causal).to(q.dtype)
+            weights = linear_weights(phi_q, phi_k, attention_mask, causal).to(q.dtype)
         return out, weights
 
     def _scaled(self, d: int) -> float:

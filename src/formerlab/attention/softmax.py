@@ -30,7 +30,7 @@ def softmax_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     causal: bool = False,
     need_weights: bool = False,
     scale: float | None = None,
@@ -44,7 +44,7 @@ def softmax_attention(
     """
     n = q.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    mask = allowed_keys(key_padding_mask, causal, n, q.device)
+    mask = allowed_keys(attention_mask, causal, n, q.device)
     if not need_weights:
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
@@ -104,8 +104,8 @@ class SoftmaxAttention(AttentionKernel):
         super().__init__()
         self.scale = scale
 
-    def attend(self, q, k, v, key_padding_mask, causal, need_weights):
-        return softmax_attention(q, k, v, key_padding_mask, causal, need_weights, self.scale)
+    def attend(self, q, k, v, attention_mask, causal, need_weights):
+        return softmax_attention(q, k, v, attention_mask, causal, need_weights, self.scale)
 
     def init_state(self, batch, heads, head_dim, *, dtype=torch.float32, device=None,
                    value_dim=None) -> KVCache:

@@ -24,14 +24,14 @@ SPLITS = ("train", "val")
 @dataclass
 class Batch:
     """One batch. ``targets`` is (B, N) for decoders and taggers (``IGNORE_INDEX`` = no
-    loss there) and (B,) for encoders; ``key_padding_mask`` is bool (B, N), True = real token, or None."""
+    loss there) and (B,) for encoders; ``attention_mask`` is bool (B, N), True = real token, or None."""
 
     inputs: Tensor
     targets: Tensor
-    key_padding_mask: Tensor | None = None
+    attention_mask: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        mask = None if self.key_padding_mask is None else self.key_padding_mask.to(device)
+        mask = None if self.attention_mask is None else self.attention_mask.to(device)
         return Batch(self.inputs.to(device), self.targets.to(device), mask)
 
 

@@ -14,7 +14,7 @@ How it plugs in (transformers >= 5, checked against 5.24's source):
 * Masks are built by ``create_causal_mask`` / ``create_bidirectional_mask``, which return
   *no mask at all* for an implementation missing from the mask interface. So
   :func:`formerlab_mask` is registered in ``AttentionMaskInterface`` too: it hands the 2-d
-  padding mask (True = real token) through, which becomes the kernel's ``key_padding_mask``.
+  padding mask (True = real token) through, which becomes the kernel's ``attention_mask``.
   Masks that are not plain causal / bidirectional + padding (sliding windows shorter than
   the sequence, packed sequences) raise ``ValueError`` instead of being ignored.
 * The swapped model gets its own copy of its config (a config object shared with another
@@ -69,7 +69,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 class LayerAttention(nn.Module):
     """The formerlab kernel of one swapped layer (a submodule of HF's attention module).
 
-    ``recorder``: optional callable ``(q, k, v, key_padding_mask, causal)`` called with the
+    ``recorder``: optional callable ``(q, k, v, attention_mask, causal)`` called with the
     per-head inputs of every call (used by the studies to capture q, k, v).
     """
 
@@ -81,10 +81,10 @@ class LayerAttention(nn.Module):
         self.kernel = attention.build(kernel, **options)
         self.recorder = None
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None) -> Tensor:
         if self.recorder is not None:
-            self.recorder(q, k, v, key_padding_mask, self.causal)
-        return self.kernel(q, k, v, key_padding_mask=key_padding_mask, causal=self.causal)
+            self.recorder(q, k, v, attention_mask, self.causal)
+        return self.kernel(q, k, v, attention_mask=attention_mask, causal=self.causal)
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel_name!r}, causal={self.causal}"
@@ -136,7 +136,7 @@ def formerlab_mask(
     return None if bool(mask.all()) else mask
 
 
-def key_padding_mask_from(attention_mask: Tensor | None, b: int, n: int, causal: bool) -> Tensor | None:
+def hf_real_tokens(attention_mask: Tensor | None, b: int, n: int, causal: bool) -> Tensor | None:
     """The (B, N) bool key padding mask from what reaches an attention function.
 
     2-d: from :func:`formerlab_mask`. 4-d (a mask the caller built, or an eager/sdpa mask):
@@ -208,12 +208,12 @@ def formerlab_attention(
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     causal = bool(getattr(module, "is_causal", False))
-    kpm = key_padding_mask_from(attention_mask, b, n, causal)
+    kpm = hf_real_tokens(attention_mask, b, n, causal)
     q = _scaled_query(query, scaling)
     layer = getattr(module, "formerlab_attention", None)
     if layer is None:
         # a layer left out of ``layers``: exact softmax (a fresh, stateless kernel)
-        out = attention.build("softmax")(q, key, value, key_padding_mask=kpm, causal=causal)
+        out = attention.build("softmax")(q, key, value, attention_mask=kpm, causal=causal)
     else:
         out = layer(q, key, value, kpm)
     return out.transpose(1, 2).contiguous(), None
@@ -252,7 +252,7 @@ class NystromformerSwap(nn.Module):
             proj(hidden_states).view(b, n, self.heads, self.head_dim).transpose(1, 2)
             for proj in (self.query, self.key, self.value)
         )
-        kpm = key_padding_mask_from(attention_mask, b, n, causal=False)
+        kpm = hf_real_tokens(attention_mask, b, n, causal=False)
         out = self.formerlab_attention(q, k, v, kpm)
         if self.conv is not None:
             conv = self.conv(v, kpm)
@@ -353,7 +353,7 @@ def swap_attention(
     """Run ``kernel`` (a name of ``formerlab.attention.available()``) in the self-attention
     of every layer (or ``layers``) of ``model``; returns the same model, swapped in place.
 
-    Encoders take any kernel (bidirectional, padding as ``key_padding_mask``); decoders
+    Encoders take any kernel (bidirectional, padding as ``attention_mask``); decoders
     only causal ones (``ValueError`` otherwise, naming them). A model that is already
     swapped is restored first. For HF's ``NystromformerModel``, ``kernel="nystrom"`` (or
     None) defaults to the model's landmark count and 6 pinv iterations, and its conv skip
@@ -433,7 +433,7 @@ __all__ = [
     "formerlab_attention",
     "formerlab_mask",
     "is_swapped",
-    "key_padding_mask_from",
+    "hf_real_tokens",
     "nystromformer_options",
     "restore_attention",
     "swap_attention",

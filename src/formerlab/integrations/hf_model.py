@@ -1,7 +1,7 @@
 """A Hugging Face model with swapped attention behind formerlab's model interface.
 
 :class:`HFSequenceModel` presents what ``formerlab.train`` expects of a model —
-``forward(ids, key_padding_mask) -> logits`` (and ``generate`` for language models) — so a
+``forward(ids, attention_mask) -> logits`` (and ``generate`` for language models) — so a
 local HF checkpoint fine-tunes in formerlab's loop (safetensors checkpoints, MLflow, exact
 resume) with any formerlab kernel in its attention:
 
@@ -61,7 +61,7 @@ def _causal(model: nn.Module) -> bool:
 
 class HFSequenceModel(nn.Module):
     """``HFSequenceModel(path, kind, vocab_size, kernel, kernel_options, num_classes=None,
-    layers=None, max_len=None)``; ``forward(ids, key_padding_mask=None) -> logits``."""
+    layers=None, max_len=None)``; ``forward(ids, attention_mask=None) -> logits``."""
 
     def __init__(
         self,
@@ -102,14 +102,14 @@ class HFSequenceModel(nn.Module):
         swap_attention(self.hf, kernel, layers=layers, **(kernel_options or {}))
         self.head = None if kind == "decoder" else nn.Linear(config.hidden_size, num_classes)
 
-    def forward(self, ids: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        mask = None if key_padding_mask is None else key_padding_mask.long()
+    def forward(self, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        mask = None if attention_mask is None else attention_mask.long()
         if self.kind == "decoder":
             return self.hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
         hidden = self.hf(input_ids=ids, attention_mask=mask).last_hidden_state
         if self.kind == "tagger":
             return self.head(hidden)
-        return self.head(masked_mean(hidden, key_padding_mask))
+        return self.head(masked_mean(hidden, attention_mask))
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Save the (fine-tuned) HF model with its original attention, as a plain HF

@@ -6,7 +6,7 @@ pad the sequence with zeros, which biases the last landmark, and they average pa
 tokens into the landmarks. Here the segments are defined on the *real* tokens only:
 
 * the real tokens of sequence b are ranked r = 0 … L_b − 1 in their order of appearance
-  (L_b = number of True entries of ``key_padding_mask[b]``);
+  (L_b = number of True entries of ``attention_mask[b]``);
 * token of rank r belongs to segment ``floor(r · m / L_b)``.
 
 For L_b >= m every segment holds ⌊L_b/m⌋ or ⌈L_b/m⌉ consecutive real tokens (never
@@ -61,7 +61,7 @@ class SegmentLayout:
 def segment_layout(
     n: int,
     num_segments: int,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     batch: int = 1,
     device: torch.device | str | None = None,
 ) -> SegmentLayout:
@@ -70,22 +70,22 @@ def segment_layout(
     Args:
         n: sequence length N (padded length when a mask is given).
         num_segments: m >= 1, the number of segments (landmarks).
-        key_padding_mask: optional bool (B, N), True = real token; ``batch`` and
+        attention_mask: optional bool (B, N), True = real token; ``batch`` and
             ``device`` are taken from it when given.
         batch: B when no mask is given.
         device: device of the layout when no mask is given.
     """
     check_positive_int("num_segments", num_segments)
     check_positive_int("n", n, minimum=0)
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2 or (
-            key_padding_mask.shape[1] != n
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool or attention_mask.dim() != 2 or (
+            attention_mask.shape[1] != n
         ):
             raise ValueError(
-                f"key_padding_mask must be a bool (B, N={n}) tensor with True = real token; "
-                f"got dtype {key_padding_mask.dtype}, shape {tuple(key_padding_mask.shape)}"
+                f"attention_mask must be a bool (B, N={n}) tensor with True = real token; "
+                f"got dtype {attention_mask.dtype}, shape {tuple(attention_mask.shape)}"
             )
-        mask = key_padding_mask
+        mask = attention_mask
         batch, device = mask.shape[0], mask.device
     else:
         check_positive_int("batch", batch)
@@ -130,7 +130,7 @@ def segment_sums(x: Tensor, layout: SegmentLayout) -> Tensor:
 def segment_means(
     x: Tensor,
     num_segments: int | None = None,
-    key_padding_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
     layout: SegmentLayout | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Means of x over the segments of its real tokens (the Nyström landmarks).
@@ -138,7 +138,7 @@ def segment_means(
     Args:
         x: (B, ..., N, D), e.g. per-head queries (B, H, N, D).
         num_segments: m; required unless ``layout`` is given.
-        key_padding_mask: optional bool (B, N), True = real token.
+        attention_mask: optional bool (B, N), True = real token.
         layout: a precomputed :func:`segment_layout` (saves recomputing it for q and k).
 
     Returns:
@@ -148,7 +148,7 @@ def segment_means(
     if layout is None:
         if num_segments is None:
             raise ValueError("segment_means needs num_segments or a layout; got neither")
-        layout = segment_layout(x.shape[-2], num_segments, key_padding_mask, x.shape[0], x.device)
+        layout = segment_layout(x.shape[-2], num_segments, attention_mask, x.shape[0], x.device)
     _check_x(x, layout)
     b, n, m = x.shape[0], x.shape[-2], layout.num_segments
     # (under torch.compile the general path: this data-dependent test would break the graph)

@@ -1,5 +1,5 @@
 """The token-mixer contract: x (B, N, C) -> (B, N, C), called as
-``mixer(x, key_padding_mask=None, causal=False)``.
+``mixer(x, attention_mask=None, causal=False)``.
 
 The MetaFormer block around a mixer is fixed; the mixer is the plug-in. A mixer that
 cannot run causally raises ``ValueError`` on ``causal=True``.
@@ -17,18 +17,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from formerlab.errors import refuse_key_padding_mask
 
-def check_mixer_input(x: Tensor, dim: int, key_padding_mask: Tensor | None) -> None:
+
+def check_mixer_input(x: Tensor, dim: int, attention_mask: Tensor | None) -> None:
     """Validate a mixer call; raise ``ValueError`` naming the bad argument."""
     if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != dim:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a (B, N, C={dim}) tensor; got {shape}")
-    if key_padding_mask is not None and (
-        key_padding_mask.dtype != torch.bool or key_padding_mask.shape != x.shape[:2]
+    if attention_mask is not None and (
+        attention_mask.dtype != torch.bool or attention_mask.shape != x.shape[:2]
     ):
         raise ValueError(
-            f"key_padding_mask must be bool (B, N) = {tuple(x.shape[:2])}, True = real "
-            f"token; got dtype {key_padding_mask.dtype}, shape {tuple(key_padding_mask.shape)}"
+            f"attention_mask must be bool (B, N) = {tuple(x.shape[:2])}, True = real "
+            f"token; got dtype {attention_mask.dtype}, shape {tuple(attention_mask.shape)}"
         )
 
 
@@ -57,7 +59,7 @@ class TokenMixer(nn.Module):
         """Whether ``init_state`` / ``step`` work (incremental causal decoding)."""
         return False
 
-    def mix(self, x: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+    def mix(self, x: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
         raise NotImplementedError
 
     def init_state(
@@ -93,11 +95,13 @@ class TokenMixer(nn.Module):
             )
 
     def forward(
-        self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False
+        self, x: Tensor, attention_mask: Tensor | None = None, causal: bool = False,
+        *, key_padding_mask: Any = None,
     ) -> Tensor:
-        check_mixer_input(x, self.dim, key_padding_mask)
+        refuse_key_padding_mask(key_padding_mask)
+        check_mixer_input(x, self.dim, attention_mask)
         if causal and not self.supports_causal:
             raise ValueError(
                 f"token mixer {self.name!r} ({self.extra_repr()}) does not support causal=True"
             )
-        return self.mix(x, key_padding_mask, bool(causal))
+        return self.mix(x, attention_mask, bool(causal))

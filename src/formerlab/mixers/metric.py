@@ -180,9 +180,9 @@ class MetricAttention(TokenMixer):
     def supports_streaming(self) -> bool:
         return self.supports_causal and kernel_streams(self.kernel)
 
-    def mix(self, x: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+    def mix(self, x: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
         p = split_heads(self.proj(x), self.heads)
-        out = attend(self.kernel, self.queries(p), p, p, key_padding_mask, causal, self.rope)
+        out = attend(self.kernel, self.queries(p), p, p, attention_mask, causal, self.rope)
         return self.out(merge_heads(out))
 
     def new_state(self, batch: int, dtype: torch.dtype, device: Any):

@@ -8,7 +8,7 @@ mixes tokens by average pooling minus the identity,
 (the block's residual already adds x_i back; padding is not counted in the mean). Here on
 sequences: W(i) is a window of ``pool_size`` positions centred on i, or with
 ``causal=True`` the window [i − pool_size + 1, i] of past positions only. Padded tokens
-(``key_padding_mask`` False) are left out of every window sum and every count, so they
+(``attention_mask`` False) are left out of every window sum and every count, so they
 never leak into real tokens, and outputs at padded positions are zero.
 
 Streaming: the causal window only reaches ``pool_size − 1`` tokens back, so the state is
@@ -87,14 +87,14 @@ class Pooling(TokenMixer):
         keep = seen[:, seen.shape[1] - min(seen.shape[1], self.pool_size - 1) :]
         return out.to(x.dtype), PoolingState(keep)
 
-    def mix(self, x: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+    def mix(self, x: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
         size = self.pool_size
         left = size - 1 if causal else (size - 1) // 2
         work = x.to(compute_dtype(x.dtype))
-        if key_padding_mask is None:
+        if attention_mask is None:
             real = work.new_ones(work.shape[0], work.shape[1], 1)
         else:
-            real = key_padding_mask.to(work.dtype).unsqueeze(-1)
+            real = attention_mask.to(work.dtype).unsqueeze(-1)
         total = window_sum(work * real, size, left)
         # Every real query counts itself, so count >= 1 there; the clamp only guards padded
         # queries whose window may hold no real token (their output is zeroed below).

@@ -115,8 +115,8 @@ class QuadraticAttention(TokenMixer):
         # never form the k × k core: the kernel works in the rank-r space
         return p @ self.left.to(p.dtype), p @ self.right.to(p.dtype), v
 
-    def mix(self, x: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
-        out = attend(self.kernel, *self.qkv_heads(x), key_padding_mask, causal, self.rope)
+    def mix(self, x: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
+        out = attend(self.kernel, *self.qkv_heads(x), attention_mask, causal, self.rope)
         return self.out(merge_heads(out))
 
     def new_state(self, batch: int, dtype: torch.dtype, device: Any):

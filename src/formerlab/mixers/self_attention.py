@@ -131,11 +131,11 @@ class SelfAttention(TokenMixer):
             return tuple(split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
         return _SplitQKV.apply(qkv, self.heads)
 
-    def mix(self, x: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
-        if key_padding_mask is None and not causal and self._projection_fusable(x):
+    def mix(self, x: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
+        if attention_mask is None and not causal and self._projection_fusable(x):
             out = self.kernel.attend_projected(x, self.qkv.weight, self.qkv.bias, self.heads)
         else:
-            out = attend(self.kernel, *self.qkv_heads(x), key_padding_mask, causal, self.rope)
+            out = attend(self.kernel, *self.qkv_heads(x), attention_mask, causal, self.rope)
         return self.out(merge_heads(out))
 
     def _projection_fusable(self, x: Tensor) -> bool:

@@ -54,13 +54,13 @@ def check_rope(rope: Any, *dims: int) -> bool:
 
 
 def attend(
-    kernel: Any, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+    kernel: Any, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None,
     causal: bool, rope: bool,
 ) -> Tensor:
     """The parallel kernel call, positions 0 … N − 1."""
     if rope:
         q, k = rotate(q, k, 0)
-    return kernel(q, k, v, key_padding_mask=key_padding_mask, causal=causal)
+    return kernel(q, k, v, attention_mask=attention_mask, causal=causal)
 
 
 def attend_step(

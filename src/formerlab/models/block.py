@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from formerlab import mixers
+from formerlab.errors import refuse_key_padding_mask
 
 
 class MLP(nn.Module):
@@ -43,9 +44,11 @@ class MetaFormerBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False
+        self, x: Tensor, attention_mask: Tensor | None = None, causal: bool = False,
+        *, key_padding_mask: Any = None,
     ) -> Tensor:
-        x = x + self.drop(self.mixer(self.norm1(x), key_padding_mask=key_padding_mask, causal=causal))
+        refuse_key_padding_mask(key_padding_mask)
+        x = x + self.drop(self.mixer(self.norm1(x), attention_mask=attention_mask, causal=causal))
         return x + self.mlp(self.norm2(x))
 
     @property
@@ -89,10 +92,12 @@ class BlockStack(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(
-        self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False
+        self, x: Tensor, attention_mask: Tensor | None = None, causal: bool = False,
+        *, key_padding_mask: Any = None,
     ) -> Tensor:
+        refuse_key_padding_mask(key_padding_mask)
         for block in self.blocks:
-            x = block(x, key_padding_mask=key_padding_mask, causal=causal)
+            x = block(x, attention_mask=attention_mask, causal=causal)
         return self.norm(x)
 
     @property

@@ -18,7 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from formerlab import attention, mixers
-from formerlab.errors import check_positive_float, check_positive_int
+from formerlab.errors import (
+    check_positive_float,
+    check_positive_int,
+    refuse_key_padding_mask,
+)
 from formerlab.linalg.numerics import compute_dtype
 from formerlab.models.embedding import SequenceModel, check_ids
 
@@ -101,7 +105,7 @@ class DecoderLM(SequenceModel):
 
     ``DecoderLM(vocab_size, dim=128, depth=4, heads=4, max_len=256, mixer="attention",
     mixer_options=None, mlp_ratio=4.0, dropout=0.0, body=None, positions="learned")``;
-    ``forward(ids, key_padding_mask=None) -> logits (B, N, vocab_size)``.
+    ``forward(ids, attention_mask=None) -> logits (B, N, vocab_size)``.
     The output head shares the token-embedding matrix (tied weights). A mixer or kernel
     that cannot run causally is refused here, at construction.
     """
@@ -115,8 +119,11 @@ class DecoderLM(SequenceModel):
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self.head.weight = self.embed.tokens.weight
 
-    def forward(self, ids: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        return self.head(self.hidden(ids, key_padding_mask, causal=True))
+    def forward(
+        self, ids: Tensor, attention_mask: Tensor | None = None, *, key_padding_mask: Any = None
+    ) -> Tensor:
+        refuse_key_padding_mask(key_padding_mask)
+        return self.head(self.hidden(ids, attention_mask, causal=True))
 
     @property
     def supports_streaming(self) -> bool:

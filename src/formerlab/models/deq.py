@@ -50,16 +50,16 @@ class InjectedBlock(nn.Module):
         self.block = block
 
     def forward(
-        self, z: Tensor, x_hat: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False
+        self, z: Tensor, x_hat: Tensor, attention_mask: Tensor | None = None, causal: bool = False
     ) -> Tensor:
-        return self.block(z + x_hat, key_padding_mask=key_padding_mask, causal=causal) - z
+        return self.block(z + x_hat, attention_mask=attention_mask, causal=causal) - z
 
 
 class DEQStack(nn.Module):
     """A weight-tied, infinitely deep block stack: the fixed point of one MetaFormer block.
 
     Drop-in ``body`` for ``DecoderLM`` / ``EncoderClassifier``:
-    ``body(x, key_padding_mask=None, causal=False) -> (B, N, dim)``.
+    ``body(x, attention_mask=None, causal=False) -> (B, N, dim)``.
 
     ``deq_options`` go to ``formerlab.deq.DEQ``: ``solver`` ("anderson", "broyden",
     "fixed_point"), ``solver_options``, ``max_iter``, ``tol``, ``stop``, ``backward``
@@ -107,10 +107,10 @@ class DEQStack(nn.Module):
         self.aux_loss: Tensor | None = None
 
     def forward(
-        self, x: Tensor, key_padding_mask: Tensor | None = None, causal: bool = False
+        self, x: Tensor, attention_mask: Tensor | None = None, causal: bool = False
     ) -> Tensor:
         x_hat = self.drop(self.inject(x))
-        z = self.deq(x_hat, key_padding_mask=key_padding_mask, causal=causal)
+        z = self.deq(x_hat, attention_mask=attention_mask, causal=causal)
         self.aux_loss = self.deq.reg_loss
         return self.norm(z)
 

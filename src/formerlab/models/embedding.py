@@ -88,7 +88,7 @@ class SequenceModel(nn.Module):
     """Embeddings followed by a body of MetaFormer blocks; subclasses add the head.
 
     ``body`` replaces the default ``BlockStack`` (e.g. a ``DEQStack``); it is called as
-    ``body(x, key_padding_mask=..., causal=...)`` and returns (B, N, dim). With
+    ``body(x, attention_mask=..., causal=...)`` and returns (B, N, dim). With
     ``positions="rope"`` a given body must have been built with ``rope=True`` mixers
     (``position_options``).
     """
@@ -128,6 +128,6 @@ class SequenceModel(nn.Module):
         """Every token mixer of the body, in order."""
         return [m for m in self.body.modules() if isinstance(m, mixers.TokenMixer)]
 
-    def hidden(self, ids: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+    def hidden(self, ids: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
         """(B, N) ids -> (B, N, dim) final hidden states."""
-        return self.body(self.embed(ids), key_padding_mask=key_padding_mask, causal=causal)
+        return self.body(self.embed(ids), attention_mask=attention_mask, causal=causal)

@@ -6,13 +6,16 @@ slots"), which any attention mechanism can solve, causal or not.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
+from formerlab.errors import refuse_key_padding_mask
 from formerlab.models.embedding import SequenceModel
 
 
 class TokenTagger(SequenceModel):
-    """``forward(ids, key_padding_mask=None) -> logits (B, N, num_classes)``; options as
+    """``forward(ids, attention_mask=None) -> logits (B, N, num_classes)``; options as
     ``EncoderClassifier``."""
 
     def __init__(
@@ -22,5 +25,8 @@ class TokenTagger(SequenceModel):
         super().__init__(vocab_size, dim, depth, heads, max_len, **options)
         self.head = nn.Linear(dim, num_classes)
 
-    def forward(self, ids: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        return self.head(self.hidden(ids, key_padding_mask, causal=False))
+    def forward(
+        self, ids: Tensor, attention_mask: Tensor | None = None, *, key_padding_mask: Any = None
+    ) -> Tensor:
+        refuse_key_padding_mask(key_padding_mask)
+        return self.head(self.hidden(ids, attention_mask, causal=False))
