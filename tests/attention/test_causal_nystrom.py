@@ -212,7 +212,7 @@ def test_num_landmarks_is_refused_for_causal_use():
 
 
 def test_default_is_prefix_consistent_where_sqrt_n_was_not():
-    # the case: N = 20 vs N = 40 moved positions 0-19 by up to 0.71 with s = ⌈√N⌉
+    # the old ⌈√N⌉ segments: N = 20 vs N = 40 moved positions 0-19 by up to 0.71 with s = ⌈√N⌉
     q, k, v = _qkv(2, 2, 40, 4, seed=12)
     kernel = attention.build("causal_nystrom", segment_size=4)  # exercises landmarks
     full = kernel(q, k, v, causal=True)

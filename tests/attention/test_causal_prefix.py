@@ -4,7 +4,7 @@ out(x[:n])[:n] == out(x)[:n] for every n, and right padding with junk leaves the
 positions equal to the sequence alone. The parametrisation reads
 ``formerlab.attention.available(causal=True)``: a newly registered causal kernel is
 checked here without anyone adding a test. The checker is tested first on functions
-with known defects (including the length-derived segmentation of issue 12).
+with known defects (including a segmentation derived from the length N).
 """
 
 import math
@@ -87,7 +87,7 @@ def test_checker_catches_padding_that_is_not_masked():
 
 
 def test_checker_catches_a_segment_size_derived_from_n():
-    # issue 12: the old default s = ⌈√N⌉ changes the segmentation with the length
+    # the old default s = ⌈√N⌉ changes the segmentation with the length
     def sqrt_segments(q, k, v):
         return causal_nystrom_attention(q, k, v, math.ceil(math.sqrt(q.shape[2])))[0]
 

@@ -200,7 +200,7 @@ def test_regularisation_parameter_is_used():
 
 
 def test_repro_implicit_backward_with_fixed_iterations_is_refused():
-    # issue 11: implicit + 6 fixed iterations gave the derivative of the exact pinv, 21 %
+    # formerly: implicit + 6 fixed iterations gave the derivative of the exact pinv, 21 %
     # off the derivative of what the forward returned; with pinv_select it was ignored
     for opts in ({"pinv_backward": "implicit"}, {"pinv_backward": "implicit", "pinv_iters": 3},
                  {"pinv_backward": "implicit", "pinv_select": "rows"}):

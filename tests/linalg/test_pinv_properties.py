@@ -2,7 +2,7 @@
 
 converged ⇒ ‖Z − A⁺_rcond‖_F/‖A⁺_rcond‖_F <= info.bound (<= tol), against float64
 ``torch.linalg.pinv`` of the matrix actually passed (after the cast to its dtype) with the
-same cut-off; not converged ⇒ a finite best iterate. Plus the reproductions of issue 11.
+same cut-off; not converged ⇒ a finite best iterate. Plus reproductions of earlier certificate failures.
 """
 
 import math
@@ -101,7 +101,7 @@ def test_well_separated_spectra_converge_at_every_scale_and_dtype(dtype, scale):
     assert rel(Z, torch.linalg.pinv(A.double(), rtol=1e-2)) <= info.bound.item() <= info.tol
 
 
-# ------------------------------------------------------------------ issue 11 repros
+# ------------------------------------------------------ earlier certificate failures
 
 
 def test_repro_unreached_small_singular_value_is_not_called_converged():

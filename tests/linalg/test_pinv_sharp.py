@@ -45,7 +45,7 @@ def square(kind, n, cond, seed, scale=1.0):
     return (orthogonal(n, gen) * spectrum(kind, n, cond)) @ orthogonal(n, gen).mT * scale
 
 
-# ------------------------------------------------------------------ the reproduction
+# ---------------------------------------- torch.rand matrices the old bound could not certify
 
 
 @pytest.mark.parametrize("n", [128, 256])

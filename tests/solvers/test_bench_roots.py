@@ -155,7 +155,7 @@ def test_minpack_test_list_and_starting_multiples():
 
 
 def test_default_solves_the_problems_that_stalled_broyden():
-    # the cases: Powell singular (||g|| = 7.1 after 500 iterations) and Wood (3.8e-3)
+    # where the previous default stalled: Powell singular (||g|| = 7.1 after 500 iterations) and Wood (3.8e-3)
     for name in ("powell_singular", "wood", "powell_badly_scaled"):
         p = BY_NAME[name]
         z, info = solvers.solve_root(p.g, torch.tensor([p.x0], dtype=F64), tol=1e-8, stop="abs",

@@ -49,7 +49,7 @@ def test_gmres_dimension_bounds_the_inner_iterations():
 
 @pytest.mark.parametrize("method", ["newton_krylov", "broyden_newton", "broyden"])
 def test_cubic_with_known_roots(method):
-    # the reproduction: z^3 + z - c, c in [-5, 5], 16 unknowns, default options
+    # Broyden's old failure case: z^3 + z - c, c in [-5, 5], 16 unknowns, default options
     r = torch.linspace(-1.5, 1.5, 16, dtype=F64).reshape(1, 16)
     c = r**3 + r
     z, info = solvers.solve_root(

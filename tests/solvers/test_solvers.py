@@ -136,7 +136,7 @@ def test_non_contractions_report_convergence_honestly(d, rho, seed, method, kind
 
 def test_broyden_finite_termination_on_linear_problems():
     # Gay (1979): good Broyden with full steps solves a linear system in at most 2d steps
-    # (the "d + 1" is not a theorem: on generic problems it needs ~1.3d-2d).
+    # ("d + 1" is not a theorem for good Broyden: on generic problems it needs ~1.3d-2d).
     for d in (4, 8, 16):
         f, z_star = contraction(batch=4, d=d, rho=0.9, seed=d)
         z, info = solvers.solve_fixed_point(

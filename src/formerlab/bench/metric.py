@@ -247,7 +247,7 @@ def _mib(r: Result | None) -> str:
 
 
 def summary_rows(results: list[Result]) -> list[dict[str, str]]:
-    """One row per size: times, peak memories and the ratios the issue's targets name."""
+    """One row per size: times, peak memories and the ratios against the baselines."""
     by = {(r.method, r.n): r for r in results}
     rows = []
     for n in sorted({r.n for r in results}):
