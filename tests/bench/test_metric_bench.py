@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from formerlab.bench.measure import markdown_table
+from formerlab.bench.measure import FewRepeatsWarning, markdown_table
 from formerlab.bench.metric import (
     Case,
     Result,
@@ -51,8 +51,9 @@ def test_run_case_in_process_measures_time():
 
 
 def test_run_benchmark_skips_what_does_not_fit_and_says_so():
-    results = run_benchmark(sizes=(8,), batch=1, heads=2, head_dim=4, warmup=0, repeats=1,
-                            max_materialised_gib=1e-9, methods=("metric", "materialised"))
+    with pytest.warns(FewRepeatsWarning, match="repeats=1"):
+        results = run_benchmark(sizes=(8,), batch=1, heads=2, head_dim=4, warmup=0, repeats=1,
+                                max_materialised_gib=1e-9, methods=("metric", "materialised"))
     by = {r.method: r for r in results}
     assert by["metric"].skipped is None and by["metric"].time_s > 0  # ran in a subprocess
     assert by["materialised"].skipped.startswith("skipped: needs")

@@ -3,6 +3,7 @@
 import pytest
 from typer.testing import CliRunner
 
+from formerlab.bench.measure import FewRepeatsWarning
 from formerlab.bench.nystrom import (
     Result,
     markdown_table,
@@ -25,8 +26,9 @@ def test_interleaved_timing_memory_and_table():
 
 
 def test_cli_bench_nystrom_one_case():
-    res = CliRunner().invoke(app, ["bench", "nystrom", "--size", "64", "--method", "nystrom",
-                                   "--warmup", "0", "--repeats", "1", "--landmarks", "8",
-                                   "--markdown"])
+    with pytest.warns(FewRepeatsWarning, match="repeats=1"):
+        res = CliRunner().invoke(app, ["bench", "nystrom", "--size", "64", "--method",
+                                       "nystrom", "--warmup", "0", "--repeats", "1",
+                                       "--landmarks", "8", "--markdown"])
     assert res.exit_code == 0, res.output
     assert "| 64 |" in res.output

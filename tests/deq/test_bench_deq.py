@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from formerlab.bench.deq import memory_comparison, memory_table, solver_comparison, solver_table
+from formerlab.bench.measure import FewRepeatsWarning
 
 
 def test_memory_comparison_deq_flat_in_iterations_explicit_grows_with_depth():
@@ -19,9 +22,10 @@ def test_memory_comparison_deq_flat_in_iterations_explicit_grows_with_depth():
 
 
 def test_solver_comparison_reports_every_solver():
-    rows = solver_comparison(
-        dim=32, seq=8, batch=2, gains=(1.0,), repeats=1, compare_torchdeq=False
-    )
+    with pytest.warns(FewRepeatsWarning, match="repeats=1"):
+        rows = solver_comparison(
+            dim=32, seq=8, batch=2, gains=(1.0,), repeats=1, compare_torchdeq=False
+        )
     assert [r.solver for r in rows] == ["fixed_point", "anderson", "broyden"]
     for r in rows:
         assert r.converged == 1.0 and r.residual_max <= 1e-3

@@ -6,6 +6,7 @@ same cut-off; not converged ⇒ a finite best iterate. Plus reproductions of ear
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -183,7 +184,11 @@ def test_float32_rounding_in_null_directions_is_covered_by_the_bound(shape, spec
     # Z − ZAZ does not see (null space of A), amplified ~κ while the small values grow
     for seed in range(6):
         A = prescribed(*shape, spectrum, 1.0, seed=seed).float()
-        Z, info = pinv(A, tol=1e-3, on_fail="warn", return_info=True)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            Z, info = pinv(A, tol=1e-3, on_fail="warn", return_info=True)
+        # on_fail="warn": a warning exactly when the matrix is not certified
+        assert bool(seen) == (not bool(info.converged)), [str(w.message) for w in seen]
         if bool(info.converged):
             ref = torch.linalg.pinv(A.double(), rtol=info.rcond)
             assert rel(Z, ref) <= info.bound.item()

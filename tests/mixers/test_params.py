@@ -1,8 +1,10 @@
 """Parameter tables (library and `formerlab params`), `formerlab mixers list`, `bench metric`."""
 
+import pytest
 from typer.testing import CliRunner
 
 from formerlab import mixers
+from formerlab.bench.measure import FewRepeatsWarning
 from formerlab.cli import app
 from formerlab.mixers.params import count_parameters, parameter_table
 
@@ -51,10 +53,12 @@ def test_mixers_list_command():
 
 
 def test_bench_metric_command_runs_and_reports_skips():
-    result = runner.invoke(app, ["bench", "metric", "--size", "8", "--batch", "1", "--heads", "2",
-                                 "--head-dim", "4", "--warmup", "0", "--repeats", "1",
-                                 "--max-materialised-gib", "1e-9", "--markdown",
-                                 "--method", "metric", "--method", "materialised"], env=WIDE)
+    with pytest.warns(FewRepeatsWarning, match="repeats=1"):
+        result = runner.invoke(app, ["bench", "metric", "--size", "8", "--batch", "1",
+                                     "--heads", "2", "--head-dim", "4", "--warmup", "0",
+                                     "--repeats", "1", "--max-materialised-gib", "1e-9",
+                                     "--markdown", "--method", "metric", "--method",
+                                     "materialised"], env=WIDE)
     assert result.exit_code == 0, result.output
     assert "materialised" in result.output and "skipped: needs" in result.output
     assert "| 8 |" in result.output
