@@ -65,6 +65,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+__all__ = [
+    "LeakReport",
+    "PrefixReport",
+    "assert_no_future_leak",
+    "assert_prefix_consistent",
+    "assert_states_are_values",
+    "check_future_leak",
+    "check_prefix_consistency",
+]
+
 
 @dataclass
 class LeakReport:
