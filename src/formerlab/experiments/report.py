@@ -16,10 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich import box
-from rich.console import Console
-from rich.table import Table
-
 from formerlab.experiments import plots
 from formerlab.experiments.results import COMPLETED, FAILED, SWEEP_FILE, read_result
 
@@ -342,16 +338,3 @@ def _main_value(result: dict[str, Any]) -> str:
     metric = result["task"]["main_metric"]
     value = result["metrics"].get(metric)
     return "–" if value is None else f"{metric} {value:.4f}"
-
-
-def print_tables(report: Report, console: Console) -> None:
-    """The report's tables on the terminal (rich, compact)."""
-    for task, rows in report.rows.items():
-        header, cells = table_rows(rows, compact=True)
-        table = Table(title=f"{task}: validation {rows[0].main_metric}", title_justify="left",
-                      box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
-        for i, column in enumerate(header):
-            table.add_column(column, justify="left" if i == 0 or column == "setting" else "right")
-        for line in cells:
-            table.add_row(*line)
-        console.print(table)
