@@ -94,7 +94,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from formerlab.attention.base import AttentionKernel, check_kernel_options, compute_dtype
+from formerlab.attention.base import (
+    AttentionKernel,
+    check_kernel_options,
+    compute_dtype,
+    zero_padded_queries,
+)
 from formerlab.attention.registry import register
 from formerlab.attention.streaming import (
     GROW_CHUNK,
@@ -369,17 +374,29 @@ def rotate_left(x: Tensor, by: Tensor) -> Tensor:
 class NystromState:
     """Streaming state of ``causal_nystrom`` (block landmark system).
 
-    The open segment (``open_len`` < s tokens so far): its queries ``q_open`` (B, H, s, D)
-    (the landmark query q̃ is their mean), keys ``k_open`` and values with a ones column
-    ``v_open`` (B, H, s, E + 1). Every finished segment a (``landmarks`` of them) is kept
-    as its landmark key k̃_a (``land_k``, B, H, capacity, D) and its landmark sum in
-    log-scaled form X_a = e^{c_a}·x̃_a (``land_c`` (B, H, capacity), ``land_x``
-    (B, H, capacity, E + 1)), grown in preallocated chunks. Memory O(s + t/s) per head.
+    The last ``open_len`` (< s) tokens of the stream, which hold every row's open segment
+    (the tokens since its last finished segment): their queries ``q_open`` (B, H, s, D),
+    keys ``k_open`` and values with a ones column ``v_open`` (B, H, s, E + 1), in the first
+    ``open_len`` slots (the landmark query q̃ of a segment is the mean of its queries).
+    Every finished segment a of a row is kept as its landmark key k̃_a (``land_k``,
+    B, H, capacity, D) and its landmark sum in log-scaled form X_a = e^{c_a}·x̃_a
+    (``land_c`` (B, H, capacity), ``land_x`` (B, H, capacity, E + 1)), grown in
+    preallocated chunks; a segment without a real token has c_a = -inf (no weight).
+    Memory O(s + t/s) per head.
 
-    A value: ``step`` returns a new state and never changes this one. The open-segment
-    and landmark buffers are append-only and shared with the states stepped from this one
+    Rows. Until a step is given an ``attention_mask``, every token is real and every row
+    is segmented from position 0: all rows hold ``open_len`` open tokens and ``landmarks``
+    landmarks. After one, ``open_real`` (B, 1, s) marks which kept tokens are real and
+    ``first`` holds each row's first real position (None while a row has none): a row's
+    segments start at its first real token, as in the parallel call, so its phase
+    (``first`` mod s) may differ from other rows' and rows may be a landmark apart;
+    ``open_len`` and ``landmarks`` are then the largest over the rows.
+
+    A value: ``step`` returns a new state and never changes this one. The kept-token and
+    landmark buffers are append-only and shared with the states stepped from this one
     until they diverge (``open_tail`` / ``land_tail``, see
-    :func:`formerlab.attention.streaming.claim`); a closed segment starts new open buffers.
+    :func:`formerlab.attention.streaming.claim`); dropping finished tokens from the kept
+    ones starts new buffers.
     """
 
     q_open: Tensor
@@ -393,6 +410,8 @@ class NystromState:
     length: int = 0
     open_tail: Tail = tail_field()
     land_tail: Tail = tail_field()
+    open_real: Tensor | None = None
+    first: tuple[int | None, ...] | None = None
 
 
 def _state_dims(state: NystromState) -> tuple[int, int, int, int]:
@@ -418,78 +437,233 @@ def _combine(local: Tensor, v_local: Tensor, far: Tensor | None, x_far: Tensor |
     return sums[..., :dv] / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def _close_segment(state: NystromState, scale: float) -> NystromState:
-    """The state with its full open segment turned into a landmark (as ``_block_system``
-    does) and empty open buffers; ``state`` itself is not changed."""
-    s = state.k_open.shape[2]
-    q_land = state.q_open.sum(-2) / s
-    k_land = state.k_open.sum(-2) / s
-    delta = scale * (state.k_open @ q_land.unsqueeze(-1)).squeeze(-1)
-    delta = delta - scale * (q_land * k_land).sum(-1, keepdim=True)  # (B, H, s)
+def row_phases(first: tuple[int | None, ...] | None, batch: int, s: int, before: int) -> list[int]:
+    """Each row's segment phase for the positions before ``before``: its first real
+    position mod s if that lies before ``before``, else 0 (a row without a real token yet
+    has only empty segments, whichever the phase)."""
+    if first is None:
+        return [0] * batch
+    return [f % s if f is not None and f < before else 0 for f in first]
+
+
+def _first_real(
+    state: NystromState, attention_mask: Tensor | None, batch: int
+) -> tuple[int | None, ...] | None:
+    """``first`` after a step with ``attention_mask`` (None while no mask was ever given).
+    Reads the mask on the host: the segment layout is host bookkeeping."""
+    if attention_mask is None and state.first is None:
+        return None
+    first = [0 if state.length else None] * batch if state.first is None else list(state.first)
+    if attention_mask is None:
+        any_real, index = [True] * batch, [0] * batch
+    else:
+        any_real = attention_mask.any(dim=1).tolist()
+        index = attention_mask.to(torch.uint8).argmax(dim=1).tolist()  # the first maximum
+    for row in range(batch):
+        if first[row] is None and any_real[row]:
+            first[row] = state.length + index[row]
+    return tuple(first)
+
+
+def _mark(counts: list[int]) -> int | tuple[int, ...]:
+    """The tail mark of per-row landmark counts: an int when every row has as many (the
+    unpadded case, so such states share buffers with states that never saw a mask)."""
+    return counts[0] if len(set(counts)) == 1 else tuple(counts)
+
+
+def _segment_of(
+    columns: Tensor, phases: list[int], base: list[int], s: int
+) -> Tensor:
+    """(B or 1, L): segment index of every column for every row, relative to ``base``."""
+    if len(set(phases)) == 1 and len(set(base)) == 1:
+        return torch.div(columns - phases[0], s, rounding_mode="floor")[None] - base[0]
+    dev = columns.device
+    phase = torch.tensor(phases, device=dev)[:, None]
+    return torch.div(columns[None] - phase, s, rounding_mode="floor") - torch.tensor(
+        base, device=dev
+    )[:, None]
+
+
+def _new_landmarks(
+    member: Tensor, qw: Tensor, kw: Tensor, vw: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Landmarks of the candidate segments ``member`` (B, R, L) of the working tokens, as
+    ``_block_system`` builds them: k̃ (B, H, R, D), c (B, H, R) (-inf for a segment without
+    a real token) and x̃ (B, H, R, E + 1)."""
+    count = member.sum(-1)  # (B, R)
+    weight = member.to(qw.dtype)[:, None]  # (B, 1, R, L)
+    denom = count.clamp_min(1).to(qw.dtype)[:, None, :, None]
+    q_land, k_land = weight @ qw / denom, weight @ kw / denom
+    delta = scale * q_land @ kw.transpose(-1, -2)
+    delta = delta - scale * (q_land * k_land).sum(-1, keepdim=True)  # (B, H, R, L)
+    delta = delta.masked_fill(~member[:, None], float("-inf"))
     c = _shift(delta)
-    x = (torch.exp(delta - c).unsqueeze(-2) @ state.v_open).squeeze(-2)
-    a = state.landmarks
-    buffers = (state.land_k, state.land_c, state.land_x)
-    (land_k, land_c, land_x), land_tail = claim(buffers, state.land_tail, a, a + 1)
-    land_k[:, :, a] = k_land
-    land_c[:, :, a] = c.squeeze(-1)
-    land_x[:, :, a] = x
-    # the closed segment's buffers stay with the states that still have it open
-    q_open, k_open, v_open = (t.new_zeros(t.shape) for t in (state.q_open, state.k_open, state.v_open))
-    return dataclasses.replace(
-        state, q_open=q_open, k_open=k_open, v_open=v_open, open_len=0, open_tail=Tail(),
-        land_k=land_k, land_c=land_c, land_x=land_x, landmarks=a + 1, land_tail=land_tail,
-    )
+    x = torch.exp(delta - c) @ vw
+    c = c.squeeze(-1).masked_fill((count == 0)[:, None], float("-inf"))
+    return k_land, c, x
 
 
-def _append_open(state: NystromState, q: Tensor, k: Tensor, v: Tensor) -> NystromState:
-    """The state with q, k, v (B, H, T, ·) appended to its open segment (T <= room left)."""
-    o = state.open_len
-    end = o + q.shape[2]
+def _working_tokens(
+    state: NystromState, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, keep: int
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tail]:
+    """The kept tokens followed by the piece q, k, v (B, H, p, ·): ``(work, kept, tail)``.
+
+    ``work``: queries, keys, values with a ones column (B, H, L, ·) and, for a masked
+    state, the real-token flags (B, 1, L). ``kept``: the new state's kept-token buffers,
+    holding the last ``keep`` working tokens, and their tail. When nothing is dropped
+    (``keep`` = L, the common case) the piece is appended in place and ``work`` are views
+    of those buffers; otherwise ``work`` is a copy and ``kept`` new buffers.
+    """
+    w, p = state.open_len, q.shape[2]
+    masked = mask is not None or state.open_real is not None
     buffers = (state.q_open, state.k_open, state.v_open)
-    (q_open, k_open, v_open), tail = claim(buffers, state.open_tail, o, end)
-    q_open[:, :, o:end] = q
-    k_open[:, :, o:end] = k
-    v_open[:, :, o:end, :-1] = v
-    v_open[:, :, o:end, -1] = 1.0
-    return dataclasses.replace(
-        state, q_open=q_open, k_open=k_open, v_open=v_open, open_len=end, open_tail=tail
+    if masked:
+        buffers += (_real_window(state),)
+    fill = True if mask is None else mask[:, None]
+    if keep == w + p:
+        buffers, tail = claim(buffers, state.open_tail, w, keep)
+        buffers[0][:, :, w:keep] = q
+        buffers[1][:, :, w:keep] = k
+        buffers[2][:, :, w:keep, :-1] = v
+        buffers[2][:, :, w:keep, -1] = 1.0
+        if masked:
+            buffers[3][:, :, w:keep] = fill
+        return tuple(b[:, :, :keep] for b in buffers), buffers, tail
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    piece = [q, k, v1]
+    if masked:
+        piece.append(torch.ones_like(buffers[3][:, :, :p]) if mask is None else fill)
+    work = tuple(torch.cat([b[:, :, :w], x], dim=2) for b, x in zip(buffers, piece))
+    kept = tuple(b.new_zeros(b.shape) for b in buffers)
+    for buffer, tokens in zip(kept, work):
+        buffer[:, :, :keep] = tokens[:, :, w + p - keep :]
+    return work, kept, Tail(keep)
+
+
+def _real_window(state: NystromState) -> Tensor:
+    """(B, 1, s) real-token flags of the kept tokens (all real for a state without)."""
+    if state.open_real is not None:
+        return state.open_real
+    b, _, s, _ = state.k_open.shape
+    real = torch.zeros(b, 1, s, dtype=torch.bool, device=state.k_open.device)
+    real[:, :, : state.open_len] = True
+    return real
+
+
+def _step_piece(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, state: NystromState,
+    first: tuple[int | None, ...] | None, scale: float,
+) -> tuple[Tensor, NystromState]:
+    """At most s new tokens (B, H, p, ·) against ``state``: outputs and the new state.
+
+    The working tokens are the kept ones followed by the piece (at most 2s − 1, so at most
+    three segments of any row). Each new query attends exactly to the real tokens of its
+    own segment up to itself, and through its landmark to every finished segment of its
+    row: those stored in the state, and those finished inside the working tokens.
+    """
+    s = state.k_open.shape[2]
+    bsz, _, p, _ = q.shape
+    c, w = state.length, state.open_len
+    dev, inf = q.device, float("-inf")
+    old = [(c - f) // s for f in row_phases(first, bsz, s, c)]  # landmarks stored per row
+    phases = row_phases(first, bsz, s, c + p)
+    new = [(c + p - f) // s for f in phases]
+    keep = max((c + p - f) % s for f in phases)
+    base = [(c - w - f) // s for f in phases]  # segment of the first working token
+    spans = max((c + p - 1 - f) // s - g for f, g in zip(phases, base)) + 1
+
+    work, kept, open_tail = _working_tokens(state, q, k, v, mask, keep)
+    qw, kw, vw = work[:3]
+    real = work[3][:, 0] if len(work) == 4 else None  # (B, L)
+    length = w + p
+    # local part: the query's own segment, keys up to itself, real keys only
+    causal = torch.arange(length, device=dev)[None, :] <= torch.arange(w, length, device=dev)[:, None]
+    seg = None  # one segment per row (decoding, unpadded): no per-row segment indices
+    seen = causal[None]
+    if spans > 1:
+        seg = _segment_of(torch.arange(c - w, c + p, device=dev), phases, base, s)  # (B|1, L)
+        seen = (seg[:, w:, None] == seg[:, None, :]) & causal
+    if real is not None:
+        seen = seen & real[:, None, :]
+    local = (scale * q @ kw.transpose(-1, -2)).masked_fill(~seen[:, None], inf)
+
+    # far part: the row's stored landmarks, then those finished in the working tokens
+    logits, sums = [], []
+    if state.landmarks:
+        a = state.landmarks
+        far = scale * q @ state.land_k[:, :, :a].transpose(-1, -2) + state.land_c[:, :, None, :a]
+        if min(old) < a:  # rows a landmark behind: mask the slot they have not filled
+            stored = torch.arange(a, device=dev)[None, :] < torch.tensor(old, device=dev)[:, None]
+            far = far.masked_fill(~stored[:, None, None, :], inf)
+        logits.append(far)
+        sums.append(state.land_x[:, :, :a])
+    fresh = [(row, j) for row in range(bsz) for j in range(old[row], new[row])]
+    if fresh:
+        slot = torch.arange(spans, device=dev)
+        if seg is None:
+            member = torch.ones(1, 1, length, dtype=torch.bool, device=dev)
+        else:
+            member = seg[:, None, :] == slot[None, :, None]  # (B|1, R, L)
+        member = member.expand(bsz, -1, -1) if real is None else member & real[:, None, :]
+        k_land, c_land, x_land = _new_landmarks(member, qw, kw, vw, scale)
+    if fresh and seg is not None:  # queries after a segment finished here see its landmark
+        unstored = (slot[None, :] + torch.tensor(base, device=dev)[:, None]) >= torch.tensor(
+            old, device=dev
+        )[:, None]  # (B, R)
+        sees = (slot[None, None, :] < seg[:, w:, None]) & unstored[:, None, :]  # (B, p, R)
+        far = scale * q @ k_land.transpose(-1, -2) + c_land[:, :, None, :]
+        logits.append(far.masked_fill(~sees[:, None], inf))
+        sums.append(x_land)
+    far = x_far = None
+    if logits:
+        far = logits[0] if len(logits) == 1 else torch.cat(logits, dim=-1)
+        x_far = sums[0] if len(sums) == 1 else torch.cat(sums, dim=-2)
+    out = zero_padded_queries(_combine(local, vw, far, x_far), mask)
+
+    land = (state.land_k, state.land_c, state.land_x)
+    land_tail = state.land_tail
+    if fresh:
+        land, land_tail = claim(
+            land, state.land_tail, max(old), max(new), mark=_mark(old), new_mark=_mark(new)
+        )
+        rows = torch.tensor([row for row, _ in fresh], device=dev)
+        slots = torch.tensor([j for _, j in fresh], device=dev)
+        rel = torch.tensor([j - base[row] for row, j in fresh], device=dev)
+        for buffer, value in zip(land, (k_land, c_land, x_land)):
+            buffer[rows, :, slots] = value[rows, :, rel]
+    state = dataclasses.replace(
+        state, q_open=kept[0], k_open=kept[1], v_open=kept[2], open_len=keep,
+        open_tail=open_tail, open_real=kept[3] if len(kept) == 4 else None,
+        land_k=land[0], land_c=land[1], land_x=land[2], landmarks=max(new),
+        land_tail=land_tail, length=c + p, first=first,
     )
+    return out, state
 
 
 def nystrom_step(
-    q: Tensor, k: Tensor, v: Tensor, state: NystromState, scale: float
+    q: Tensor, k: Tensor, v: Tensor, state: NystromState, scale: float,
+    attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, NystromState]:
     """Outputs of T new tokens (compute dtype) and the new state; ``state`` is unchanged.
 
-    The tokens are taken in pieces that fit the open segment; each piece attends exactly
-    to the open segment up to itself and to every finished segment through its landmark,
-    as in the parallel call; a segment that fills up becomes a landmark.
+    The tokens are taken in pieces of at most s; each piece attends exactly to its row's
+    open segment up to itself and to every finished segment of its row through its
+    landmark, as in the parallel call (segments of a row start at its first real token).
+    ``attention_mask`` (B, T), True = real: padded tokens join no segment's landmark and
+    no query's keys, and get output 0.
     """
     s = state.k_open.shape[2]
+    first = _first_real(state, attention_mask, q.shape[0])
     outs, i, t = [], 0, q.shape[2]
     while i < t:
-        o = state.open_len
-        take = min(t - i, s - o)
-        end = o + take
-        qp = q[:, :, i : i + take]
-        state = _append_open(state, qp, k[:, :, i : i + take], v[:, :, i : i + take])
-        local = scale * qp @ state.k_open[:, :, :end].transpose(-1, -2)
-        seen = torch.arange(end, device=q.device)[None, :] <= torch.arange(
-            o, end, device=q.device
-        )[:, None]
-        local = local.masked_fill(~seen, float("-inf"))
-        far = x_far = None
-        if state.landmarks:
-            a = state.landmarks
-            far = scale * qp @ state.land_k[:, :, :a].transpose(-1, -2)
-            far = far + state.land_c[:, :, None, :a]
-            x_far = state.land_x[:, :, :a]
-        outs.append(_combine(local, state.v_open[:, :, :end], far, x_far))
-        if end == s:
-            state = _close_segment(state, scale)
+        take = min(t - i, s)
+        mask = None if attention_mask is None else attention_mask[:, i : i + take]
+        cut = slice(i, i + take)
+        out, state = _step_piece(
+            q[:, :, cut], k[:, :, cut], v[:, :, cut], mask, state, first, scale
+        )
+        outs.append(out)
         i += take
-    state = dataclasses.replace(state, length=state.length + t)
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)), state
 
 
@@ -581,13 +755,20 @@ class CausalNystromAttention(AttentionKernel):
             zeros(b, h, GROW_CHUNK, d), zeros(b, h, GROW_CHUNK), zeros(b, h, GROW_CHUNK, e + 1),
         )
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: NystromState):
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: NystromState,
+        attention_mask: Tensor | None = None,
+    ):
         """``(out, new_state)`` for T new tokens (B, H, T, D), equal to the parallel causal
-        call; ``state`` itself is left unchanged (it can be stepped again)."""
-        check_step(self.name, q, k, v, state, NystromState, _state_dims)
+        call; ``state`` itself is left unchanged (it can be stepped again).
+        ``attention_mask`` (B, T), True = real: as the parallel call with the same mask
+        (each row segmented from its first real token; padding adds nothing)."""
+        check_step(self.name, q, k, v, state, NystromState, _state_dims, attention_mask)
         work = state.k_open.dtype
         scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else self.scale
-        out, state = nystrom_step(q.to(work), k.to(work), v.to(work), state, scale)
+        out, state = nystrom_step(
+            q.to(work), k.to(work), v.to(work), state, scale, attention_mask
+        )
         return out.to(q.dtype), state
 
     def diagnostics(self) -> dict[str, float]:

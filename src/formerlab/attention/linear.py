@@ -18,7 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from formerlab.attention.base import AttentionKernel, check_kernel_options, compute_dtype
+from formerlab.attention.base import (
+    AttentionKernel,
+    check_kernel_options,
+    compute_dtype,
+    zero_padded_queries,
+)
 from formerlab.attention.registry import register
 from formerlab.attention.streaming import check_step, state_dims
 from formerlab.errors import check_choice
@@ -116,19 +121,23 @@ def linear_dims(state: LinearState, head_dim: int) -> tuple[int, int, int, int]:
 
 
 def linear_step(
-    phi_q: Tensor, phi_k: Tensor, v: Tensor, state: LinearState, chunk_size: int
+    phi_q: Tensor, phi_k: Tensor, v: Tensor, state: LinearState, chunk_size: int,
+    attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, LinearState]:
     """Outputs of T new tokens from their features (B, H, T, F) and the state; new state.
 
     New token i sees the state (every earlier token) plus new tokens j <= i, through the
     same chunk-wise prefix sums as the parallel call (one step of T tokens is the
-    parallel call continued from the state).
+    parallel call continued from the state). ``attention_mask`` (B, T), True = real:
+    padded keys get zero features (they add nothing to the state), padded queries give 0.
     """
+    if attention_mask is not None:
+        phi_k = phi_k * attention_mask[:, None, :, None].to(phi_k.dtype)
     ones = torch.ones_like(v[..., :1])
     v1 = torch.cat([v, ones], dim=-1)
     past = torch.cat([state.kv, state.k_sum.unsqueeze(-1)], dim=-1)  # (B, H, F, E + 1)
     sums = causal_dot_product(phi_q, phi_k, v1, chunk_size) + phi_q @ past
-    out = sums[..., :-1] / safe_denominator(sums[..., -1:])
+    out = zero_padded_queries(sums[..., :-1] / safe_denominator(sums[..., -1:]), attention_mask)
     new = past + phi_k.transpose(-1, -2) @ v1
     state = LinearState(new[..., :-1], new[..., -1], state.length + v.shape[-2], state.projection)
     return out, state
@@ -181,10 +190,15 @@ class LinearAttention(AttentionKernel):
         features = self.phi(torch.zeros(1, d, dtype=work, device=device)).shape[-1]
         return empty_linear_state(b, h, features, e, work, device)
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: LinearState):
-        """``(out, state)`` for T new tokens (B, H, T, D); O(T·F·E) whatever the position."""
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: LinearState,
+        attention_mask: Tensor | None = None,
+    ):
+        """``(out, state)`` for T new tokens (B, H, T, D); O(T·F·E) whatever the position.
+        ``attention_mask`` (B, T), True = real: padded tokens add nothing to the state."""
         d = q.shape[-1]
-        check_step(self.name, q, k, v, state, LinearState, lambda st: linear_dims(st, d))
+        dims = lambda st: linear_dims(st, d)  # noqa: E731
+        check_step(self.name, q, k, v, state, LinearState, dims, attention_mask)
         work = state.kv.dtype
         phi_q, phi_k = self.phi(q.to(work)), self.phi(k.to(work))
         if phi_k.shape[-1] != state.kv.shape[-2]:
@@ -192,7 +206,9 @@ class LinearAttention(AttentionKernel):
                 f"q, k of size D={d} give {phi_k.shape[-1]} features; the state holds "
                 f"{state.kv.shape[-2]} (built for another head_dim)"
             )
-        out, state = linear_step(phi_q, phi_k, v.to(work), state, self.chunk_size)
+        out, state = linear_step(
+            phi_q, phi_k, v.to(work), state, self.chunk_size, attention_mask
+        )
         return out.to(q.dtype), state
 
     def extra_repr(self) -> str:

@@ -273,9 +273,14 @@ class PerformerAttention(AttentionKernel):
         state.projection = self.projection(d, device, work)
         return state
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: LinearState):
-        """``(out, state)`` for T new tokens (B, H, T, D); O(T·m·(D + E)) at any position."""
-        check_step(self.name, q, k, v, state, LinearState, lambda st: linear_dims(st, 0))
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: LinearState,
+        attention_mask: Tensor | None = None,
+    ):
+        """``(out, state)`` for T new tokens (B, H, T, D); O(T·m·(D + E)) at any position.
+        ``attention_mask`` (B, T), True = real: padded tokens add nothing to the state."""
+        dims = lambda st: linear_dims(st, 0)  # noqa: E731
+        check_step(self.name, q, k, v, state, LinearState, dims, attention_mask)
         w = state.projection
         if w is None:
             raise ValueError("state has no random features; build it with performer.init_state")
@@ -284,8 +289,11 @@ class PerformerAttention(AttentionKernel):
         root = self._scaled(d)
         phi_q = favor_features(q.to(work) * root, w, is_query=True)
         phi_k = favor_features(k.to(work) * root, w, False, None, causal=True)
-        phi_q = phi_q * normaliser_shift(phi_q, phi_k, None, True, prior=state.k_sum)
-        out, state = linear_step(phi_q, phi_k, v.to(work), state, self.chunk_size)
+        shift = normaliser_shift(phi_q, phi_k, attention_mask, True, prior=state.k_sum)
+        phi_q = phi_q * shift
+        out, state = linear_step(
+            phi_q, phi_k, v.to(work), state, self.chunk_size, attention_mask
+        )
         return out.to(q.dtype), state
 
     def extra_repr(self) -> str:

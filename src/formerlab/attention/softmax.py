@@ -14,6 +14,7 @@ from formerlab.attention.base import (
     allowed_keys,
     check_kernel_options,
     compute_dtype,
+    zero_padded_queries,
 )
 from formerlab.attention.registry import register
 from formerlab.attention.streaming import (
@@ -65,7 +66,9 @@ class KVCache:
     """Streaming state of ``softmax``: the keys and values seen so far.
 
     ``keys`` (B, H, capacity, D) and ``values`` (B, H, capacity, E) in the compute dtype;
-    the first ``length`` positions are this state's. Capacity grows in preallocated chunks
+    the first ``length`` positions are this state's. ``real`` (B, 1, capacity), bool:
+    which of them are real tokens, once a step has been given an ``attention_mask``
+    (None: all are); padded keys get no weight. Capacity grows in preallocated chunks
     (geometrically), so a token costs amortised O(1) copies, not a ``torch.cat`` of the
     whole cache. A value: ``step`` returns a new cache and never changes this one; caches
     stepped from one state share the buffers until they diverge, then copy
@@ -76,6 +79,7 @@ class KVCache:
     values: Tensor
     length: int = 0
     tail: Tail = tail_field()
+    real: Tensor | None = None
 
 
 def _cache_dims(state: KVCache) -> tuple[int, int, int, int]:
@@ -114,21 +118,51 @@ class SoftmaxAttention(AttentionKernel):
         keys = torch.zeros(b, h, GROW_CHUNK, d, dtype=work, device=device)
         return KVCache(keys, torch.zeros(b, h, GROW_CHUNK, e, dtype=work, device=device))
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: KVCache,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, KVCache]:
         """A new cache with k, v (B, H, T, ·) appended (``state`` is left as it was); new
-        queries see every key up to their own."""
-        check_step(self.name, q, k, v, state, KVCache, _cache_dims)
+        queries see every real key up to their own. ``attention_mask`` (B, T), True = real:
+        padded keys are kept but never seen, padded queries give 0 (the parallel call with
+        the same mask, :mod:`formerlab.attention.streaming`)."""
+        check_step(self.name, q, k, v, state, KVCache, _cache_dims, attention_mask)
         work = state.keys.dtype
         t, start = q.shape[2], state.length
         total = start + t
-        (keys, values), tail = claim((state.keys, state.values), state.tail, start, total)
+        buffers = (state.keys, state.values)
+        masked = attention_mask is not None or state.real is not None
+        if masked:
+            buffers += (_real_buffer(state),)
+        buffers, tail = claim(buffers, state.tail, start, total)
+        keys, values = buffers[0], buffers[1]
         keys[:, :, start:total] = k.to(work)
         values[:, :, start:total] = v.to(work)
         # query i (position start + i) sees keys j <= start + i
         pos = torch.arange(total, device=q.device)
         mask = pos[None, :] <= (start + torch.arange(t, device=q.device))[:, None]
+        real = None
+        if masked:
+            real = buffers[2]
+            real[:, 0, start:total] = True if attention_mask is None else attention_mask
+            mask = mask & real[:, :, None, :total]  # (B, 1, T, total)
+            # a padded query of a row without any real key yet would see nothing (a NaN
+            # softmax): it sees every key instead, and its output is zeroed below
+            mask = mask | ~mask.any(dim=-1, keepdim=True)
         scale = 1.0 / math.sqrt(q.shape[-1]) if self.scale is None else self.scale
         out = F.scaled_dot_product_attention(
             q.to(work), keys[:, :, :total], values[:, :, :total], attn_mask=mask, scale=scale
         )
-        return out.to(q.dtype), KVCache(keys, values, total, tail)
+        out = zero_padded_queries(out, attention_mask)
+        return out.to(q.dtype), KVCache(keys, values, total, tail, real)
+
+
+def _real_buffer(state: KVCache) -> Tensor:
+    """The cache's (B, 1, capacity) real-token flags; for a cache that never saw a mask, a
+    new buffer marking its ``length`` positions real (it joins the cache's buffers)."""
+    if state.real is not None:
+        return state.real
+    b, _, capacity, _ = state.keys.shape
+    real = torch.zeros(b, 1, capacity, dtype=torch.bool, device=state.keys.device)
+    real[:, :, : state.length] = True
+    return real

@@ -14,6 +14,18 @@ holds ``used`` positions may write position ``used`` in place only if nobody has
 there yet (its :class:`Tail` says how far the shared buffer is filled); otherwise it
 copies its own prefix first (copy-on-write, :func:`claim`). The common single-path case
 never copies more than the geometric growth does.
+
+Padding (batches of sequences of different lengths). ``step(q, k, v, state,
+attention_mask=None)`` takes ``attention_mask``, bool (B, T), True = real token, for the
+T new tokens. A masked step equals the parallel causal call with the same mask over the
+whole stream (the masks of all steps side by side): a padded token adds nothing to its
+row's state (no key and value, no feature sum, no landmark) and its output is zero. With
+left padding each row therefore gets exactly what it gets alone, stepped from its first
+real token, so prompts of different lengths share one batch: ``causal_nystrom`` counts
+its segments from each row's first real token (a per-row segment phase in its state), as
+its parallel call does; rotary or learned positions counted from each row's first real
+token are the caller's part (:mod:`formerlab.mixers.streaming`). Without a mask every
+token is real. States that never saw a mask stay as they were (no mask buffers).
 """
 
 from __future__ import annotations
@@ -53,8 +65,10 @@ def check_step(
     state: Any,
     state_type: type,
     dims: Callable[[Any], tuple[int, int, int, int]],
+    attention_mask: Any = None,
 ) -> None:
-    """Raise ``ValueError`` unless q, k, v (B, H, T, D) fit ``state`` (of ``state_type``).
+    """Raise ``ValueError`` unless q, k, v (B, H, T, D) fit ``state`` (of ``state_type``)
+    and ``attention_mask`` is None or bool (B, T).
 
     ``dims(state)`` = the (B, H, D, E) the state was built for.
     """
@@ -80,6 +94,24 @@ def check_step(
         raise ValueError(f"step needs T >= 1 new tokens; got T={t}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_step_mask(attention_mask, b, t)
+
+
+def check_step_mask(attention_mask: Any, batch: int, tokens: int) -> None:
+    """Raise ``ValueError`` unless ``attention_mask`` is None or a bool (B, T) tensor."""
+    if attention_mask is None:
+        return
+    ok = isinstance(attention_mask, Tensor) and attention_mask.dtype == torch.bool
+    if not ok or tuple(attention_mask.shape) != (batch, tokens):
+        got = (
+            f"dtype {attention_mask.dtype}, shape {tuple(attention_mask.shape)}"
+            if isinstance(attention_mask, Tensor)
+            else type(attention_mask).__name__
+        )
+        raise ValueError(
+            f"attention_mask of a step must be bool (B, T) = ({batch}, {tokens}), True = real "
+            f"token; got {got}"
+        )
 
 
 def reserve(buffer: Tensor, used: int, needed: int, dim: int = 2) -> Tensor:
@@ -105,12 +137,14 @@ class Tail:
 
     One ``Tail`` is shared by every state that uses the same buffers; a state holding
     ``used`` positions owns the end of the buffers exactly when ``tail.filled == used``.
+    Buffers whose rows fill at different times (``causal_nystrom``'s landmarks under left
+    padding) record a tuple of per-row counts instead (the ``mark`` of :func:`claim`).
     States keep it as a ``tail_field()`` (left out of their ``==`` and ``repr``).
     """
 
     __slots__ = ("filled",)
 
-    def __init__(self, filled: int = 0) -> None:
+    def __init__(self, filled: Any = 0) -> None:
         self.filled = filled
 
     def __repr__(self) -> str:
@@ -123,7 +157,14 @@ def tail_field() -> Any:
 
 
 def claim(
-    buffers: tuple[Tensor, ...], tail: Tail, used: int, needed: int, dim: int = 2
+    buffers: tuple[Tensor, ...],
+    tail: Tail,
+    used: int,
+    needed: int,
+    dim: int = 2,
+    *,
+    mark: Any = None,
+    new_mark: Any = None,
 ) -> tuple[tuple[Tensor, ...], Tail]:
     """Buffers into which a state holding ``used`` positions may write positions
     ``used … needed − 1`` without changing what any other state sees; and their tail.
@@ -132,17 +173,24 @@ def claim(
     buffers; otherwise — another state sharing them has written past ``used`` — a copy of
     the first ``used`` positions (copy-on-write). The returned tail is marked filled to
     ``needed``: write those positions before anyone else claims these buffers.
+
+    ``mark`` / ``new_mark`` (default ``used`` / ``needed``): what the tail records, for
+    buffers whose rows fill at different times (a tuple of per-row counts; ``used`` is
+    then their maximum). A state then owns the buffers only while nobody has written any
+    row past its own count, and may write any row's positions below ``needed``.
     """
     if needed < used:
         raise ValueError(f"needed={needed} is below used={used}")
-    if tail.filled != used:  # shared past `used`: the other branch's tokens are there
+    mark = used if mark is None else mark
+    new_mark = needed if new_mark is None else new_mark
+    if tail.filled != mark:  # shared past `used`: the other branch's tokens are there
         fresh = tuple(_copy_prefix(b, used, needed, dim) for b in buffers)
-        tail = Tail(used)
+        tail = Tail(mark)
     else:
         fresh = tuple(reserve(b, used, needed, dim) for b in buffers)
         if any(f is not b for f, b in zip(fresh, buffers)):
-            tail = Tail(used)  # new storage: the old buffers stay with their old owners
-    tail.filled = needed
+            tail = Tail(mark)  # new storage: the old buffers stay with their old owners
+    tail.filled = new_mark
     return fresh, tail
 
 

@@ -8,6 +8,16 @@ Streaming (decoding without recomputing the past): a causal mixer with
 ``supports_streaming`` gives ``state = mixer.init_state(batch, dtype=..., device=...)`` and
 ``out, state = mixer.step(x, state)`` for x (B, T, C) holding the next T >= 1 tokens;
 the outputs equal the matching rows of ``mixer(whole_sequence, causal=True)``.
+
+Padding in a stream: ``mixer.step(x, state, attention_mask=mask)`` with ``mask`` bool
+(B, T), True = real, for the T new tokens, equals the matching rows of
+``mixer(whole_sequence, attention_mask=whole_mask, causal=True)`` (``whole_mask``: the
+masks of all steps side by side; a step without one counts as all real). Padded tokens
+add nothing to the state (a kernel's KV cache masks them, feature sums and landmarks
+leave them out, a pooling window does not count them) and positions count from each
+row's first real token, so a left-padded row streams exactly as the row alone: prompts
+of different lengths decode in one batch. The mask is checked on every step; a state is
+still a value (``step`` never changes the state it is given).
 """
 
 from __future__ import annotations
@@ -72,19 +82,26 @@ class TokenMixer(nn.Module):
             device = next((p.device for p in self.parameters()), None)
         return self.new_state(check_batch(batch), dtype, device)
 
-    def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+    def step(
+        self, x: Tensor, state: Any, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, Any]:
         """Mix the next tokens x (B, T, C) causally against the stream in ``state``;
-        returns ``(out (B, T, C), new_state)``."""
+        returns ``(out (B, T, C), new_state)``. ``attention_mask`` (B, T), True = real
+        token: as the parallel call with the same mask (see the module doc)."""
         self._check_streaming()
-        check_mixer_input(x, self.dim, None)
+        check_mixer_input(x, self.dim, attention_mask)
         if x.shape[1] < 1:
             raise ValueError(f"step needs at least one new token; got x of shape {tuple(x.shape)}")
-        return self.step_mix(x, state)
+        if attention_mask is None:
+            return self.step_mix(x, state)
+        return self.step_mix(x, state, attention_mask)
 
     def new_state(self, batch: int, dtype: torch.dtype, device: Any) -> Any:
         raise NotImplementedError
 
-    def step_mix(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+    def step_mix(
+        self, x: Tensor, state: Any, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, Any]:
         raise NotImplementedError
 
     def _check_streaming(self) -> None:

@@ -189,9 +189,11 @@ class MetricAttention(TokenMixer):
         k = self.head_dim
         return new_attention_state(self.kernel, batch, self.heads, k, k, dtype, device)
 
-    def step_mix(self, x: Tensor, state):
+    def step_mix(self, x: Tensor, state, attention_mask: Tensor | None = None):
         p = split_heads(self.proj(x), self.heads)
-        out, state = attend_step(self.kernel, self.queries(p), p, p, state, self.rope)
+        out, state = attend_step(
+            self.kernel, self.queries(p), p, p, state, self.rope, attention_mask
+        )
         return self.out(merge_heads(out)), state
 
     def extra_repr(self) -> str:

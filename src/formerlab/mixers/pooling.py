@@ -13,7 +13,8 @@ never leak into real tokens, and outputs at padded positions are zero.
 
 Streaming: the causal window only reaches ``pool_size − 1`` tokens back, so the state is
 a buffer of the last ``pool_size − 1`` inputs (:class:`PoolingState`), memory independent
-of the position.
+of the position. A step with an ``attention_mask`` also keeps which of them are real, and
+equals the parallel call with the same mask (padding counted in no window).
 """
 
 from __future__ import annotations
@@ -42,9 +43,21 @@ def window_sum(x: Tensor, size: int, left: int) -> Tensor:
 @dataclass
 class PoolingState:
     """The last (up to) ``pool_size − 1`` inputs of the stream, (B, L, C) in the compute
-    dtype (float32, float64 for float64 inputs)."""
+    dtype (float32, float64 for float64 inputs); ``real`` (B, L) bool, once a step has had
+    an ``attention_mask``: which of them are real tokens (None: all are)."""
 
     window: Tensor
+    real: Tensor | None = None
+
+
+def masked_pool(work: Tensor, real: Tensor, size: int, left: int) -> Tensor:
+    """Mean over the real tokens of each window minus identity, on (B, N, C) with ``real``
+    (B, N, 1) weights (1 real, 0 padding); 0 at padded positions."""
+    total = window_sum(work * real, size, left)
+    # Every real query counts itself, so count >= 1 there; the clamp only guards padded
+    # queries whose window may hold no real token (their output is zeroed below).
+    count = window_sum(real, size, left).round().clamp_min(1.0)
+    return (total / count - work) * real
 
 
 def causal_pool(work: Tensor, size: int) -> Tensor:
@@ -80,12 +93,25 @@ class Pooling(TokenMixer):
         work = compute_dtype(dtype)
         return PoolingState(torch.zeros(batch, 0, self.dim, dtype=work, device=device))
 
-    def step_mix(self, x: Tensor, state: PoolingState) -> tuple[Tensor, PoolingState]:
+    def step_mix(
+        self, x: Tensor, state: PoolingState, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, PoolingState]:
         # the buffered past plus the new tokens hold every window the new tokens need
         seen = torch.cat([state.window, x.to(state.window.dtype)], dim=1)
-        out = causal_pool(seen, self.pool_size)[:, -x.shape[1] :]
-        keep = seen[:, seen.shape[1] - min(seen.shape[1], self.pool_size - 1) :]
-        return out.to(x.dtype), PoolingState(keep)
+        start = seen.shape[1] - min(seen.shape[1], self.pool_size - 1)
+        if attention_mask is None and state.real is None:
+            out = causal_pool(seen, self.pool_size)[:, -x.shape[1] :]
+            return out.to(x.dtype), PoolingState(seen[:, start:])
+        past = state.real
+        if past is None:
+            past = torch.ones(state.window.shape[:2], dtype=torch.bool, device=seen.device)
+        new = attention_mask
+        if new is None:
+            new = torch.ones(x.shape[:2], dtype=torch.bool, device=seen.device)
+        real = torch.cat([past, new], dim=1)
+        weight = real.to(seen.dtype).unsqueeze(-1)
+        out = masked_pool(seen, weight, self.pool_size, self.pool_size - 1)[:, -x.shape[1] :]
+        return out.to(x.dtype), PoolingState(seen[:, start:], real[:, start:])
 
     def mix(self, x: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
         size = self.pool_size
@@ -95,12 +121,7 @@ class Pooling(TokenMixer):
             real = work.new_ones(work.shape[0], work.shape[1], 1)
         else:
             real = attention_mask.to(work.dtype).unsqueeze(-1)
-        total = window_sum(work * real, size, left)
-        # Every real query counts itself, so count >= 1 there; the clamp only guards padded
-        # queries whose window may hold no real token (their output is zeroed below).
-        count = window_sum(real, size, left).round().clamp_min(1.0)
-        out = (total / count - work) * real
-        return out.to(x.dtype)
+        return masked_pool(work, real, size, left).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, pool_size={self.pool_size}"

@@ -125,8 +125,10 @@ class QuadraticAttention(TokenMixer):
             self.kernel, batch, self.heads, qk, self.head_dim, dtype, device
         )
 
-    def step_mix(self, x: Tensor, state):
-        out, state = attend_step(self.kernel, *self.qkv_heads(x), state, self.rope)
+    def step_mix(self, x: Tensor, state, attention_mask: Tensor | None = None):
+        out, state = attend_step(
+            self.kernel, *self.qkv_heads(x), state, self.rope, attention_mask
+        )
         return self.out(merge_heads(out)), state
 
     def extra_repr(self) -> str:

@@ -151,8 +151,10 @@ class SelfAttention(TokenMixer):
         d = self.head_dim
         return new_attention_state(self.kernel, batch, self.heads, d, d, dtype, device)
 
-    def step_mix(self, x: Tensor, state):
-        out, state = attend_step(self.kernel, *self.qkv_heads(x), state, self.rope)
+    def step_mix(self, x: Tensor, state, attention_mask: Tensor | None = None):
+        out, state = attend_step(
+            self.kernel, *self.qkv_heads(x), state, self.rope, attention_mask
+        )
         return self.out(merge_heads(out)), state
 
     def extra_repr(self) -> str:

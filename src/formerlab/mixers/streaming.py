@@ -6,6 +6,13 @@ their absolute positions, before any feature map (``formerlab.attention.rope`` s
 that means for each kernel: exact relative positions for softmax / causal_nystrom, in
 expectation for performer, a valid non-negative kernel for linear). A streaming step
 continues the positions of its stream, so stepping equals the parallel call.
+
+Padding. With an ``attention_mask`` (bool (B, N), True = real token) positions count from
+each row's first real token (:func:`row_positions`): a left-padded row is rotated exactly
+as the row alone (and the learned positions of :mod:`formerlab.models.embedding` use the
+same count). A streaming step with a mask continues each row's count
+(:func:`advance_positions`) and hands the mask to the kernel's step, which gives the
+parallel call with the same mask (:mod:`formerlab.attention.streaming`).
 """
 
 from __future__ import annotations
@@ -22,10 +29,45 @@ from formerlab.attention.rope import apply_rope
 @dataclass
 class AttentionMixerState:
     """Streaming state of a kernel-based mixer: the kernel's own state and the number of
-    tokens consumed so far (the position of the next token, the rotary offset)."""
+    tokens consumed so far (the position of the next token, the rotary offset).
+
+    ``lead`` (B,), once a step has had an ``attention_mask``: each row's first real
+    position (``position`` for a row without one yet); the row's rotary positions count
+    from it. None: every row started at 0."""
 
     kernel: Any
     position: int = 0
+    lead: Tensor | None = None
+
+
+def row_positions(attention_mask: Tensor) -> Tensor:
+    """(B, N) positions counted from each row's first real token (negative before it):
+    ``arange(N) - leading padding`` for ``attention_mask`` bool (B, N)."""
+    n = attention_mask.shape[1]
+    lead = attention_mask.to(torch.uint8).argmax(dim=1)  # the first maximum: leading padding
+    return torch.arange(n, device=attention_mask.device)[None, :] - lead[:, None]
+
+
+def advance_positions(
+    lead: Tensor | None, position: int, attention_mask: Tensor | None, batch: int,
+    tokens: int, device: Any,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(lead, positions)`` of a streaming step of ``tokens`` new tokens at ``position``.
+
+    ``lead`` (B,): each row's first real position, ``position`` for a row that has none
+    yet (None: every row started at 0); ``positions`` (B, T) of the new tokens, counted
+    from it. Both None while no mask was given (the positions are ``position + i``).
+    """
+    if lead is None and attention_mask is None:
+        return None, None
+    if lead is None:
+        lead = torch.zeros(batch, dtype=torch.long, device=device)
+    if attention_mask is not None:
+        first = attention_mask.to(torch.uint8).argmax(dim=1)
+        first = torch.where(attention_mask.any(dim=1), first, tokens)
+        lead = torch.where(lead == position, position + first, lead)
+    steps = torch.arange(position, position + tokens, device=device)
+    return lead, steps[None, :] - lead[:, None]
 
 
 def kernel_streams(kernel: Any) -> bool:
@@ -36,8 +78,9 @@ def kernel_streams(kernel: Any) -> bool:
     return hasattr(kernel, "init_state") and hasattr(kernel, "step")
 
 
-def rotate(q: Tensor, k: Tensor, start: int) -> tuple[Tensor, Tensor]:
-    """q, k (B, H, T, D) rotated for positions ``start … start + T − 1``."""
+def rotate(q: Tensor, k: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
+    """q, k (B, H, T, D) rotated for positions ``start … start + T − 1`` (or for the
+    positions in ``start``, a (B, T) tensor)."""
     return apply_rope(q, start), apply_rope(k, start)
 
 
@@ -57,20 +100,31 @@ def attend(
     kernel: Any, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None,
     causal: bool, rope: bool,
 ) -> Tensor:
-    """The parallel kernel call, positions 0 … N − 1."""
+    """The parallel kernel call, positions 0 … N − 1 (with a mask: counted from each
+    row's first real token)."""
     if rope:
-        q, k = rotate(q, k, 0)
+        start = 0 if attention_mask is None else row_positions(attention_mask)
+        q, k = rotate(q, k, start)
     return kernel(q, k, v, attention_mask=attention_mask, causal=causal)
 
 
 def attend_step(
-    kernel: Any, q: Tensor, k: Tensor, v: Tensor, state: AttentionMixerState, rope: bool
+    kernel: Any, q: Tensor, k: Tensor, v: Tensor, state: AttentionMixerState, rope: bool,
+    attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, AttentionMixerState]:
-    """One streaming kernel step on the next T tokens; positions continue the stream."""
+    """One streaming kernel step on the next T tokens; positions continue the stream.
+    ``attention_mask`` (B, T), True = real: as the parallel call with the same mask."""
+    b, _, t, _ = q.shape
+    lead, positions = advance_positions(
+        state.lead, state.position, attention_mask, b, t, q.device
+    )
     if rope:
-        q, k = rotate(q, k, state.position)
-    out, kernel_state = kernel.step(q, k, v, state.kernel)
-    return out, AttentionMixerState(kernel_state, state.position + q.shape[-2])
+        q, k = rotate(q, k, state.position if positions is None else positions)
+    if attention_mask is None:  # kernels outside the registry may not take the argument
+        out, kernel_state = kernel.step(q, k, v, state.kernel)
+    else:
+        out, kernel_state = kernel.step(q, k, v, state.kernel, attention_mask=attention_mask)
+    return out, AttentionMixerState(kernel_state, state.position + t, lead)
 
 
 def new_attention_state(

@@ -3,7 +3,8 @@
 pre-norm: x + mixer(norm(x)), then x + mlp(norm(x)).
 
 Streaming: everything but the mixer is per position, so a block's state is its mixer's
-state and ``step`` threads it through; a stack's state is one mixer state per layer.
+state and ``step`` threads it through (with the new tokens' ``attention_mask``, if any);
+a stack's state is one mixer state per layer.
 """
 
 from __future__ import annotations
@@ -61,9 +62,12 @@ class MetaFormerBlock(nn.Module):
         """The mixer's empty stream state (the rest of the block is per position)."""
         return self.mixer.init_state(batch, dtype=dtype, device=device)
 
-    def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
-        """The next tokens x (B, T, C) through the block, causally; ``(out, state)``."""
-        mixed, state = self.mixer.step(self.norm1(x), state)
+    def step(
+        self, x: Tensor, state: Any, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, Any]:
+        """The next tokens x (B, T, C) through the block, causally; ``(out, state)``.
+        ``attention_mask`` (B, T), True = real: the mixer's masked step."""
+        mixed, state = self.mixer.step(self.norm1(x), state, attention_mask=attention_mask)
         x = x + self.drop(mixed)
         return x + self.mlp(self.norm2(x)), state
 
@@ -110,8 +114,11 @@ class BlockStack(nn.Module):
         """One empty mixer state per layer."""
         return [block.init_state(batch, dtype=dtype, device=device) for block in self.blocks]
 
-    def step(self, x: Tensor, state: list[Any]) -> tuple[Tensor, list[Any]]:
-        """The next tokens through every layer; returns (final-norm output, new states)."""
+    def step(
+        self, x: Tensor, state: list[Any], attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, list[Any]]:
+        """The next tokens through every layer; returns (final-norm output, new states).
+        ``attention_mask`` (B, T), True = real: every layer's masked step."""
         if not isinstance(state, list) or len(state) != len(self.blocks):
             got = len(state) if isinstance(state, list) else type(state).__name__
             raise ValueError(
@@ -120,6 +127,6 @@ class BlockStack(nn.Module):
             )
         new = []
         for block, layer in zip(self.blocks, state):
-            x, layer = block.step(x, layer)
+            x, layer = block.step(x, layer, attention_mask=attention_mask)
             new.append(layer)
         return self.norm(x), new

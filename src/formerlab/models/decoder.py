@@ -4,13 +4,18 @@ Generation streams: ``DecoderLM.step(ids, state)`` runs the next tokens through 
 layer's mixer state (a KV cache for softmax, a constant-size state for linear/performer,
 a window buffer for pooling), so each new token costs one position, not a recompute of
 the whole context. ``generate(..., use_cache=False)`` keeps the recompute path.
+
+Batches of prompts of different lengths: ``generate(ids, tokens, attention_mask=mask)``
+with the prompts left-padded (``mask`` bool (B, N), True = real token) gives every row
+what the prompt alone gives: positions count from each row's first real token and
+padding adds nothing to any layer's state (``step(ids, state, attention_mask=...)``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +29,11 @@ from formerlab.errors import (
     refuse_key_padding_mask,
 )
 from formerlab.linalg.numerics import compute_dtype
-from formerlab.models.embedding import SequenceModel, check_ids
+from formerlab.mixers.streaming import advance_positions
+from formerlab.models.embedding import SequenceModel, check_ids, check_mask
+
+#: one generator for the batch, one per row (each row then samples as it would alone), or None
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 _WARNED: set[str] = set()
 
@@ -32,10 +41,13 @@ _WARNED: set[str] = set()
 @dataclass
 class DecoderState:
     """A ``DecoderLM`` stream: one state per layer (the body's) and the number of tokens
-    consumed so far (the position of the next token)."""
+    consumed so far (the position of the next token). ``lead`` (B,), once a step has had
+    an ``attention_mask``: each row's first real position (``position`` while a row has
+    none), from which its learned positions count; None: every row started at 0."""
 
     layers: Any
     position: int = 0
+    lead: Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -74,23 +86,31 @@ def check_causal_mixers(model: SequenceModel) -> None:
 
 
 def sample_next(
-    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+    logits: Tensor, temperature: float, top_k: int | None, generator: Generators
 ) -> Tensor:
     """One token per row of ``logits`` (B, V): softmax(logits / temperature) over the
     ``top_k`` likeliest (all if None); returns (B, 1) ids on ``logits``' device.
 
     The draw happens where ``generator`` lives (a CPU generator with a GPU model: the
     probabilities move, B × V numbers), so a CPU generator samples the same tokens whatever
-    the model's device, up to the rounding of the probabilities.
+    the model's device, up to the rounding of the probabilities. A sequence of B
+    generators draws row b with the b-th (one draw each, as a batch of one would), so a
+    row's tokens do not depend on the other rows.
     """
     logits = logits.to(compute_dtype(logits.dtype)) / temperature
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
-    if generator is not None:
-        probs = probs.to(generator.device)
-    return torch.multinomial(probs, 1, generator=generator).to(logits.device)
+    if generator is None or isinstance(generator, torch.Generator):
+        if generator is not None:
+            probs = probs.to(generator.device)
+        return torch.multinomial(probs, 1, generator=generator).to(logits.device)
+    rows = [
+        torch.multinomial(probs[b : b + 1].to(g.device), 1, generator=g).to(logits.device)
+        for b, g in enumerate(generator)
+    ]
+    return torch.cat(rows, dim=0)
 
 
 def warn_once(key: str, message: str) -> None:
@@ -144,21 +164,37 @@ class DecoderLM(SequenceModel):
         device = weight.device if device is None else device
         return DecoderState(self.body.init_state(batch, dtype=dtype, device=device), 0)
 
-    def step(self, ids: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
+    def step(
+        self, ids: Tensor, state: DecoderState, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, DecoderState]:
         """Logits (B, T, vocab_size) for the next T tokens ``ids`` of the stream; equal to
-        the last T rows of ``forward`` on the whole sequence so far."""
+        the last T rows of ``forward`` on the whole sequence so far.
+
+        ``attention_mask`` (B, T), True = real token, for these T tokens (None: all
+        real): equal to ``forward`` with the masks of all steps side by side. Padded
+        tokens add nothing to any layer's state and positions count from each row's first
+        real token, so a left-padded prompt then its continuation give that row what the
+        prompt alone gives. ``state`` is left unchanged (a value).
+        """
         if not isinstance(state, DecoderState):
             raise ValueError(f"state must be a DecoderState (from init_state); got {type(state).__name__}")
         check_ids(ids, self.embed.vocab_size)
         if ids.shape[1] < 1:
             raise ValueError(f"step needs at least one token; got ids of shape {tuple(ids.shape)}")
-        x = self.embed(ids, start=state.position)
-        x, layers = self.body.step(x, state.layers)
-        return self.head(x), DecoderState(layers, state.position + ids.shape[1])
+        if attention_mask is not None:
+            check_mask(attention_mask, ids)
+        b, t = ids.shape
+        lead, positions = advance_positions(
+            state.lead, state.position, attention_mask, b, t, ids.device
+        )
+        x = self.embed(ids, start=state.position, positions=positions)
+        x, layers = self.body.step(x, state.layers, attention_mask=attention_mask)
+        return self.head(x), DecoderState(layers, state.position + t, lead)
 
     def context(self, ids: Tensor) -> Tensor:
         """What the model can condition on: the last ``max_len`` tokens with learned
-        positions (a sliding window), everything with ``rope`` / ``none``."""
+        positions (a sliding window), everything with ``rope`` / ``none``. (Also applied
+        to a (B, N) attention mask, column for column.)"""
         return ids[:, -self.max_len :] if self.positions == "learned" else ids
 
     @torch.no_grad()
@@ -168,17 +204,22 @@ class DecoderLM(SequenceModel):
         tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         *,
         use_cache: bool = True,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Sample ``tokens`` new tokens after ``ids`` (B, N >= 1); returns (B, N + tokens).
 
         ``use_cache`` streams through ``step`` (each token costs one position); False
         recomputes the whole context per token. Both give the same tokens up to float
-        rounding (``top_k=1`` is greedy). See ``stream`` for the details.
+        rounding (``top_k=1`` is greedy). ``attention_mask`` (B, N), True = real token:
+        prompts of different lengths, left-padded (any token ids in the padding); each row
+        gets the tokens its prompt alone gets (with a generator per row when sampling).
+        See ``stream`` for the details.
         """
-        new = list(self.stream(ids, tokens, temperature, top_k, generator, use_cache=use_cache))
+        new = list(self.stream(ids, tokens, temperature, top_k, generator,
+                               use_cache=use_cache, attention_mask=attention_mask))
         return torch.cat([ids, *new], dim=1)
 
     @torch.no_grad()
@@ -188,9 +229,10 @@ class DecoderLM(SequenceModel):
         tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         *,
         use_cache: bool = True,
+        attention_mask: Tensor | None = None,
     ) -> Iterator[Tensor]:
         """Yield the ``tokens`` sampled tokens one at a time, each (B, 1), as produced.
 
@@ -200,8 +242,18 @@ class DecoderLM(SequenceModel):
         ``rope`` / ``none`` the cache runs on past ``max_len``. A body that cannot stream
         (a DEQ body: its fixed point is solved jointly over all positions) falls back to
         recomputing, with a one-time warning.
+
+        A batch of prompts of different lengths: ``attention_mask`` (B, N), True = real
+        token, with left padding only (each row's padding before its first real token;
+        anything else raises ``ValueError``). Every row then gets what its prompt alone
+        gets: greedy tokens (``top_k=1``) exactly, logits up to float rounding. Sampling
+        draws row b with ``generator[b]`` when ``generator`` is a sequence of B generators,
+        so a row seeded like a prompt alone samples the same tokens (up to the rounding of
+        the probabilities); one generator draws for the rows in turn, so a row's sample
+        then depends on the rows before it.
         """
-        self._check_generate(ids, tokens, temperature, top_k)
+        self._check_generate(ids, tokens, temperature, top_k, generator)
+        mask = check_left_padding(attention_mask, ids)
         if use_cache and not self.supports_streaming:
             warn_once(
                 type(self.body).__name__,
@@ -211,21 +263,28 @@ class DecoderLM(SequenceModel):
             use_cache = False
         state = None
         for _ in range(tokens):
+            context = self.context(ids)
+            window = None if mask is None else self.context(mask)
+            if window is not None and bool(window.all()):
+                window = None  # no padding left in view: the unpadded path
             if not use_cache:
-                logits = self(self.context(ids))
+                logits = self(context, attention_mask=window)
             elif state is None or (
                 self.positions == "learned" and state.position + 1 > self.max_len
             ):
-                context = self.context(ids)
                 state = self.init_state(ids.shape[0])
-                logits, state = self.step(context, state)
-            else:
+                logits, state = self.step(context, state, attention_mask=window)
+            else:  # the new token is real in every row
                 logits, state = self.step(ids[:, -1:], state)
             nxt = sample_next(logits[:, -1], temperature, top_k, generator)
             ids = torch.cat([ids, nxt], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             yield nxt
 
-    def _check_generate(self, ids: Tensor, tokens: int, temperature: float, top_k: Any) -> None:
+    def _check_generate(
+        self, ids: Tensor, tokens: int, temperature: float, top_k: Any, generator: Any = None
+    ) -> None:
         check_ids(ids, self.embed.vocab_size)
         if ids.shape[0] < 1 or ids.shape[1] < 1:
             raise ValueError(
@@ -236,3 +295,45 @@ class DecoderLM(SequenceModel):
         check_positive_float("temperature", temperature)
         if top_k is not None:
             check_positive_int("top_k", top_k)
+        check_generators(generator, ids.shape[0])
+
+
+def check_generators(generator: Any, batch: int) -> None:
+    """Raise ``ValueError`` unless ``generator`` is None, a ``torch.Generator`` or a
+    sequence of ``batch`` of them (one per row)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    gens = list(generator) if isinstance(generator, (list, tuple)) else None
+    if gens is None or len(gens) != batch or not all(isinstance(g, torch.Generator) for g in gens):
+        got = f"{len(gens)} items" if gens is not None else type(generator).__name__
+        raise ValueError(
+            f"generator must be a torch.Generator, None, or a list of one torch.Generator per "
+            f"row ({batch}); got {got}"
+        )
+
+
+def check_left_padding(attention_mask: Any, ids: Tensor) -> Tensor | None:
+    """The prompts' mask for generation, or None when there is none.
+
+    ``attention_mask`` must be bool (B, N) like ``ids``, with every row's padding before
+    its first real token (left padding: new tokens are appended after each row's last
+    real token, which must be the last column) and at least one real token per row.
+    """
+    if attention_mask is None:
+        return None
+    check_mask(attention_mask, ids)
+    empty = (~attention_mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"attention_mask rows {empty} have no real token; every prompt needs at least one"
+        )
+    # left padding: once a row is real it stays real (no False after a True)
+    gaps = (attention_mask[:, :-1] & ~attention_mask[:, 1:]).any(dim=1)
+    bad = gaps.nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"attention_mask rows {bad} have padding after a real token; generation expects "
+            "left padding (each row's padding before its first real token, its prompt "
+            "ending in the last column)"
+        )
+    return attention_mask

@@ -5,6 +5,10 @@ slots (sequences are capped at ``max_len``); ``"rope"`` adds nothing here and ro
 k inside every attention mixer instead (rotary embeddings, Su et al. 2021); ``"none"``
 gives no position information beyond causality (and a pooling window). With ``rope`` and
 ``none`` nothing is tied to ``max_len``, so a decoder can run past it.
+
+With an ``attention_mask`` positions count from each row's first real token (learned
+and rotary alike, :func:`formerlab.mixers.streaming.row_positions`): a left-padded row
+is embedded as the row alone, so prompts of different lengths share a batch.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor, nn
 
 from formerlab import mixers
 from formerlab.errors import check_choice
+from formerlab.mixers.streaming import row_positions
 from formerlab.models.block import BlockStack
 
 POSITIONS = ("learned", "rope", "none")
@@ -51,8 +56,10 @@ def position_options(mixer: str, options: dict[str, Any], positions: str) -> dic
 
 class TokenEmbedding(nn.Module):
     """Token embedding, plus a learned absolute position embedding of ``max_len`` slots
-    when ``positions="learned"``; ``forward(ids, start=0)`` numbers the tokens from
-    ``start`` (a streaming offset)."""
+    when ``positions="learned"``; ``forward(ids, start=0, positions=None)`` numbers the
+    tokens from ``start`` (a streaming offset), or by ``positions`` (B, N) when given
+    (counted from each row's first real token; padding before it, at negative
+    positions, takes slot 0: its embedding is never attended to)."""
 
     def __init__(
         self, vocab_size: int, dim: int, max_len: int, dropout: float = 0.0,
@@ -69,19 +76,22 @@ class TokenEmbedding(nn.Module):
         if self.positions is not None:
             nn.init.normal_(self.positions.weight, std=0.02)
 
-    def forward(self, ids: Tensor, start: int = 0) -> Tensor:
+    def forward(self, ids: Tensor, start: int = 0, positions: Tensor | None = None) -> Tensor:
         check_ids(ids, self.vocab_size)
         x = self.tokens(ids)
         if self.positions is None:
             return self.drop(x)
-        end = start + ids.shape[1]
+        if positions is None:
+            end = start + ids.shape[1]
+            positions = torch.arange(start, end, device=ids.device)
+        else:  # the largest position needs its value (a graph break): eager calls only
+            end = 0 if torch.compiler.is_compiling() else int(positions.max()) + 1
         if end > self.max_len:
             raise ValueError(
                 f"sequence length {end} exceeds the model's max_len={self.max_len} (learned "
                 "positions); use positions='rope' or 'none' to run past it"
             )
-        pos = torch.arange(start, end, device=ids.device)
-        return self.drop(x + self.positions(pos))
+        return self.drop(x + self.positions(positions.clamp_min(0)))
 
 
 class SequenceModel(nn.Module):
@@ -129,5 +139,27 @@ class SequenceModel(nn.Module):
         return [m for m in self.body.modules() if isinstance(m, mixers.TokenMixer)]
 
     def hidden(self, ids: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
-        """(B, N) ids -> (B, N, dim) final hidden states."""
-        return self.body(self.embed(ids), attention_mask=attention_mask, causal=causal)
+        """(B, N) ids -> (B, N, dim) final hidden states (with ``attention_mask``, positions
+        count from each row's first real token)."""
+        positions = None
+        if attention_mask is not None and self.positions == "learned":
+            check_mask(attention_mask, ids)
+            positions = row_positions(attention_mask)
+        x = self.embed(ids, positions=positions)
+        return self.body(x, attention_mask=attention_mask, causal=causal)
+
+
+def check_mask(attention_mask: Any, ids: Tensor) -> Tensor:
+    """``attention_mask`` if it is a bool tensor of the shape (B, N) of ``ids``."""
+    ok = isinstance(attention_mask, Tensor) and attention_mask.dtype == torch.bool
+    if not ok or attention_mask.shape != ids.shape:
+        got = (
+            f"dtype {attention_mask.dtype}, shape {tuple(attention_mask.shape)}"
+            if isinstance(attention_mask, Tensor)
+            else type(attention_mask).__name__
+        )
+        raise ValueError(
+            f"attention_mask must be bool (B, N) = {tuple(ids.shape)} like ids, True = real "
+            f"token; got {got}"
+        )
+    return attention_mask
