@@ -377,6 +377,8 @@ CONFIG_CHECKS: dict[tuple[str, str], str] = {
         "kernel's options (one mixer is built to check them); `deq` keys and values are "
         "checked against the DEQ options below"),
     ("TrainConfig", "_device"): "a device of this machine: `cpu`, `cuda`, `cuda:N`, `mps`",
+    ("TrainConfig", "_one_cycle_warmup"): "with `schedule: one_cycle`, "
+                                          "`2 <= warmup < steps`",
 }
 
 

@@ -57,6 +57,10 @@ def train(
         return  # rank 0 reports
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     console.print(f"[bold]validation[/] at step {result.step}: {metrics}")
+    if result.test is not None:
+        scores = "  ".join(f"{k} {v:.4f}" for k, v in result.test["test"].items())
+        console.print(f"[bold]test[/] at the best validation (step {result.test['best_step']}): "
+                      f"{scores}")
     if result.sample:
         console.rule("sample")
         console.print(result.sample, highlight=False, markup=False)
@@ -94,7 +98,11 @@ def _rank_failure(error: Exception, distributed) -> Exception | str:
 
 def generate(
     run_dir: str = typer.Argument(..., help="A run folder made by `formerlab train`."),
-    prompt: str = typer.Option("\n", "--prompt", help="Text to continue (default: a newline)."),
+    prompt: list[str] = typer.Option(
+        None, "--prompt",
+        help="Text to continue (default: a newline); repeat for several prompts, generated "
+        "as one left-padded batch (each as it would be alone).",
+    ),
     tokens: int = typer.Option(200, "--tokens", help="How many tokens to sample (>= 1)."),
     temperature: float = typer.Option(0.8, help="Sampling temperature (> 0)."),
     top_k: int = typer.Option(None, "--top-k", help="Sample among the k likeliest (>= 1)."),
@@ -103,7 +111,12 @@ def generate(
     progress: bool = typer.Option(True, help="Report progress on stderr for long generations (>= 500 tokens)."),
 ) -> None:
     """Sample text from a trained language model, streaming it as it is produced; the
-    speed (tokens/s) goes to stderr at the end."""
+    speed (tokens/s) goes to stderr at the end.
+
+    Several ``--prompt`` options are generated together, as one batch of left-padded
+    prompts; each sample is printed after a ``=== sample i/n ===`` line once all are done,
+    and equals what the prompt alone gives (each row samples with its own generator,
+    seeded with ``--seed``)."""
     import itertools
     import time
 
@@ -111,25 +124,73 @@ def generate(
 
     from formerlab.train import load_run
 
+    prompts = list(prompt) if prompt else ["\n"]
     try:
         if tokens < 1:
             raise ValueError(f"--tokens={tokens} is not allowed; expected an integer >= 1")
-        if prompt == "":
-            raise ValueError("--prompt is empty; give at least one character to continue "
-                             "(the default prompt is a newline)")
+        if "" in prompts:
+            which = f" (prompt {prompts.index('') + 1})" if len(prompts) > 1 else ""
+            raise ValueError(f"--prompt is empty{which}; give at least one character to "
+                             "continue (the default prompt is a newline)")
         model, task, _ = load_run(run_dir)
         if task.kind != "decoder":
             raise ValueError(f"run {run_dir!r} is a {task.kind} model for {task.name!r}, not a language model")
-        ids = torch.tensor([task.encode(prompt)])
-        stream = model.stream(ids, tokens, temperature, top_k,
-                              torch.Generator().manual_seed(seed), use_cache=cache)
+        ids, mask = _left_padded([task.encode(text) for text in prompts])
+        # one generator per row, each seeded alike: a row samples as its prompt alone does
+        generators = [torch.Generator().manual_seed(seed) for _ in prompts]
+        stream = model.stream(ids, tokens, temperature, top_k, generators, use_cache=cache,
+                              attention_mask=mask)
         start = time.perf_counter()
         first = next(stream)  # argument errors surface here, before any output
     except (FileNotFoundError, ValueError, NotImplementedError) as error:
         raise fail(error) from None
-    seconds = _stream_text(task, itertools.chain([first], stream), prompt, tokens, start, progress)
+    stream = itertools.chain([first], stream)
     mode = "cached" if cache and model.supports_streaming else "recomputed"
-    speed_line(f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s ({mode})")
+    if len(prompts) == 1:
+        seconds = _stream_text(task, stream, prompts[0], tokens, start, progress)
+        speed_line(f"{tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tokens/s ({mode})")
+        return
+    seconds = _batch_text(task, stream, prompts, tokens, start, progress)
+    total = tokens * len(prompts)
+    speed_line(f"{len(prompts)} × {tokens} tokens in {seconds:.2f} s: {total / seconds:.1f} "
+               f"tokens/s ({mode}, batch of {len(prompts)})")
+
+
+def _left_padded(encoded: list[list[int]]):
+    """(ids, mask) of prompts of token ids, left-padded to the longest (padding id 0,
+    masked out); the mask is None for a single prompt."""
+    import torch
+
+    width = max(len(row) for row in encoded)
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in encoded])
+    if len(encoded) == 1:
+        return ids, None
+    lengths = torch.tensor([len(row) for row in encoded])
+    return ids, torch.arange(width)[None, :] >= (width - lengths)[:, None]
+
+
+def _batch_text(task, stream, prompts: list[str], tokens: int, start: float, progress: bool) -> float:
+    """Collect a batch's tokens (progress on stderr as in ``_stream_text``), then write each
+    prompt and its continuation after a ``=== sample i/n ===`` line. Returns the seconds."""
+    import time
+
+    import torch
+
+    out, err = typer.get_text_stream("stdout"), err_console
+    every = max(tokens // 10, 1) if progress and tokens >= 500 else 0
+    new = []
+    for count, nxt in enumerate(stream, start=1):
+        new.append(nxt)
+        if every and count % every == 0 and count < tokens:
+            rate = count / (time.perf_counter() - start)
+            err.print(f"[{count}/{tokens} tokens × {len(prompts)}, {rate:.0f} tokens/s per prompt]",
+                      highlight=False)
+    seconds = time.perf_counter() - start
+    rows = torch.cat(new, dim=1).tolist()
+    for i, (text, row) in enumerate(zip(prompts, rows), start=1):
+        out.write(f"=== sample {i}/{len(prompts)} ===\n{text}{task.decode(row)}\n")
+    out.flush()
+    return seconds
 
 
 def _stream_text(task, stream, prompt: str, tokens: int, start: float, progress: bool) -> float:

@@ -45,6 +45,9 @@ class Task:
     max_len: int = 0  # longest input sequence the task produces
     main_metric: str = "accuracy"
     higher_is_better: bool = True
+    #: the splits ``batch`` / ``eval_batches`` accept; tasks with a held-out test split add
+    #: ``"test"`` (scored once, at the best validation checkpoint: ``train.test_at_best``)
+    splits: tuple[str, ...] = SPLITS
 
     @property
     def vocab_size(self) -> int:
@@ -59,7 +62,7 @@ class Task:
     ) -> Iterator[Batch]:
         """A fixed evaluation set: ``max_batches`` batches drawn from a generator seeded
         with ``seed`` (tasks with a finite dev set override this to walk all of it)."""
-        check_choice("split", split, SPLITS)
+        check_choice("split", split, self.splits)
         generator = torch.Generator().manual_seed(seed)
         for _ in range(max_batches):
             yield self.batch(split, batch_size, generator)

@@ -37,7 +37,7 @@ _DIGIT_IDS = tuple(range(1, 11))
 _OPERATOR_IDS = tuple(range(11, 15))
 _CLOSE_ID = 15
 _CACHE_VERSION = 1
-_SPLIT_SEEDS = {"train": "train", "val": "val"}
+_SPLIT_SEEDS = {"train": "train", "val": "val", "test": "test"}
 
 
 # --- reference evaluator -------------------------------------------------------------
@@ -143,6 +143,7 @@ class ListOpsConfig:
         train_size: int,
         val_size: int,
         seed: int,
+        test_size: int = 0,
     ) -> None:
         self.max_depth = check_positive_int("max_depth", max_depth, minimum=2)
         self.max_args = check_positive_int("max_args", max_args, minimum=2)
@@ -165,12 +166,19 @@ class ListOpsConfig:
             )
         self.train_size = check_positive_int("train_size", train_size)
         self.val_size = check_positive_int("val_size", val_size)
+        if isinstance(test_size, bool) or not isinstance(test_size, int) or test_size < 0:
+            raise ValueError(f"test_size={test_size!r} is not allowed; expected an integer >= 0 "
+                             "(0: no test split)")
+        self.test_size = test_size
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed={seed!r} is not allowed; expected an integer")
         self.seed = seed
 
     def as_dict(self) -> dict[str, float | int]:
-        return dict(vars(self))
+        options = dict(vars(self))
+        if not options["test_size"]:  # so caches written before test splits stay valid
+            del options["test_size"]
+        return options
 
 
 def longest_expression(max_depth: int, max_args: int) -> int:
@@ -237,9 +245,9 @@ def _ragged(sequences: list[bytes]) -> Ragged:
 class ListOps(Task):
     """LRA ListOps as an encoder task: 10 classes, inputs padded per batch with a mask.
 
-    Fixed pools of ``train_size`` / ``val_size`` distinct expressions are generated on
-    first use (pure Python; cached per process and, with ``cache_dir``, on disk); val
-    expressions never occur in train. Training batches sample the train pool with the
+    Fixed pools of ``train_size`` / ``val_size`` (/ ``test_size``) distinct expressions are
+    generated on first use (pure Python; cached per process and, with ``cache_dir``, on
+    disk); the pools are disjoint. ``test_size > 0`` adds the ``"test"`` split (LRA: 2k). Training batches sample the train pool with the
     caller's generator; evaluation walks the val pool in order.
 
     Baseline: the majority class of the train pool, scored on val (``accuracy``), and
@@ -266,10 +274,13 @@ class ListOps(Task):
         val_size: int = 1_000,
         seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
+        test_size: int = 0,
     ) -> None:
         self.config = ListOpsConfig(
-            min_len, max_len, max_depth, max_args, operator_prob, train_size, val_size, seed
+            min_len, max_len, max_depth, max_args, operator_prob, train_size, val_size, seed,
+            test_size,
         )
+        self.splits = ("train", "val", "test") if test_size else ("train", "val")
         self.max_len = max_len
         self.cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
         self._key = hashlib.sha256(
@@ -296,6 +307,9 @@ class ListOps(Task):
             "train": (_ragged(train), torch.tensor(train_labels)),
             "val": (_ragged(val), torch.tensor(val_labels)),
         }
+        if cfg.test_size:
+            test, test_labels = generate(cfg, cfg.test_size, "test", exclude={*train, *val})
+            pools["test"] = (_ragged(test), torch.tensor(test_labels))
         path = self._cache_file()
         if path is not None:
             from safetensors.torch import save_file
@@ -321,12 +335,12 @@ class ListOps(Task):
         t = load_file(str(path))
         return {
             split: (Ragged.from_flat(t[f"{split}.flat"], t[f"{split}.lengths"]), t[f"{split}.labels"])
-            for split in ("train", "val")
+            for split in self.splits
         }
 
     def examples(self, split: str) -> Iterator[tuple[list[int], int]]:
         """All ``(token ids, label)`` of a split's pool, in order."""
-        ragged, labels = self._pools()[check_choice("split", split, ("train", "val"))]
+        ragged, labels = self._pools()[check_choice("split", split, self.splits)]
         for i in range(len(ragged)):
             yield ragged.get(i), int(labels[i])
 
@@ -338,7 +352,7 @@ class ListOps(Task):
         return Batch(inputs, labels[index].long(), mask)
 
     def batch(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:
-        check_choice("split", split, ("train", "val"))
+        check_choice("split", split, self.splits)
         check_positive_int("batch_size", batch_size)
         size = len(self._pools()[split][1])
         return self._batch_of(split, torch.randint(0, size, (batch_size,), generator=generator))
@@ -346,15 +360,16 @@ class ListOps(Task):
     def eval_batches(
         self, split: str, batch_size: int, max_batches: int, seed: int = 0
     ) -> Iterator[Batch]:
-        """The val pool in order, at most ``max_batches`` batches (so no example twice);
-        other splits as in ``Task``."""
-        if split != "val":
+        """The val (or test) pool in order, at most ``max_batches`` batches (so no example
+        twice); the train split as in ``Task``."""
+        if split == "train":
             yield from super().eval_batches(split, batch_size, max_batches, seed)
             return
+        check_choice("split", split, self.splits)
         check_positive_int("batch_size", batch_size)
-        size = len(self._pools()["val"][1])
+        size = len(self._pools()[split][1])
         for start in range(0, min(size, batch_size * max_batches), batch_size):
-            yield self._batch_of("val", torch.arange(start, min(start + batch_size, size)))
+            yield self._batch_of(split, torch.arange(start, min(start + batch_size, size)))
 
     def baseline(self) -> dict[str, float]:
         train = torch.bincount(self._pools()["train"][1], minlength=10).double()

@@ -18,23 +18,38 @@ def masked_mean(x: Tensor, attention_mask: Tensor | None) -> Tensor:
     return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
+def classifier_head(dim: int, num_classes: int, head: str, mlp_ratio: float) -> nn.Module:
+    """``"linear"``: one linear layer; ``"mlp"``: Linear(dim, mlp_ratio * dim), ReLU, Linear
+    (the classification head of the Long Range Arena models, Tay et al., 2021)."""
+    if head == "linear":
+        return nn.Linear(dim, num_classes)
+    if head == "mlp":
+        hidden = max(1, int(mlp_ratio * dim))
+        return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+    raise ValueError(f"head={head!r} is not allowed; expected 'linear' or 'mlp'")
+
+
 class EncoderClassifier(SequenceModel):
     """Sequence classifier; ``forward(ids, attention_mask=None) -> logits (B, classes)``.
 
     Options after ``num_classes`` are those of ``DecoderLM`` (dim, depth, heads, max_len,
-    mixer, mixer_options, mlp_ratio, dropout, body).
+    mixer, mixer_options, mlp_ratio, dropout, body), plus ``head`` (``"linear"`` or
+    ``"mlp"``, see ``classifier_head``) and ``causal``: run the blocks causally, so that a
+    causal-only mixer can classify (the mean pool then reads every prefix state).
     """
 
     def __init__(
         self, vocab_size: int, num_classes: int, dim: int = 128, depth: int = 2,
-        heads: int = 4, max_len: int = 512, **options,
+        heads: int = 4, max_len: int = 512, head: str = "linear", causal: bool = False,
+        **options,
     ) -> None:
         super().__init__(vocab_size, dim, depth, heads, max_len, **options)
-        self.head = nn.Linear(dim, num_classes)
+        self.causal = causal
+        self.head = classifier_head(dim, num_classes, head, options.get("mlp_ratio", 4.0))
 
     def forward(
         self, ids: Tensor, attention_mask: Tensor | None = None, *, key_padding_mask: Any = None
     ) -> Tensor:
         refuse_key_padding_mask(key_padding_mask)
-        x = self.hidden(ids, attention_mask, causal=False)
+        x = self.hidden(ids, attention_mask, causal=self.causal)
         return self.head(masked_mean(x, attention_mask))

@@ -16,17 +16,18 @@ from formerlab.models.embedding import SequenceModel
 
 class TokenTagger(SequenceModel):
     """``forward(ids, attention_mask=None) -> logits (B, N, num_classes)``; options as
-    ``EncoderClassifier``."""
+    ``EncoderClassifier`` (``causal``: each position predicted from its prefix only)."""
 
     def __init__(
         self, vocab_size: int, num_classes: int, dim: int = 128, depth: int = 2,
-        heads: int = 4, max_len: int = 512, **options,
+        heads: int = 4, max_len: int = 512, causal: bool = False, **options,
     ) -> None:
         super().__init__(vocab_size, dim, depth, heads, max_len, **options)
+        self.causal = causal
         self.head = nn.Linear(dim, num_classes)
 
     def forward(
         self, ids: Tensor, attention_mask: Tensor | None = None, *, key_padding_mask: Any = None
     ) -> Tensor:
         refuse_key_padding_mask(key_padding_mask)
-        return self.head(self.hidden(ids, attention_mask, causal=False))
+        return self.head(self.hidden(ids, attention_mask, causal=self.causal))

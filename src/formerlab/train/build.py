@@ -23,21 +23,33 @@ def build_task(cfg: RunConfig) -> Task:
 
 
 def check_causal_support(model_cfg: ModelConfig, task: Task) -> None:
-    """A decoder task needs a causal mixer/kernel: fail before training, naming alternatives."""
-    if task.kind != "decoder":
+    """A decoder task (or ``model.causal: true``) needs a causal mixer/kernel: fail before
+    training, naming alternatives."""
+    if task.kind != "decoder" and not model_cfg.causal:
         return
+    why = f"task {task.name!r} (a decoder task)" if task.kind == "decoder" else "model.causal=true"
     options = model_cfg.build_options()
     kernel = options.get("kernel")
     if kernel is not None and kernel not in attention.available(causal=True):
         raise ValueError(
-            f"model.kernel={kernel!r} cannot run causally, which task {task.name!r} (a decoder "
-            f"task) needs; causal kernels: {attention.available(causal=True)}"
+            f"model.kernel={kernel!r} cannot run causally, which {why} needs; causal kernels: "
+            f"{attention.available(causal=True)}"
         )
     if model_cfg.mixer not in mixers.available(causal=True):
         raise ValueError(
-            f"model.mixer={model_cfg.mixer!r} cannot run causally, which task {task.name!r} "
-            f"needs; causal mixers: {mixers.available(causal=True)}"
+            f"model.mixer={model_cfg.mixer!r} cannot run causally, which {why} needs; causal "
+            f"mixers: {mixers.available(causal=True)}"
         )
+
+
+def check_classifier_options(model_cfg: ModelConfig, task: Task) -> None:
+    """``model.head`` is for classifiers; a decoder is causal already."""
+    if task.kind != "encoder" and model_cfg.head != "linear":
+        raise ValueError(f"model.head={model_cfg.head!r} is for encoder (classification) tasks; "
+                         f"task {task.name!r} is a {task.kind} task: leave model.head unset")
+    if task.kind == "decoder" and model_cfg.causal:
+        raise ValueError(f"model.causal is for encoder and tagger tasks; task {task.name!r} is a "
+                         "decoder, causal already: leave model.causal unset")
 
 
 def build_hf_model(m: ModelConfig, task: Task) -> nn.Module:
@@ -63,6 +75,7 @@ def _build_model(cfg: RunConfig, task: Task) -> nn.Module:
     if m.hf is not None:
         return build_hf_model(m, task)
     check_causal_support(m, task)
+    check_classifier_options(m, task)
     max_len = m.max_len or task.max_len
     if max_len < task.max_len:
         raise ValueError(
@@ -89,5 +102,7 @@ def _build_model(cfg: RunConfig, task: Task) -> nn.Module:
     if task.num_classes is None:
         raise ValueError(f"{task.kind} task {task.name!r} does not declare num_classes")
     if task.kind == "tagger":
-        return TokenTagger(task.vocab_size, task.num_classes, **common)
-    return EncoderClassifier(task.vocab_size, task.num_classes, **common)
+        return TokenTagger(task.vocab_size, task.num_classes, causal=m.causal, **common)
+    return EncoderClassifier(
+        task.vocab_size, task.num_classes, head=m.head, causal=m.causal, **common
+    )

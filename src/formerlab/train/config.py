@@ -120,6 +120,10 @@ class ModelConfig(StrictModel):
     deq: dict[str, Any] | None = None
     # learned | rope | none (formerlab.models.embedding); rope/none decode past max_len
     positions: Literal["learned", "rope", "none"] = "learned"
+    # classifiers: a linear head, or mlp = Linear(dim, mlp_ratio * dim), ReLU, Linear
+    head: Literal["linear", "mlp"] = "linear"
+    # encoder and tagger tasks: run the blocks causally (a causal-only mixer can classify)
+    causal: bool = False
     hf: HFConfig | None = None  # set: the HF model replaces the formerlab model above
 
     @field_validator("mixer")
@@ -197,19 +201,29 @@ def check_deq_values(deq: dict[str, Any]) -> None:
 
 
 class TrainConfig(StrictModel):
-    """Optimiser, schedule (linear warm-up, cosine decay to ``min_lr``) and bookkeeping."""
+    """Optimiser (AdamW), schedule (``formerlab.train.schedule``) and bookkeeping.
+
+    ``schedule: cosine`` warms up linearly to ``lr`` and decays to ``min_lr``;
+    ``schedule: one_cycle`` is torch's linear OneCycleLR (``min_lr`` and ``beta1`` unused).
+    ``grad_clip: null`` turns clipping off. ``test_at_best`` keeps the weights of the best
+    validation evaluation (the task's main metric) and scores the task's test split once
+    with them at the end of the run (``RUN_DIR/test.json``).
+    """
 
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     min_lr: float = Field(3e-4, ge=0)
     warmup: int = Field(100, ge=0)
+    schedule: Literal["cosine", "one_cycle"] = "cosine"
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0, description="AdamW's epsilon")
     grad_clip: float | None = Field(1.0, gt=0)
     eval_every: int = Field(200, ge=1)
     eval_batches: int = Field(20, ge=1)
+    test_at_best: bool = False
     log_every: int = Field(10, ge=1)
     checkpoint_every: int | None = Field(None, ge=1, description="default: at every eval")
     bf16: bool = False
@@ -217,6 +231,16 @@ class TrainConfig(StrictModel):
     threads: int | None = Field(None, ge=1)
     compile: bool = Field(False, description="torch.compile the model (inductor)")
     time_budget_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_cycle_warmup(self) -> TrainConfig:
+        if self.schedule == "one_cycle" and not 2 <= self.warmup < self.steps:
+            raise ValueError(
+                f"train.warmup={self.warmup} is not allowed with train.schedule='one_cycle' "
+                f"and train.steps={self.steps}; expected 2 <= warmup < steps (the rate peaks at "
+                "step warmup)"
+            )
+        return self
 
     @field_validator("device")
     @classmethod

@@ -11,7 +11,6 @@ resumed with ``resume=RUN_DIR`` reproduces the uninterrupted run's losses exactl
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,12 +23,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from formerlab.data import Task
+from formerlab.train import best as best_eval
 from formerlab.train import distributed
 from formerlab.train.build import build_model, build_task
 from formerlab.train.checkpoint import (
     TrainerState,
     checkpoint_folder,
     load_trainer_state,
+    load_weights,
     save_checkpoint,
 )
 from formerlab.train.compile import compile_model
@@ -37,6 +38,7 @@ from formerlab.train.config import RunConfig, config_hash
 from formerlab.train.evaluate import autocast, task_loss
 from formerlab.train.memory import WorkMemory
 from formerlab.train.resume import flatten, resume_config
+from formerlab.train.schedule import beta1, learning_rate
 from formerlab.train.tracker import Tracker
 
 
@@ -60,15 +62,8 @@ class TrainResult:
     #: held before the model was built, MiB: allocator peak on CUDA, resident-set peak on CPU
     peak_memory_mb: float = 0.0
     diagnostics: dict[str, float] = field(default_factory=dict)
-
-
-def learning_rate(step: int, cfg: RunConfig) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at the last step."""
-    t = cfg.train
-    if step < t.warmup:
-        return t.lr * (step + 1) / t.warmup
-    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    #: ``train.test_at_best``: ``{"best_step", "val", "test"}`` (also ``RUN_DIR/test.json``)
+    test: dict[str, Any] | None = None
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
@@ -79,7 +74,8 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.train.weight_decay},
         {"params": rest, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
+    t = cfg.train
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
 
 
 def model_diagnostics(model: nn.Module) -> dict[str, float]:
@@ -204,6 +200,8 @@ def train(
     # in a decoder, a missing dataset) must not leave an empty folder in runs_dir
     torch.manual_seed(cfg.seed)
     task = build_task(cfg)
+    if t.test_at_best:
+        best_eval.check_test_split(task)
     memory = WorkMemory(t.device)  # the work's memory: from here (model, optimizer, steps)
     model = ddp.prepare(build_model(cfg, task).to(t.device))
     optimizer = make_optimizer(model, cfg)
@@ -225,6 +223,7 @@ def train(
     net = compile_model(ddp.wrap(model), t.device) if t.compile else ddp.wrap(model)
     if ddp.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    best = best_eval.read_best(run_dir) if resume is not None else None
     parameters = sum(p.numel() for p in model.parameters())
     params = {**flatten(cfg.model_dump(mode="json")), "parameters": parameters}
     tracker.start(cfg.name, run_dir, params)
@@ -252,9 +251,10 @@ def train(
         with bar:
             job = bar.add_task(cfg.name, total=t.steps, completed=step, info="")
             while step < min(last, t.steps):
-                lr = learning_rate(step, cfg)
+                lr = learning_rate(step, t)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                    group["betas"] = (beta1(step, t), t.beta2)
                 with torch.device("cpu"):  # the task's draws, like its data, on the CPU
                     batch = task.batch("train", t.batch_size, data_rng)
                 part, weight = ddp.shard(batch, task)  # this rank's rows (all of them alone)
@@ -300,6 +300,10 @@ def train(
                     if ddp.is_main:  # as it happens, with or without the progress bar
                         bar.console.print(format_eval(step, t.steps, scores), highlight=False,
                                           markup=False, soft_wrap=True)
+                    if t.test_at_best and best_eval.improves(task, scores, best):
+                        best = {"step": step, "val": scores}  # every rank: scores are global
+                        if ddp.is_main:
+                            best_eval.save_best(run_dir, model, step, scores)
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or step % t.eval_every == 0:
                     checkpoint()
                 if t.time_budget_s is not None and ddp.any(elapsed > t.time_budget_s):
@@ -319,13 +323,17 @@ def train(
     elapsed = max(time.perf_counter() - started, 1e-9)
     metrics = evals[-1]["eval"] if evals else {}
     sample = generate_sample(model, task, cfg) if step >= t.steps and ddp.is_main else None
+    test = None
+    if t.test_at_best and status == "FINISHED" and best is not None:
+        test = score_test_at_best(model, task, cfg, run_dir, best, ddp)
+        tracker.log_metrics({f"test/{k}": v for k, v in test["test"].items()}, step)
     if sample is not None:
         (run_dir / "sample.txt").write_text(sample)
         tracker.log_artifact(run_dir / "sample.txt")
     tracker.log_artifact(run_dir / "config.yaml")
     result = TrainResult(
         run_dir=run_dir, step=step, metrics=metrics, history=history, evals=evals,
-        sample=sample, parameters=parameters, tokens_per_s=tokens / elapsed,
+        sample=sample, parameters=parameters, tokens_per_s=tokens / elapsed, test=test,
         peak_memory_mb=memory.peak_mb(), diagnostics=model_diagnostics(model),
     )
     if status == "FINISHED":
@@ -333,6 +341,17 @@ def train(
                              "run/work_memory_mb": result.peak_memory_mb}, step)
         tracker.finish(status)
     return result
+
+
+def score_test_at_best(
+    model: nn.Module, task: Task, cfg: RunConfig, run_dir: Path, best: dict[str, Any], ddp: Any
+) -> dict[str, Any]:
+    """Load the best evaluation's weights into ``model`` and score the test split once
+    (``train.eval_batches`` batches, as validation); write ``RUN_DIR/test.json``."""
+    t = cfg.train
+    load_weights(model, best_eval.best_weights(run_dir), cfg, device=t.device)
+    scores = ddp.evaluate(model, task, "test", t.batch_size, t.eval_batches, t.device, t.bf16)
+    return best_eval.write_test(run_dir, best, scores)
 
 
 def format_eval(step: int, steps: int, scores: dict[str, float]) -> str:
