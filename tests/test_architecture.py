@@ -60,15 +60,7 @@ TEST_ONLY = {"testing"}
 
 #: known imports against the layering, kept visible until they are fixed (a stale entry
 #: fails ``test_known_violations_are_still_there``): (importer, imported module) -> why
-KNOWN_LAYER_VIOLATIONS: dict[tuple[str, str], str] = {
-    # integrations (below train) -> bench (above train): hf_study reuses the kernel
-    # comparison of bench.approx. With train.build -> integrations.hf_model this makes the
-    # package-level cycle train -> integrations -> bench -> train (no module-level cycle).
-    # The fix (outside experiments/): move compare_kernels & co. below integrations, or move
-    # hf_study up next to bench.
-    ("formerlab.integrations.hf_study", "formerlab.bench.approx"):
-        "integrations.hf_study reuses bench.approx (QKV, compare_kernels, iteration_curve)",
-}
+KNOWN_LAYER_VIOLATIONS: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

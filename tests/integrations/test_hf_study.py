@@ -9,9 +9,9 @@ pytest.importorskip("transformers")
 
 from typer.testing import CliRunner  # noqa: E402
 
+from formerlab.bench import hf_study  # noqa: E402
 from formerlab.bench.approx import QKV  # noqa: E402
 from formerlab.cli import app  # noqa: E402
-from formerlab.integrations import hf_study  # noqa: E402
 from formerlab.integrations.hf import swap_attention  # noqa: E402
 
 from .conftest import tiny_model  # noqa: E402

@@ -87,7 +87,7 @@ def _viz_attention_hf(model_dir, text, layer, head, kernels, landmarks, out, eve
     from formerlab.experiments.viz import AttentionMap, draw_attention, parse_kernel_spec
 
     try:
-        from formerlab.integrations import hf_study
+        from formerlab.bench import hf_study
 
         specs = [parse_kernel_spec(spec) for spec in kernels]
         first = hf_study.attention_maps(model_dir, text, layer, head, specs, landmarks)
@@ -207,7 +207,7 @@ def _approx_hf(model_dir, text, layers, landmarks, max_tokens, curve_iters, weig
     if text is None:
         raise fail(ValueError("--hf needs --text FILE (the text to run the model on)"))
     try:
-        from formerlab.integrations import hf_study
+        from formerlab.bench import hf_study
 
         content = hf_study.read_text(text)
         report = hf_study.approx_report(
