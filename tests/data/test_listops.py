@@ -205,3 +205,49 @@ def test_encode_decode_round_trip() -> None:
     assert task.decode(task.encode(text)) == text
     with pytest.raises(ValueError, match="token"):
         task.encode("[MAX 2 x ]")
+
+
+def parse_tree(ids: list[int]):
+    """Token ids -> (operator id, children...) nested tuples; digits stay ids."""
+    stack: list[list] = [[None]]
+    for i in ids:
+        if i in listops._OPERATOR_IDS:
+            stack.append([i])
+        elif i == listops._CLOSE_ID:
+            node = tuple(stack.pop())
+            stack[-1].append(node)
+        else:
+            stack[-1].append(i)
+    (root,) = stack[0][1:]
+    return root
+
+
+def shape_of(tree, depth: int = 1) -> tuple[int, list[int]]:
+    """(depth of the deepest node, argument counts of every operator node)."""
+    if not isinstance(tree, tuple):
+        return depth, []
+    deepest, counts = depth, [len(tree) - 1]
+    for child in tree[1:]:
+        d, c = shape_of(child, depth + 1)
+        deepest, counts = max(deepest, d), counts + c
+    return deepest, counts
+
+
+def test_lra_setting_trees_follow_the_published_generator_settings() -> None:
+    # LRA's ListOps: depth <= 10, 2..10 arguments per operator, 500 <= length <= 2000,
+    # operators MAX, MIN, MED, SM; labels 0-9 from the expression's value
+    task = ListOps(min_len=500, max_len=2000, max_depth=10, max_args=10, train_size=60,
+                   val_size=2, seed=5)
+    lengths, labels, arg_counts, operators = [], Counter(), Counter(), Counter()
+    for ids, label in task.examples("train"):
+        depth, counts = shape_of(parse_tree(ids))
+        assert depth <= 10 and all(2 <= c <= 10 for c in counts)
+        lengths.append(len(ids))
+        labels[label] += 1
+        arg_counts.update(counts)
+        operators.update(i for i in ids if i in listops._OPERATOR_IDS)
+    assert 500 <= min(lengths) and max(lengths) <= 2000
+    assert set(arg_counts) == set(range(2, 11))  # every argument count is drawn
+    assert len(operators) == 4  # all four operators occur
+    # long expressions mostly start with a broad operator, so many labels occur
+    assert len(labels) >= 6
