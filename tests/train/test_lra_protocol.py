@@ -97,6 +97,9 @@ def test_best_checkpoint_survives_a_resume(tmp_path):
     train(cfg, run_dir=tmp_path / "split", stop_after=4, progress=False)
     resumed = train(resume=tmp_path / "split", progress=False)
     assert resumed.test == straight.test
+    # each evaluation records the run's wall-clock time so far, counted across the resume
+    elapsed = [e["elapsed_s"] for e in resumed.evals]
+    assert len(elapsed) == 4 and all(b > a > 0 for a, b in zip(elapsed, elapsed[1:]))
 
 
 def test_test_at_best_needs_a_test_split_before_any_run_folder(tmp_path):

@@ -8,7 +8,7 @@ One module per command group; this one builds ``app`` from them:
 * :mod:`~formerlab.cli.registries`: ``attention|mixers|solvers|tasks list|describe``;
 * :mod:`~formerlab.cli.bench`: ``bench ...``;
 * :mod:`~formerlab.cli.studies`: ``params``, ``pinv-study``, ``approx``, ``viz attention``;
-* :mod:`~formerlab.cli.sweeps`: ``ablate``, ``report``.
+* :mod:`~formerlab.cli.sweeps`: ``ablate``, ``report``, ``runs``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ app.command()(train.generate)
 app.command()(studies.params)
 app.command()(sweeps.ablate)
 app.command()(sweeps.report)
+app.command()(sweeps.runs)
 app.command("pinv-study")(studies.pinv_study)
 app.command("approx")(studies.approx)
 app.add_typer(registries.attention_app, name="attention")

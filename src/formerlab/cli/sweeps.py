@@ -1,4 +1,5 @@
-"""``formerlab ablate`` (run a sweep) and ``formerlab report`` (its tables and plots)."""
+"""``formerlab ablate`` (run a sweep), ``formerlab report`` (its tables and plots) and
+``formerlab runs`` (a table of training runs)."""
 
 from __future__ import annotations
 
@@ -86,3 +87,24 @@ def report(
         console.print(f"plot:   {path}", soft_wrap=True)
 
 
+
+
+def runs(
+    run_dirs: list[str] = typer.Argument(..., help="Run folders (made by `formerlab train`)."),
+    metric: str = typer.Option("accuracy", help="The validation / test metric to show."),
+    plot: str = typer.Option(None, "--plot", help="Also save the validation curves to this PNG."),
+    fmt: Format = format_option(),
+) -> None:
+    """A table of training runs: steps, best validation, the test score at it (runs with
+    train.test_at_best), wall time; works on runs still in progress."""
+    from formerlab.experiments.runs import plot_curves, summarize_run, table
+    from formerlab.train.checkpoint import CheckpointError
+
+    try:
+        summaries = [summarize_run(path, metric) for path in run_dirs]
+    except (FileNotFoundError, CheckpointError) as error:
+        raise fail(error) from None
+    columns, rows = table(summaries)
+    write_table("runs", columns, rows, fmt, right=lambda i, column: i >= 2)
+    if plot:
+        console.print(f"plot: {plot_curves(summaries, plot)}", soft_wrap=True)

@@ -238,6 +238,8 @@ def train(
     # --- the loop ------------------------------------------------------------------------
     model.train()
     started, tokens = time.perf_counter(), 0
+    # wall-clock seconds of the run so far, across resumes (each eval records it)
+    earlier = evals[-1].get("elapsed_s", 0.0) if evals else 0.0
     last = stop_after if stop_after is not None else t.steps
     status = "FAILED"
     bar = Progress(
@@ -295,7 +297,8 @@ def train(
                         f"{metrics['train/tokens_per_s']:,.0f} tok/s"))
                 if step % t.eval_every == 0 or step == t.steps:
                     scores = ddp.evaluate(model, task, "val", t.batch_size, t.eval_batches, t.device, t.bf16)
-                    evals.append({"step": step, "eval": scores})
+                    evals.append({"step": step, "eval": scores,
+                                  "elapsed_s": earlier + time.perf_counter() - started})
                     tracker.log_metrics({f"val/{k}": v for k, v in scores.items()}, step)
                     if ddp.is_main:  # as it happens, with or without the progress bar
                         bar.console.print(format_eval(step, t.steps, scores), highlight=False,
