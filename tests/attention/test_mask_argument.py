@@ -18,7 +18,8 @@ def calls():
     ids = torch.zeros(1, 4, dtype=torch.long)
     out = [(f"kernel-{n}", lambda n=n, **kw: attention.build(n)(q, q, q, **kw))
            for n in attention.available()]
-    out += [(f"mixer-{n}", lambda n=n, **kw: mixers.build(n, dim=16, heads=2)(x, **kw))
+    out += [(f"mixer-{n}", lambda n=n, **kw: mixers.build(n, dim=16, heads=2)(
+                x, causal=mixers.is_causal_only(n), **kw))
             for n in mixers.available()]
     block = MetaFormerBlock(16, mixers.build("attention", dim=16, heads=2))
     out += [("block", lambda **kw: block(x, **kw))]

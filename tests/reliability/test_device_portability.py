@@ -151,7 +151,9 @@ def mixer_workload(name, options, causal):
 
     def run(mixer):
         torch.manual_seed(2)
-        return gradients(mixer(x, attention_mask=mask, causal=causal), [x, *mixer.parameters()])
+        # a causal-only mixer takes its padded case causally (the mask still applies)
+        run_causal = causal or mixers.is_causal_only(name)
+        return gradients(mixer(x, attention_mask=mask, causal=run_causal), [x, *mixer.parameters()])
 
     how = "causal" if causal else "padded"
     return Workload(f"mixer-{name}-{options}-{how}",
@@ -455,7 +457,8 @@ def foreign_mixer(name, options, causal):
         x, = meta(torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(3)), grad=True)
         mask = None if causal else padding_mask(70).to(META)
         mixer = mixers.build(name, dim=32, heads=2, **options).to(META)
-        return gradients(mixer(x, attention_mask=mask, causal=causal), [x, *mixer.parameters()])
+        run_causal = causal or mixers.is_causal_only(name)
+        return gradients(mixer(x, attention_mask=mask, causal=run_causal), [x, *mixer.parameters()])
 
     return f"mixer-{name}-{options}-{'causal' if causal else 'padded'}", run
 

@@ -138,6 +138,13 @@ def test_causal_and_head_options_are_checked_against_the_task(tmp_path):
     with pytest.raises(ValueError, match="model.kernel='nystrom' cannot run causally.*model.causal"):
         build_model(cfg := load_config(None, [*base, "model.kernel=nystrom", "model.causal=true"]),
                     build_task(cfg))
+    with pytest.raises(ValueError, match="model.mixer='gated_deltanet' runs only causally.*"
+                                         "model.causal: true"):
+        build_model(cfg := load_config(None, [*base, "model.mixer=gated_deltanet"]),
+                    build_task(cfg))
+    causal = build_model(cfg := load_config(
+        None, [*base, "model.mixer=gated_deltanet", "model.causal=true"]), build_task(cfg))
+    assert causal.causal
     decoder = ["model.head=mlp", "tracking=none"]
     with pytest.raises(ValueError, match="model.head='mlp' is for encoder"):
         build_model(cfg := load_config(None, decoder), build_task(cfg))

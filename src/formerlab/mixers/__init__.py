@@ -9,11 +9,24 @@ import importlib
 import pkgutil
 
 from formerlab.mixers.base import TokenMixer
+from formerlab.mixers.deltanet import DeltaNet, GatedDeltaNet
+from formerlab.mixers.gla import GLA
+from formerlab.mixers.mamba2 import Mamba2
 from formerlab.mixers.metric import MetricAttention
 from formerlab.mixers.pooling import Pooling, PoolingState
 from formerlab.mixers.quadratic import QuadraticAttention
-from formerlab.mixers.registry import MIXERS, available, build, describe, register
+from formerlab.mixers.recurrent import RecurrentState
+from formerlab.mixers.registry import (
+    MIXERS,
+    available,
+    build,
+    describe,
+    is_causal_only,
+    register,
+)
+from formerlab.mixers.retention import Retention
 from formerlab.mixers.self_attention import SelfAttention
+from formerlab.mixers.short_conv import ShortConv
 from formerlab.mixers.streaming import AttentionMixerState
 
 _INFRASTRUCTURE = {"base", "registry"}
@@ -22,13 +35,21 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
+    "is_causal_only",
     "AttentionMixerState",
+    "DeltaNet",
+    "GLA",
+    "GatedDeltaNet",
     "MIXERS",
+    "Mamba2",
     "MetricAttention",
     "Pooling",
     "PoolingState",
     "QuadraticAttention",
+    "RecurrentState",
+    "Retention",
     "SelfAttention",
+    "ShortConv",
     "TokenMixer",
     "available",
     "build",

@@ -76,6 +76,7 @@ class Pooling(TokenMixer):
     """
 
     name = "pooling"
+    packs_bidirectional = True  # padding is counted in no window, centred or causal
 
     def __init__(self, dim: int, pool_size: int = 3) -> None:
         super().__init__(dim)

@@ -32,6 +32,7 @@ from formerlab.mixers.streaming import (
     attend,
     attend_step,
     check_rope,
+    kernel_packs,
     kernel_streams,
     new_attention_state,
 )
@@ -95,6 +96,10 @@ class QuadraticAttention(TokenMixer):
     @property
     def supports_causal(self) -> bool:
         return self.kernel.supports_causal
+
+    def packs(self, causal: bool) -> bool:
+        """Packed sequences (``cu_seqlens``) wherever the kernel takes them."""
+        return (self.supports_causal or not causal) and kernel_packs(self.kernel, causal)
 
     def core_matrix(self) -> Tensor:
         """Cₙ for every head, shape (H, k, k) (rank <= ``rank`` when factored)."""

@@ -59,6 +59,12 @@ def available(causal: bool | None = None) -> list[str]:
     return MIXERS.available(causal=True) if causal else MIXERS.available(None)
 
 
+def is_causal_only(name: str) -> bool:
+    """Whether mixer ``name`` runs only causally (registered with ``causal_only=True``:
+    the recurrent mixers); call it with ``causal=True`` even in an encoder."""
+    return bool(MIXERS.entry(name).extra.get("causal_only", False))
+
+
 def build(name: str, **options: Any):
     """Build mixer ``name`` (e.g. ``build("attention", dim=128, heads=4, kernel="softmax")``)."""
     return MIXERS.build(name, **options)

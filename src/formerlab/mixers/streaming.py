@@ -78,6 +78,13 @@ def kernel_streams(kernel: Any) -> bool:
     return hasattr(kernel, "init_state") and hasattr(kernel, "step")
 
 
+def kernel_packs(kernel: Any, causal: bool) -> bool:
+    """Whether an attention kernel takes packed sequences (``cu_seqlens``) in a call with
+    this ``causal`` flag (False for a kernel that does not say)."""
+    packs = getattr(kernel, "packs", None)
+    return bool(packs(causal)) if callable(packs) else False
+
+
 def rotate(q: Tensor, k: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
     """q, k (B, H, T, D) rotated for positions ``start … start + T − 1`` (or for the
     positions in ``start``, a (B, T) tensor)."""

@@ -47,6 +47,10 @@ def check_classifier_options(model_cfg: ModelConfig, task: Task) -> None:
     if task.kind != "encoder" and model_cfg.head != "linear":
         raise ValueError(f"model.head={model_cfg.head!r} is for encoder (classification) tasks; "
                          f"task {task.name!r} is a {task.kind} task: leave model.head unset")
+    if task.kind != "decoder" and not model_cfg.causal and mixers.is_causal_only(model_cfg.mixer):
+        raise ValueError(f"model.mixer={model_cfg.mixer!r} runs only causally; task "
+                         f"{task.name!r} is a {task.kind} task: set model.causal: true to run its "
+                         "blocks causally (then mean-pooled), or pick another mixer")
     if task.kind == "decoder" and model_cfg.causal:
         raise ValueError(f"model.causal is for encoder and tagger tasks; task {task.name!r} is a "
                          "decoder, causal already: leave model.causal unset")
