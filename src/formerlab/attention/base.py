@@ -10,6 +10,11 @@ A kernel is called on per-head tensors ``q, k, v`` of shape (B, H, N, D) as
 * ``need_weights``: also return the (B, H, N, N) attention matrix (exact or the
   mechanism's approximation) as ``(out, weights)``.
 
+* ``cu_seqlens``: packed sequences (B = 1, FlashAttention's / fla's offsets; see
+  :mod:`formerlab.attention.packed`): each sequence gets the output it gets alone, in the
+  calls named by the kernel's ``packed_modes``; other kernels raise ``ValueError`` naming
+  those that can.
+
 ``causal`` and ``need_weights`` must be real bools (``causal="no"`` raises). Constructor
 options are checked by ``check_kernel_options`` (one rule per option name).
 
@@ -25,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from formerlab.attention.packed import Packing, as_packing, refuse_mask_with_packing
 from formerlab.errors import check_positive_float, check_positive_int, refuse_key_padding_mask
 from formerlab.linalg.numerics import compute_dtype
 
@@ -155,6 +161,10 @@ class AttentionKernel(nn.Module):
 
     name: str = "kernel"
     supports_causal: bool = False
+    #: the calls that take ``cu_seqlens``: ``"causal"`` (``causal=True``) and/or
+    #: ``"bidirectional"`` (``causal=False``); only where padding with a mask leaves every
+    #: real output as the sequence alone gives it (tested over the registry)
+    packed_modes: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -181,6 +191,7 @@ class AttentionKernel(nn.Module):
         need_weights: bool = False,
         *,
         key_padding_mask: Any = None,
+        cu_seqlens: Tensor | Packing | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         refuse_key_padding_mask(key_padding_mask)
         check_attention_inputs(q, k, v, attention_mask)
@@ -194,6 +205,16 @@ class AttentionKernel(nn.Module):
                 f"attention kernel {self.name!r} does not support causal=True; "
                 f"use one of the causal kernels: {available(causal=True)}"
             )
+        if cu_seqlens is not None:
+            packing = self._packing(q, attention_mask, causal, cu_seqlens)
+            return self.attend_packed(q, k, v, packing, causal, need_weights)
+        return self._attend_masked(q, k, v, attention_mask, causal, need_weights)
+
+    def _attend_masked(
+        self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None, causal: bool,
+        need_weights: bool,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``attend`` with the contract enforced: padded queries give 0, q's dtype."""
         out, weights = self.attend(q, k, v, attention_mask, causal, need_weights)
         out = zero_padded_queries(out, attention_mask).to(q.dtype)
         if need_weights:
@@ -204,6 +225,71 @@ class AttentionKernel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, causal={self.supports_causal}"
+
+    # --- packed sequences (cu_seqlens) -------------------------------------------------
+
+    def packs(self, causal: bool) -> bool:
+        """Whether a call with this ``causal`` flag takes ``cu_seqlens``."""
+        return ("causal" if causal else "bidirectional") in self.packed_modes
+
+    def _packing(
+        self, q: Tensor, attention_mask: Tensor | None, causal: bool, cu_seqlens: Any
+    ) -> Packing:
+        """The validated packing of a call (``ValueError`` where this kernel cannot)."""
+        if not self.packs(causal):
+            from formerlab.attention.registry import available
+
+            raise ValueError(
+                f"attention kernel {self.name!r} cannot take cu_seqlens with causal={causal}; "
+                f"kernels that can: {available(causal=causal, packed=True)}"
+            )
+        refuse_mask_with_packing(attention_mask, cu_seqlens)
+        return as_packing(cu_seqlens, q.shape[0], q.shape[2], q.device)
+
+    def attend_packed(
+        self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, causal: bool,
+        need_weights: bool,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The call on packed q, k, v (1, H, N, D): by default the right-padded (S, H, L, D)
+        batch with its mask, unpadded (exact where ``packed_modes`` says so). With
+        ``need_weights`` the (1, H, N, N) weights are block diagonal, one block per
+        sequence. A kernel with a native varlen form may override this."""
+        padded = [packing.pad(t, 2) for t in (q, k, v)]
+        result = self._attend_masked(*padded, packing.mask(), causal, need_weights)
+        if not need_weights:
+            return packing.unpad(result, 2)
+        out, weights = result
+        blocks = weights.new_zeros(1, weights.shape[1], packing.total, packing.total)
+        for s, (a, b) in enumerate(zip(packing.offsets[:-1], packing.offsets[1:])):
+            blocks[0, :, a:b, a:b] = weights[s, :, : b - a, : b - a]
+        return packing.unpad(out, 2), blocks
+
+    def prefill(
+        self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | Packing
+    ) -> tuple[Tensor, Any]:
+        """Stream S packed prompts q, k, v (1, H, N, ·) at once: returns ``(out, state)``,
+        ``out`` (1, H, N, E) the packed causal call, ``state`` a stream of S rows that
+        ``step`` continues with B = S (T new tokens for every sequence), each row exactly
+        as the sequence streamed alone.
+
+        The prompts are left-padded to one width and stepped with their mask, so every row
+        ends in the last column (a masked step adds nothing for padding; see
+        :mod:`formerlab.attention.streaming`).
+        """
+        check_attention_inputs(q, k, v, None)
+        if not (self.supports_streaming and self.supports_causal):
+            raise ValueError(
+                f"attention kernel {self.name!r} cannot prefill a stream (no init_state/step); "
+                f"streaming kernels: {_streaming_kernels()}"
+            )
+        packing = as_packing(cu_seqlens, q.shape[0], q.shape[2], q.device)
+        state = self.init_state(
+            packing.count, q.shape[1], q.shape[-1], dtype=q.dtype, device=q.device,
+            value_dim=v.shape[-1],
+        )
+        padded = [packing.pad(t, 2, left=True) for t in (q, k, v)]
+        out, state = self.step(*padded, state, attention_mask=packing.mask(left=True))
+        return packing.unpad(out, 2, left=True), state
 
     # --- attention from the projection's input -------------------------------------
 
@@ -254,3 +340,13 @@ class AttentionKernel(nn.Module):
             f"attention kernel {self.name!r} cannot step (no streaming state); "
             "recompute the causal call on the whole sequence instead"
         )
+
+
+def _streaming_kernels() -> list[str]:
+    """Names of the registered causal kernels whose class streams."""
+    from formerlab.attention.registry import KERNELS
+
+    return [
+        name for name in KERNELS.available(causal=True)
+        if getattr(KERNELS.entry(name).factory, "supports_streaming", False)
+    ]

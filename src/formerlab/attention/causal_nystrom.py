@@ -693,6 +693,8 @@ class CausalNystromAttention(AttentionKernel):
     name = "causal_nystrom"
     supports_causal = True
     supports_streaming = True
+    # bidirectional calls may derive the segment size from N (num_landmarks): causal only
+    packed_modes = ("causal",)
 
     def __init__(
         self,

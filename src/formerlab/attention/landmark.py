@@ -112,6 +112,7 @@ class LandmarkAttention(AttentionKernel):
 
     name = "landmark"
     supports_causal = False
+    packed_modes = ("bidirectional",)  # landmarks over each row's real tokens
 
     def __init__(self, num_landmarks: int = 64, scale: float | None = None) -> None:
         check_kernel_options(
@@ -136,6 +137,7 @@ class LandmarkAttention(AttentionKernel):
     causal=False,
     complexity="O(N·m·D) time and memory",
     description="two-softmax landmark attention softmax(QK̃ᵀ)·softmax(Q̃Kᵀ)·V (Nyström without W⁺)",
+    packed_modes=LandmarkAttention.packed_modes,
 )
 def _build_landmark(num_landmarks: int = 64, scale: float | None = None) -> LandmarkAttention:
     return LandmarkAttention(num_landmarks=num_landmarks, scale=scale)

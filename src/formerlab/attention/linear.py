@@ -160,6 +160,7 @@ class LinearAttention(AttentionKernel):
     name = "linear"
     supports_causal = True
     supports_streaming = True
+    packed_modes = ("causal", "bidirectional")
 
     def __init__(
         self,

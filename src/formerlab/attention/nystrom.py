@@ -156,6 +156,7 @@ class NystromAttention(AttentionKernel):
 
     name = "nystrom"
     supports_causal = False
+    packed_modes = ("bidirectional",)  # landmarks over each row's real tokens
 
     def __init__(
         self,

@@ -204,6 +204,7 @@ class PerformerAttention(AttentionKernel):
     name = "performer"
     supports_causal = True
     supports_streaming = True
+    packed_modes = ("causal", "bidirectional")
 
     def __init__(
         self,

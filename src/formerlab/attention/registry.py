@@ -10,9 +10,24 @@ KERNELS = Registry("attention kernel")
 register = KERNELS.register
 
 
-def available(causal: bool | None = None) -> list[str]:
-    """Kernel names; with ``causal=True`` only those that support causal masking."""
-    return KERNELS.available(causal=True) if causal else KERNELS.available(None)
+def available(causal: bool | None = None, packed: bool = False) -> list[str]:
+    """Kernel names; with ``causal=True`` only those that support causal masking.
+
+    ``packed=True``: only those that take ``cu_seqlens`` (packed sequences,
+    :mod:`formerlab.attention.packed`) in a call with ``causal=True`` (``causal=True``),
+    with ``causal=False`` (``causal=False``), or in either (``causal=None``).
+    """
+    names = KERNELS.available(causal=True) if causal else KERNELS.available(None)
+    if not packed:
+        return names
+    wanted = {True: {"causal"}, False: {"bidirectional"}}.get(causal, {"causal", "bidirectional"})
+    return [n for n in names if wanted & set(packed_modes(KERNELS.entry(n)))]
+
+
+def packed_modes(entry: Entry) -> tuple[str, ...]:
+    """``"causal"`` / ``"bidirectional"``: the calls in which kernel ``entry`` takes packed
+    sequences (none by default)."""
+    return tuple(entry.extra.get("packed_modes", getattr(entry.factory, "packed_modes", ())))
 
 
 def build(name: str, **options: Any):

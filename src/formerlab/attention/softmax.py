@@ -102,6 +102,7 @@ class SoftmaxAttention(AttentionKernel):
     name = "softmax"
     supports_causal = True
     supports_streaming = True
+    packed_modes = ("causal", "bidirectional")
 
     def __init__(self, scale: float | None = None) -> None:
         check_kernel_options("softmax", nullable=("scale",), scale=scale)

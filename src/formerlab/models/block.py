@@ -2,6 +2,11 @@
 
 pre-norm: x + mixer(norm(x)), then x + mlp(norm(x)).
 
+Packed sequences (``cu_seqlens``, B = 1): everything but the mixer is per position, so
+a block hands ``cu_seqlens`` to its mixer (:mod:`formerlab.attention.packed`); a stack
+validates it once and hands the same :class:`~formerlab.attention.packed.Packing` to every
+layer.
+
 Streaming: everything but the mixer is per position, so a block's state is its mixer's
 state and ``step`` threads it through (with the new tokens' ``attention_mask``, if any);
 a stack's state is one mixer state per layer.
@@ -15,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from formerlab import mixers
+from formerlab.attention.packed import Packing, as_packing
 from formerlab.errors import refuse_key_padding_mask
 
 
@@ -46,10 +52,12 @@ class MetaFormerBlock(nn.Module):
 
     def forward(
         self, x: Tensor, attention_mask: Tensor | None = None, causal: bool = False,
-        *, key_padding_mask: Any = None,
+        *, key_padding_mask: Any = None, cu_seqlens: Tensor | Packing | None = None,
     ) -> Tensor:
         refuse_key_padding_mask(key_padding_mask)
-        x = x + self.drop(self.mixer(self.norm1(x), attention_mask=attention_mask, causal=causal))
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        mixed = self.mixer(self.norm1(x), attention_mask=attention_mask, causal=causal, **packed)
+        x = x + self.drop(mixed)
         return x + self.mlp(self.norm2(x))
 
     @property
@@ -97,11 +105,14 @@ class BlockStack(nn.Module):
 
     def forward(
         self, x: Tensor, attention_mask: Tensor | None = None, causal: bool = False,
-        *, key_padding_mask: Any = None,
+        *, key_padding_mask: Any = None, cu_seqlens: Tensor | Packing | None = None,
     ) -> Tensor:
         refuse_key_padding_mask(key_padding_mask)
+        packed = {}
+        if cu_seqlens is not None:  # validated once, for every layer
+            packed["cu_seqlens"] = as_packing(cu_seqlens, x.shape[0], x.shape[1], x.device)
         for block in self.blocks:
-            x = block(x, attention_mask=attention_mask, causal=causal)
+            x = block(x, attention_mask=attention_mask, causal=causal, **packed)
         return self.norm(x)
 
     @property

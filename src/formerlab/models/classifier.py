@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from formerlab.attention.packed import Packing, refuse_mask_with_packing
 from formerlab.errors import refuse_key_padding_mask
 from formerlab.models.embedding import SequenceModel
 
@@ -36,6 +37,10 @@ class EncoderClassifier(SequenceModel):
     mixer, mixer_options, mlp_ratio, dropout, body), plus ``head`` (``"linear"`` or
     ``"mlp"``, see ``classifier_head``) and ``causal``: run the blocks causally, so that a
     causal-only mixer can classify (the mean pool then reads every prefix state).
+
+    Packed sequences: ``forward(ids (1, N), cu_seqlens=cu)`` returns (S, classes), one row
+    per sequence, each as the sequence alone gets it (its own mean pool; positions restart
+    at each boundary; :mod:`formerlab.attention.packed`).
     """
 
     def __init__(
@@ -48,8 +53,14 @@ class EncoderClassifier(SequenceModel):
         self.head = classifier_head(dim, num_classes, head, options.get("mlp_ratio", 4.0))
 
     def forward(
-        self, ids: Tensor, attention_mask: Tensor | None = None, *, key_padding_mask: Any = None
+        self, ids: Tensor, attention_mask: Tensor | None = None, *, key_padding_mask: Any = None,
+        cu_seqlens: Tensor | Packing | None = None,
     ) -> Tensor:
         refuse_key_padding_mask(key_padding_mask)
+        if cu_seqlens is not None:
+            refuse_mask_with_packing(attention_mask, cu_seqlens)
+            packing = self.packing(ids, cu_seqlens)
+            x = self.packed_hidden(ids, packing, causal=self.causal)
+            return self.head(packing.segment_mean(x))
         x = self.hidden(ids, attention_mask, causal=self.causal)
         return self.head(masked_mean(x, attention_mask))

@@ -9,6 +9,11 @@ Batches of prompts of different lengths: ``generate(ids, tokens, attention_mask=
 with the prompts left-padded (``mask`` bool (B, N), True = real token) gives every row
 what the prompt alone gives: positions count from each row's first real token and
 padding adds nothing to any layer's state (``step(ids, state, attention_mask=...)``).
+
+Packed sequences (``cu_seqlens``, B = 1; :mod:`formerlab.attention.packed`):
+``forward(ids (1, N), cu_seqlens=cu)`` gives (1, N, vocab_size), each sequence's logits as
+it gets alone (positions restart at each boundary); ``logits, state = prefill(ids, cu)``
+starts S streams from packed prompts, and ``step(next_ids (S, T), state)`` continues them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from formerlab import attention, mixers
+from formerlab.attention.packed import Packing
 from formerlab.errors import (
     check_positive_float,
     check_positive_int,
@@ -125,7 +131,8 @@ class DecoderLM(SequenceModel):
 
     ``DecoderLM(vocab_size, dim=128, depth=4, heads=4, max_len=256, mixer="attention",
     mixer_options=None, mlp_ratio=4.0, dropout=0.0, body=None, positions="learned")``;
-    ``forward(ids, attention_mask=None) -> logits (B, N, vocab_size)``.
+    ``forward(ids, attention_mask=None, *, cu_seqlens=None) -> logits (B, N, vocab_size)``
+    (packed sequences: ids (1, N) and ``cu_seqlens``, see the module doc).
     The output head shares the token-embedding matrix (tied weights). A mixer or kernel
     that cannot run causally is refused here, at construction.
     """
@@ -140,10 +147,28 @@ class DecoderLM(SequenceModel):
         self.head.weight = self.embed.tokens.weight
 
     def forward(
-        self, ids: Tensor, attention_mask: Tensor | None = None, *, key_padding_mask: Any = None
+        self, ids: Tensor, attention_mask: Tensor | None = None, *, key_padding_mask: Any = None,
+        cu_seqlens: Tensor | Packing | None = None,
     ) -> Tensor:
         refuse_key_padding_mask(key_padding_mask)
-        return self.head(self.hidden(ids, attention_mask, causal=True))
+        return self.head(self.hidden(ids, attention_mask, causal=True, cu_seqlens=cu_seqlens))
+
+    def prefill(
+        self, ids: Tensor, cu_seqlens: Tensor | Packing
+    ) -> tuple[Tensor, DecoderState]:
+        """Start S streams from packed prompts ids (1, N): returns ``(logits, state)``,
+        ``logits`` (1, N, vocab_size) equal to ``forward(ids, cu_seqlens=cu_seqlens)`` and
+        ``state`` a stream of S rows that :meth:`step` continues with ids (S, T), each row
+        exactly as its prompt streamed alone.
+
+        The prompts are left-padded to one width and stepped with their mask (every row
+        then ends in the last column; positions count from each row's first real token).
+        """
+        packing = self.packing(ids, cu_seqlens)
+        state = self.init_state(packing.count)
+        padded = packing.pad(ids, 1, left=True)
+        logits, state = self.step(padded, state, attention_mask=packing.mask(left=True))
+        return packing.unpad(logits, 1, left=True), state
 
     @property
     def supports_streaming(self) -> bool:

@@ -9,6 +9,10 @@ gives no position information beyond causality (and a pooling window). With ``ro
 With an ``attention_mask`` positions count from each row's first real token (learned
 and rotary alike, :func:`formerlab.mixers.streaming.row_positions`): a left-padded row
 is embedded as the row alone, so prompts of different lengths share a batch.
+
+Packed sequences (``cu_seqlens``, B = 1; :mod:`formerlab.attention.packed`): positions
+restart at 0 at each boundary (learned: each token's position in its own sequence;
+rotary: the mixers restart them), and every layer keeps the sequences apart.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from formerlab import mixers
+from formerlab.attention.packed import Packing, as_packing, refuse_mask_with_packing
 from formerlab.errors import check_choice
 from formerlab.mixers.streaming import row_positions
 from formerlab.models.block import BlockStack
@@ -138,15 +143,40 @@ class SequenceModel(nn.Module):
         """Every token mixer of the body, in order."""
         return [m for m in self.body.modules() if isinstance(m, mixers.TokenMixer)]
 
-    def hidden(self, ids: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
+    def hidden(
+        self, ids: Tensor, attention_mask: Tensor | None, causal: bool,
+        cu_seqlens: Tensor | Packing | None = None,
+    ) -> Tensor:
         """(B, N) ids -> (B, N, dim) final hidden states (with ``attention_mask``, positions
-        count from each row's first real token)."""
+        count from each row's first real token; with ``cu_seqlens``, see
+        :meth:`packed_hidden`)."""
+        if cu_seqlens is not None:
+            refuse_mask_with_packing(attention_mask, cu_seqlens)
+            return self.packed_hidden(ids, self.packing(ids, cu_seqlens), causal)
         positions = None
         if attention_mask is not None and self.positions == "learned":
             check_mask(attention_mask, ids)
             positions = row_positions(attention_mask)
         x = self.embed(ids, positions=positions)
         return self.body(x, attention_mask=attention_mask, causal=causal)
+
+
+    def packing(self, ids: Tensor, cu_seqlens: Tensor | Packing) -> Packing:
+        """The validated packing of ids (1, N) (``ValueError`` naming ``cu_seqlens``)."""
+        check_ids(ids, self.embed.vocab_size)
+        return as_packing(cu_seqlens, ids.shape[0], ids.shape[1], ids.device)
+
+    def packed_hidden(self, ids: Tensor, packing: Packing, causal: bool) -> Tensor:
+        """Packed ids (1, N) -> (1, N, dim): each sequence's hidden states as it gets
+        alone, positions restarting at each boundary. A ``BlockStack`` body runs packed (its
+        mixers pad, per position work stays on N tokens); any other body runs on the
+        right-padded batch with its mask (as exact as its masked call)."""
+        positions = packing.positions if self.positions == "learned" else None
+        x = self.embed(ids, positions=positions)
+        if isinstance(self.body, BlockStack):
+            return self.body(x, causal=causal, cu_seqlens=packing)
+        out = self.body(packing.pad(x, 1), attention_mask=packing.mask(), causal=causal)
+        return packing.unpad(out, 1)
 
 
 def check_mask(attention_mask: Any, ids: Tensor) -> Tensor:

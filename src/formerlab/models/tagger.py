@@ -10,13 +10,16 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from formerlab.attention.packed import Packing
 from formerlab.errors import refuse_key_padding_mask
 from formerlab.models.embedding import SequenceModel
 
 
 class TokenTagger(SequenceModel):
     """``forward(ids, attention_mask=None) -> logits (B, N, num_classes)``; options as
-    ``EncoderClassifier`` (``causal``: each position predicted from its prefix only)."""
+    ``EncoderClassifier`` (``causal``: each position predicted from its prefix only).
+    Packed sequences: ``forward(ids (1, N), cu_seqlens=cu)`` -> (1, N, num_classes), each
+    sequence tagged as alone (:mod:`formerlab.attention.packed`)."""
 
     def __init__(
         self, vocab_size: int, num_classes: int, dim: int = 128, depth: int = 2,
@@ -27,7 +30,8 @@ class TokenTagger(SequenceModel):
         self.head = nn.Linear(dim, num_classes)
 
     def forward(
-        self, ids: Tensor, attention_mask: Tensor | None = None, *, key_padding_mask: Any = None
+        self, ids: Tensor, attention_mask: Tensor | None = None, *, key_padding_mask: Any = None,
+        cu_seqlens: Tensor | Packing | None = None,
     ) -> Tensor:
         refuse_key_padding_mask(key_padding_mask)
-        return self.head(self.hidden(ids, attention_mask, causal=self.causal))
+        return self.head(self.hidden(ids, attention_mask, self.causal, cu_seqlens))
