@@ -312,3 +312,13 @@ def test_select_rows_lands_near_the_best_iteration_count():
     selected = err(pinv_select="rows")
     assert selected <= 1.1 * min(curve)
     assert selected < 0.8 * curve[0]  # not the first iterate
+
+
+def test_value_width_other_than_head_dim_has_exact_gradients():
+    # the fused product's backward once shaped dv like q: it crashed for E != D
+    torch.manual_seed(0)
+    q, k = (torch.randn(1, 2, 20, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 20, 6, dtype=torch.float64, requires_grad=True)
+    kernel = attention.build("nystrom", num_landmarks=4, pinv_iters=None, pinv_tol=1e-12)
+    assert kernel(q, k, v).shape == (1, 2, 20, 6)
+    assert torch.autograd.gradcheck(lambda q, k, v: kernel(q, k, v), (q, k, v))

@@ -275,6 +275,8 @@ class NystromProduct(torch.autograd.Function):
         if conv_weight is not None:
             dv_skip, dw = conv_skip_backward(grad, x_skip, w_skip, q.shape[1], ctx.needs_input_grad[3])
         dq, dk, dv = empty_grads(q, ctx.packed)
+        if dv.shape != v.shape:  # a value width E != D (never packed: packed views share D)
+            dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         dk_land, dq_land = torch.zeros_like(k_land_s), torch.zeros_like(q_land)
 
         def queries_scores_grad(rows: slice, dS: Tensor) -> None:  # F's scores q·k̃ₛᵀ
