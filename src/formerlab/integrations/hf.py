@@ -24,14 +24,24 @@ How it plugs in (transformers >= 5, checked against 5.24's source):
 
 Encoders (bidirectional attention) take any kernel; decoders (causal attention modules)
 take causal kernels only. Attention-probability dropout is not applied by formerlab
-kernels, and incremental decoding with a KV cache (query length != key length) is not
-supported: call decoders on whole sequences (``use_cache=False``).
+kernels.
+
+Decoding with a cache: a swapped decoder decodes with the kernels' own streaming states,
+held by :class:`~formerlab.integrations.hf_cache.FormerlabCache` (pass
+``cache=FormerlabCache(model)`` to the model's forward). ``generate`` builds one by itself:
+``swap_attention`` sets, on the model instance only, the hook through which ``generate``
+prepares its default cache (``_prepare_cache_for_generation``), so that it builds a
+``FormerlabCache`` instead of a ``DynamicCache``; ``restore_attention`` removes it. Other
+caches (HF's ``DynamicCache`` built by a plain ``model(..., use_cache=True)``, static or
+quantized ones) cannot continue a formerlab stream: a call with more keys than queries
+raises ``ValueError``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +58,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from formerlab import attention
 from formerlab.attention.nystrom import DepthwiseConvSkip
+from formerlab.integrations.hf_cache import PENDING, FormerlabCache, FormerlabLayer
 
 IMPLEMENTATION = "formerlab"
 
@@ -93,8 +104,15 @@ class LayerAttention(nn.Module):
 # --------------------------------------------------------------------------- masks
 
 
-def _check_positional(mask_function, batch_size: int, q_length: int, kv_length: int,
-                      q_offset: int, kv_offset: int, device) -> None:
+def _check_positional(
+    mask_function,
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int,
+    kv_offset: int,
+    device,
+) -> None:
     """Accept plain causal / bidirectional masks; evaluate anything else on the index grid
     (sliding windows, packing) and accept it only if it is one of the two there."""
     if mask_function in (causal_mask_function, bidirectional_mask_function):
@@ -102,7 +120,9 @@ def _check_positional(mask_function, batch_size: int, q_length: int, kv_length: 
     b = torch.arange(batch_size, device=device)[:, None, None]
     qi = torch.arange(q_length, device=device)[None, :, None] + q_offset
     ki = torch.arange(kv_length, device=device)[None, None, :] + kv_offset
-    grid = torch.as_tensor(mask_function(b, 0, qi, ki), device=device).expand(batch_size, q_length, kv_length)
+    grid = torch.as_tensor(mask_function(b, 0, qi, ki), device=device).expand(
+        batch_size, q_length, kv_length
+    )
     if bool(grid.all()) or torch.equal(grid, (ki <= qi).expand_as(grid)):
         return
     raise ValueError(
@@ -125,14 +145,17 @@ def formerlab_mask(
     """Mask interface of ``"formerlab"``: the 2-d bool padding mask (True = real), or None.
 
     Causality is not encoded here: each attention module knows it (``is_causal``)."""
-    device = kwargs.get("device") or (attention_mask.device if attention_mask is not None else "cpu")
-    _check_positional(mask_function, batch_size, q_length, kv_length, int(q_offset),
-                      int(kv_offset), device)
+    device = kwargs.get("device") or (
+        attention_mask.device if attention_mask is not None else "cpu"
+    )
+    _check_positional(
+        mask_function, batch_size, q_length, kv_length, int(q_offset), int(kv_offset), device
+    )
     if attention_mask is None:
         return None
     mask = attention_mask.to(torch.bool)
     if mask.shape[-1] != kv_length:
-        mask = mask[:, int(kv_offset): int(kv_offset) + kv_length]
+        mask = mask[:, int(kv_offset) : int(kv_offset) + kv_length]
     return None if bool(mask.all()) else mask
 
 
@@ -154,7 +177,9 @@ def hf_real_tokens(attention_mask: Tensor | None, b: int, n: int, causal: bool) 
     if causal:
         # key j is real iff query j (itself) may see it, or any later query does
         kpm = allowed.any(dim=1)
-        expected = kpm[:, None, :] & torch.ones(n, n, dtype=torch.bool, device=allowed.device).tril()
+        expected = (
+            kpm[:, None, :] & torch.ones(n, n, dtype=torch.bool, device=allowed.device).tril()
+        )
     else:
         kpm = allowed.any(dim=1)
         expected = kpm[:, None, :].expand(b, n, n)
@@ -179,6 +204,22 @@ def _scaled_query(query: Tensor, scaling: float | None) -> Tensor:
     return query if abs(factor - 1.0) < 1e-12 else query * factor
 
 
+def _expand_kv(key: Tensor, value: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """Grouped-query attention: kv head i serves q heads i·g … i·g+g-1 (HF's ``repeat_kv``)."""
+    if key.shape[1] == heads:
+        return key, value
+    groups = heads // key.shape[1]
+    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+
+
+def _check_window(window: int | None, length: int) -> None:
+    if window is not None and window < length:
+        raise ValueError(
+            f"sliding_window={window} is shorter than the sequence ({length} tokens); formerlab "
+            "kernels attend to the whole (causal) past"
+        )
+
+
 def formerlab_attention(
     module: nn.Module,
     query: Tensor,
@@ -189,24 +230,33 @@ def formerlab_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
-    """Attention-interface function of ``"formerlab"``: (B, H, N, D) in, (B, N, H, D) out."""
+    """Attention-interface function of ``"formerlab"``: (B, H, N, D) in, (B, N, H, D) out.
+
+    Called after a :class:`~formerlab.integrations.hf_cache.FormerlabCache` update, it runs
+    the kernel's streaming step on the new tokens (:func:`stream_attention`); otherwise the
+    kernel's parallel call on the whole sequence."""
+    pending = module.__dict__.pop(PENDING, None)
+    if pending is not None:
+        layer, updated = pending
+        if updated is not key:
+            raise ValueError(
+                "the keys reaching formerlab attention are not those its FormerlabCache layer "
+                "was just updated with; this model's attention modules do not call the cache "
+                "as HF's Llama / GPT-2 modules do"
+            )
+        return stream_attention(
+            module, layer, query, key, value, attention_mask, scaling, kwargs.get("sliding_window")
+        )
     b, h, n, _ = query.shape
     if key.shape[-2] != n:
         raise ValueError(
-            f"formerlab attention needs as many keys as queries (got {n} queries, "
-            f"{key.shape[-2]} keys): incremental decoding with a KV cache is not supported; "
-            "call the model on whole sequences with use_cache=False"
+            f"formerlab attention got {n} queries and {key.shape[-2]} keys: a cache other than "
+            "a FormerlabCache cannot continue a formerlab kernel's stream; decode with "
+            "generate (it builds a FormerlabCache), pass cache=FormerlabCache(model), or call "
+            "the model on whole sequences with use_cache=False"
         )
-    window = kwargs.get("sliding_window")
-    if window is not None and window < n:
-        raise ValueError(
-            f"sliding_window={window} is shorter than the sequence ({n} tokens); formerlab "
-            "kernels attend to the whole (causal) past"
-        )
-    if key.shape[1] != h:  # grouped-query attention: kv head i serves q heads i·g … i·g+g-1
-        groups = h // key.shape[1]
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    _check_window(kwargs.get("sliding_window"), n)
+    key, value = _expand_kv(key, value, h)
     causal = bool(getattr(module, "is_causal", False))
     kpm = hf_real_tokens(attention_mask, b, n, causal)
     q = _scaled_query(query, scaling)
@@ -216,6 +266,39 @@ def formerlab_attention(
         out = attention.build("softmax")(q, key, value, attention_mask=kpm, causal=causal)
     else:
         out = layer(q, key, value, kpm)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def stream_attention(
+    module: nn.Module,
+    layer: FormerlabLayer,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None,
+    sliding_window: int | None = None,
+) -> tuple[Tensor, None]:
+    """One decoding step of a swapped layer: the kernel's ``step`` on the T new tokens
+    (B, H, T, D) from the state in ``layer`` (which keeps the new state); (B, T, H, D) out.
+
+    ``attention_mask``: the 2-d padding mask over every token seen (what
+    :func:`formerlab_mask` passes on, True = real) or None; the new tokens' columns become
+    the step's mask, so a left-padded row gets exactly what it gets alone."""
+    b, h, t, _ = query.shape
+    total = layer.get_seq_length()  # the new tokens included (counted by the update)
+    _check_window(sliding_window, total)
+    key, value = _expand_kv(key, value, h)
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (b, total):
+            raise ValueError(
+                f"decoding with a FormerlabCache takes a 2-d attention_mask (B, tokens so far) "
+                f"= ({b}, {total}); got shape {tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask[:, -t:].to(torch.bool)
+        mask = None if bool(mask.all()) else mask
+    out = layer.step(_scaled_query(query, scaling), key, value, mask)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -245,8 +328,12 @@ class NystromformerSwap(nn.Module):
             self.conv.to(original.conv.weight.device)
         object.__setattr__(self, "_original", original)  # not a submodule: kept for restore
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
-                output_attentions: bool = False):
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        output_attentions: bool = False,
+    ):
         b, n, _ = hidden_states.shape
         q, k, v = (
             proj(hidden_states).view(b, n, self.heads, self.head_dim).transpose(1, 2)
@@ -291,6 +378,7 @@ class SwapRecord:
     options: dict[str, Any] = field(default_factory=dict)
     layers: list[int] = field(default_factory=list)
     causal: bool = False
+    generation_hook: bool = False
 
 
 def attention_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -347,7 +435,9 @@ def _check_kernel(kernel: str, options: dict[str, Any], causal: bool, what: str)
 
 
 def swap_attention(
-    model: nn.Module, kernel: str | None = "nystrom", layers: list[int] | None = None,
+    model: nn.Module,
+    kernel: str | None = "nystrom",
+    layers: list[int] | None = None,
     **kernel_options: Any,
 ) -> nn.Module:
     """Run ``kernel`` (a name of ``formerlab.attention.available()``) in the self-attention
@@ -363,8 +453,11 @@ def swap_attention(
     if is_swapped(model):
         restore_attention(model)
     found = attention_modules(model)
-    crossed = [type(m).__name__ for m in model.modules()
-               if getattr(m, "is_cross_attention", False) or "CrossAttention" in type(m).__name__]
+    crossed = [
+        type(m).__name__
+        for m in model.modules()
+        if getattr(m, "is_cross_attention", False) or "CrossAttention" in type(m).__name__
+    ]
     if crossed:
         raise ValueError(
             f"{type(model).__name__} has cross-attention ({crossed[0]}); swap_attention supports "
@@ -380,7 +473,9 @@ def swap_attention(
     chosen = _check_layers(layers, len(found))
     device = next(model.parameters()).device
 
-    record = SwapRecord(model.config, [], kernel=kernel, options=options, layers=chosen, causal=causal)
+    record = SwapRecord(
+        model.config, [], kernel=kernel, options=options, layers=chosen, causal=causal
+    )
     if model_type == "nystromformer":
         for i in chosen:
             parent, attr, module = found[i]
@@ -399,8 +494,34 @@ def swap_attention(
             layer_causal = bool(getattr(module, "is_causal", False))
             module.formerlab_attention = LayerAttention(kernel, options, layer_causal).to(device)
             record.swapped.append(module)
+        if causal and hasattr(model, "_prepare_cache_for_generation"):
+            # generate's default cache: an instance attribute, so the class and other
+            # models are untouched (a bound method, so copy.deepcopy rebinds it)
+            model._prepare_cache_for_generation = types.MethodType(_prepare_formerlab_cache, model)
+            record.generation_hook = True
     model._formerlab_swap = record
     return model
+
+
+def _prepare_formerlab_cache(
+    self: nn.Module, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any
+) -> None:
+    """``generate``'s cache preparation for a swapped decoder: a :class:`FormerlabCache`
+    where HF would build its default ``DynamicCache``; a cache the caller passes, or
+    ``use_cache=False``, is left to HF's own preparation."""
+    original = type(self)._prepare_cache_for_generation
+    given = any(model_kwargs.get(name) is not None for name in ("cache", "past_key_values"))
+    if given or generation_config.use_cache is False or not is_swapped(self):
+        return original(self, generation_config, model_kwargs, *args, **kwargs)
+    implementation = generation_config.cache_implementation
+    if implementation not in (None, "dynamic"):
+        raise ValueError(
+            f"cache_implementation={implementation!r} is not supported with formerlab "
+            "attention: generate decodes with the kernels' streaming states (a FormerlabCache); "
+            "leave cache_implementation unset, or pass use_cache=False"
+        )
+    model_kwargs["cache"] = FormerlabCache(self)
+    return None
 
 
 def restore_attention(model: nn.Module) -> nn.Module:
@@ -415,6 +536,8 @@ def restore_attention(model: nn.Module) -> nn.Module:
         setattr(parent, attr, swap.restore())
     for module in record.config_holders:
         module.config = record.config
+    if record.generation_hook:
+        model.__dict__.pop("_prepare_cache_for_generation", None)
     del model._formerlab_swap
     return model
 
@@ -427,6 +550,7 @@ def swapped_layers(model: nn.Module) -> list[LayerAttention]:
 __all__ = [
     "FAMILIES",
     "IMPLEMENTATION",
+    "FormerlabCache",
     "LayerAttention",
     "NystromformerSwap",
     "attention_modules",
@@ -436,6 +560,7 @@ __all__ = [
     "hf_real_tokens",
     "nystromformer_options",
     "restore_attention",
+    "stream_attention",
     "swap_attention",
     "swapped_layers",
 ]
