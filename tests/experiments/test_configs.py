@@ -5,12 +5,13 @@ from pathlib import Path
 import pytest
 
 from formerlab.experiments.sweep import Axis, SweepSpec, expand, load_sweep, run_sweep
+from formerlab.train import load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUICK_MECHANISMS = {"softmax", "nystrom", "landmark", "linear", "performer", "metric", "pooling"}
 
 
-@pytest.mark.parametrize("name", ["quick-ablation", "lra-listops", "shakespeare-ablation"])
+@pytest.mark.parametrize("name", ["quick-ablation", "lra/listops-sweep", "shakespeare-ablation"])
 def test_sweep_configs_validate(name, tmp_path):
     trials = expand(load_sweep(CONFIGS / f"{name}.yaml"), tmp_path)
     assert trials and all(t.config.tracking.backend == "mlflow" for t in trials)
@@ -30,12 +31,17 @@ def test_quick_ablation_covers_mechanisms_tasks_and_one_seed(tmp_path):
             assert landmarks < t.config.task.options.get("max_len", 2 * t.config.task.options.get("length", 0))
 
 
-def test_lra_config_is_the_small_lra_setting(tmp_path):
-    trials = expand(load_sweep(CONFIGS / "lra-listops.yaml"), tmp_path)
-    cfg = trials[0].config
-    assert (cfg.model.dim, cfg.model.depth, cfg.model.heads) == (64, 2, 2)
-    assert cfg.task.options["max_len"] == 2000 and cfg.task.options["max_depth"] == 10
-    assert {t.mechanism for t in trials} == {"softmax", "nystrom", "linear", "performer", "metric"}
+def test_lra_sweep_is_the_single_configs_protocol(tmp_path):
+    trials = expand(load_sweep(CONFIGS / "lra" / "listops-sweep.yaml"), tmp_path)
+    assert {t.mechanism for t in trials} == {"softmax", "nystrom", "linear", "performer",
+                                             "gated_deltanet"}
+    for trial in trials:  # the sweep and configs/lra/listops-<mechanism>.yaml agree
+        single = load_config(CONFIGS / "lra" / f"listops-{trial.mechanism}.yaml")
+        for section in ("task", "model"):
+            assert getattr(trial.config, section) == getattr(single, section), trial.mechanism
+        keep = {"steps", "batch_size", "lr", "warmup", "schedule", "beta2", "eps",
+                "weight_decay", "grad_clip", "eval_every", "eval_batches", "test_at_best"}
+        assert trial.config.train.model_dump(include=keep) == single.train.model_dump(include=keep)
 
 
 QUICK_STEPS = 100
