@@ -281,3 +281,22 @@ def run_per_sequence(
         finals.append(final)
     final_state = None if any(f is None for f in finals) else torch.cat(finals, dim=0)
     return torch.cat(outputs, dim=1), final_state
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose gradient is handed back contiguous (see ``contiguous_grad``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` unchanged, its gradient made contiguous: a transposed gradient is a layout the
+    ops upstream of ``x`` may not have been traced with under ``torch.compile``."""
+    return _ContiguousGrad.apply(x) if x.requires_grad else x

@@ -71,6 +71,7 @@ from formerlab.attention.functional._common import (
     transpose_state,
     work_dtype,
 )
+from formerlab.attention.functional.gla import key_value_state, to_chunks
 
 #: ``eps`` of fla's in-kernel L2 normalisation: ``x / sqrt(sum(x^2) + eps)``.
 L2NORM_EPS = 1e-6
@@ -106,14 +107,14 @@ def _recurrent_core(q, k, v, beta, g, gk, gv, initial_state, *, scale):
     return torch.stack(outputs, dim=1), state
 
 
-def _to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """``[B, T, H, ...]`` -> ``[B * H, N, C, ...]``, zero-padding time to ``N * C``."""
-    pad = -x.shape[1] % chunk_size
-    if pad:
-        x = F.pad(x, [0, 0] * (x.dim() - 2) + [0, pad])
-    batch, padded, heads = x.shape[:3]
-    x = x.transpose(1, 2).reshape(batch * heads, padded // chunk_size, chunk_size, *x.shape[3:])
-    return x
+def _to_chunks(x: torch.Tensor, chunk_size: int, scale: float = 1.0) -> torch.Tensor:
+    """``scale * x`` from ``[B, T, H, ...]`` to ``[B * H, N, C, ...]``, time zero-padded.
+
+    The gradient of ``x`` comes back contiguous (``gla.to_chunks``): a transposed one
+    would reach the ops upstream of ``x`` (a gate's ``softplus``, a projection) in a
+    layout that their backward passes traced by ``torch.compile`` may not produce.
+    """
+    return to_chunks(x, chunk_size, scale).flatten(0, 1)
 
 
 def _wy_representation(kc, vc, bc, gamma):
@@ -169,7 +170,8 @@ def _chunk_core(q, k, v, beta, g, initial_state, *, scale, chunk_size):
     batch, seq_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     # padded tokens have k = 0, beta = 0, g = 0: identity transitions, no output needed
-    qc, kc, vc = (_to_chunks(x, chunk_size) for x in (q * scale, k, v))
+    qc = _to_chunks(q, chunk_size, scale)
+    kc, vc = (_to_chunks(x, chunk_size) for x in (k, v))
     bc = _to_chunks(beta, chunk_size).unsqueeze(-1)
     gamma = None if g is None else _to_chunks(g, chunk_size).cumsum(-1)
     u0, w, decay = _wy_representation(kc, vc, bc, gamma)
@@ -234,7 +236,7 @@ def _check_common(q, k, v, scale, initial_state, state_v_first, cu_seqlens, allo
     check_initial_state(
         initial_state, n_states, heads, *dims, offsets is not None, layout, q.device
     )
-    state = transpose_state(initial_state) if state_v_first else initial_state
+    state = key_value_state(initial_state, state_v_first)
     return sizes, group, offsets, resolve_scale(scale, key_dim), state
 
 

@@ -86,7 +86,12 @@ def _recurrent_core(q, k, v, gk, gv, initial_state, *, scale, reverse):
 class _ToChunks(torch.autograd.Function):
     """``scale * x`` from ``[B, T, H, ...]`` to ``[B, H, N, C, ...]``, zero-padded in time.
 
-    One strided pass each way (the scale rides along with the layout copy).
+    Both passes copy into a fresh contiguous tensor, then scale it in place, so the output
+    and the gradient of ``x`` are contiguous in eager and in a ``torch.compile`` graph
+    alike. (An ``out=`` product into a view that spans the whole buffer, ``T = N * C``,
+    is traced with the strides of its transposed source, so a later ``view`` of the
+    chunks fails in the graph; a transposed gradient reaches the ops upstream of ``x`` in
+    a layout their traced backward passes may not produce.)
     """
 
     @staticmethod
@@ -95,7 +100,9 @@ class _ToChunks(torch.autograd.Function):
         n_chunks = -(-seq_len // chunk_size)
         out = x.new_empty(batch, heads, n_chunks * chunk_size, *x.shape[3:])
         out[:, :, seq_len:].zero_()
-        torch.mul(x.transpose(1, 2), scale, out=out[:, :, :seq_len])
+        out[:, :, :seq_len].copy_(x.transpose(1, 2))
+        if scale != 1.0:  # in place on contiguous memory; the zero padding stays zero
+            out.mul_(scale)
         ctx.seq_len, ctx.scale = seq_len, scale
         return out.view(batch, heads, n_chunks, chunk_size, *x.shape[3:])
 
@@ -105,9 +112,64 @@ class _ToChunks(torch.autograd.Function):
         batch, heads, n_chunks, chunk = grad.shape[:4]
         flat = grad.reshape(batch, heads, n_chunks * chunk, *grad.shape[4:])
         moved = flat[:, :, : ctx.seq_len].transpose(1, 2)
-        out = grad.new_empty(moved.shape)
-        torch.mul(moved, ctx.scale, out=out)
+        out = grad.new_empty(moved.shape).copy_(moved)
+        if ctx.scale != 1.0:
+            out.mul_(ctx.scale)
         return out, None, None
+
+
+def to_chunks(x: torch.Tensor, chunk_size: int, scale: float = 1.0) -> torch.Tensor:
+    """``scale * x`` from ``[B, T, H, ...]`` to a contiguous ``[B, H, N, C, ...]``.
+
+    The layout the chunked ops work in: ``N = ceil(T / C)`` chunks of ``C`` tokens, time
+    zero-padded to ``N * C``. One strided copy each way, and the gradient of ``x`` is a
+    contiguous ``[B, T, H, ...]`` tensor (a transposed view would reach the ops upstream
+    of ``x`` in a layout that ``torch.compile`` may not have traced).
+
+    Args:
+        x: a per-token tensor ``[B, T, H, ...]`` (any strides).
+        chunk_size: the chunk length ``C``.
+        scale: a factor applied on the way (the score scale of ``q``).
+
+    Returns:
+        ``[B, H, N, C, ...]``, contiguous.
+    """
+    return _ToChunks.apply(x, chunk_size, scale)
+
+
+class _StateToKeyValue(torch.autograd.Function):
+    """A state ``[N, H, V, K]`` as a contiguous ``[N, H, K, V]`` copy; the gradient likewise.
+
+    A plain ``transpose`` would hand the gradient back as a transposed view, a layout the
+    ops upstream of the state may not have been traced with (see :func:`to_chunks`).
+    """
+
+    @staticmethod
+    def forward(ctx, state):
+        return state.transpose(-1, -2).clone(memory_format=torch.contiguous_format)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return grad.transpose(-1, -2).clone(memory_format=torch.contiguous_format)
+
+
+def key_value_state(state: torch.Tensor | None, state_v_first: bool) -> torch.Tensor | None:
+    """The initial state in ``[N, H, K, V]`` layout, from ``[N, H, V, K]`` if ``state_v_first``.
+
+    The swapped state is a contiguous copy whose gradient comes back as a contiguous
+    ``[N, H, V, K]`` tensor, the layout of a state the caller computed in that order.
+
+    Args:
+        state: ``[N, H, K, V]`` (``[N, H, V, K]`` with ``state_v_first``), or ``None``.
+        state_v_first: whether ``state`` is in ``[N, H, V, K]`` layout.
+
+    Returns:
+        ``[N, H, K, V]``, or ``None``.
+    """
+    if state is None or not state_v_first:
+        return state
+    return _StateToKeyValue.apply(state)
 
 
 class _FromChunks(torch.autograd.Function):
@@ -179,7 +241,7 @@ def _scan_states(decay, updates, initial_state):
 def _chunk_layout(q, k, v, g, chunk_size, scale):
     """``scale * q, k, v, g`` in ``[B, H, N, C, ...]``, time zero-padded to ``N * C``."""
     scales = (scale, 1.0, 1.0, 1.0)
-    return tuple(_ToChunks.apply(x, chunk_size, c) for x, c in zip((q, k, v, g), scales))
+    return tuple(to_chunks(x, chunk_size, c) for x, c in zip((q, k, v, g), scales))
 
 
 def _combine(scores, values, queries, starts):
@@ -360,7 +422,7 @@ def _check_common(q, k, v, scale, initial_state, state_v_first, cu_seqlens):
     check_initial_state(
         initial_state, n_states, heads, *dims, offsets is not None, layout, q.device
     )
-    state = transpose_state(initial_state) if state_v_first else initial_state
+    state = key_value_state(initial_state, state_v_first)
     return (
         (batch, seq_len, heads, key_dim, value_dim),
         offsets,

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from formerlab.attention.functional._common import check_per_token, work_dtype
+from formerlab.attention.functional._common import check_per_token, contiguous_grad, work_dtype
 from formerlab.errors import check_positive_int
 
 __all__ = ["ssd", "ssd_recurrent"]
@@ -176,7 +176,7 @@ def _prepare(x, dt, A, B, C, dt_bias, initial_states, dt_softplus, wd):
     if initial_states is None:
         h0 = torch.zeros(b, H, P, N, dtype=wd, device=x.device)
     else:
-        h0 = initial_states.to(wd)
+        h0 = contiguous_grad(initial_states.to(wd))  # its gradient, contiguous for compile
     return x.to(wd), dt, A.to(wd), B.to(wd), C.to(wd), h0
 
 
