@@ -90,15 +90,24 @@ def bench_causal(
     markdown: bool = markdown_option(),
     rounds: int = typer.Option(1, min=1, help="Interleaved rounds (median kept)."),
     option: list[str] = typer.Option([], "--option", help="A non-default kernel option METHOD.KEY=VALUE (repeat); labels the method, e.g. causal_nystrom[segment_size=128]."),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Also time the streaming step (one new token from a state: a KV-cache step for softmax) after each --stream-at context (not with a --threads list, which prints the scaling tables only)."),
+    stream_at: list[int] = typer.Option([1024, 8192], "--stream-at", min=1, help="Context lengths of the streaming step (repeat the option)."),
+    stream_tokens: int = typer.Option(64, min=1, help="Streamed tokens timed per case (median per token)."),
 ) -> None:
-    """Causal kernels vs exact causal softmax (SDPA): forward + backward time, peak memory;
-    every kernel at its defaults unless --option labels it."""
+    """Causal kernels vs exact causal softmax (SDPA): forward + backward time, peak memory
+    and the per-token time of the streaming step; every kernel at its defaults unless
+    --option labels it. Methods: softmax, causal_nystrom, linear, performer, and the
+    chunked recurrences retention, gla, deltanet, gated_deltanet, mamba2."""
     from formerlab.bench.causal import (
         memory_growth,
         parse_options,
         run_benchmark,
+        run_streaming,
+        spread,
+        stream_rows,
         summary_rows,
         thread_scaling,
+        time_per_1k,
     )
     from formerlab.bench.threads import scaling_table
 
@@ -125,10 +134,11 @@ def bench_causal(
         progress_line(f"N={result.n:<6} {result.method:<15} {status}")
 
     try:
+        options = parse_options(option)
         results = run_benchmark(
             sizes=tuple(sizes), methods=tuple(methods), batch=batch, heads=heads,
             head_dim=head_dim, warmup=warmup, repeats=repeats, threads=threads, device=device,
-            max_exact_n=max_exact_n, progress=progress, options=parse_options(option),
+            max_exact_n=max_exact_n, progress=progress, options=options,
             rounds=rounds,
         )
     except ValueError as error:
@@ -140,9 +150,83 @@ def bench_causal(
         if points:
             per_token = ", ".join(f"N={n}: {b / 1024:.1f}" for n, b in points)
             notes.append(f"peak KiB per token, {method}: {per_token}")
+    for method in methods:
+        points = time_per_1k(results, method)
+        flat = spread(time_per_1k(results, method, from_n=2048))
+        if points:
+            per_1k = ", ".join(f"N={n}: {ms:.1f}" for n, ms in points)
+            notes.append(f"ms per 1k tokens, {method}: {per_1k}"
+                         + ("" if flat is None else f" (max / min from N=2048: {flat:.2f}×)"))
     write_table(f"causal attention, forward + backward, B={batch}, H={heads}, "
                 f"D={head_dim} (ms / peak MiB)",
                 list(rows[0]), [list(r.values()) for r in rows], fmt, right=True, notes=notes)
+    if not stream:
+        return
+
+    def stream_progress(result) -> None:
+        status = result.skipped or f"{result.time_s * 1e3:.3f} ms/token"
+        progress_line(f"context {result.n:<6} {result.method:<15} {status}")
+
+    try:
+        streamed = run_streaming(
+            contexts=tuple(stream_at), methods=tuple(methods), batch=batch, heads=heads,
+            head_dim=head_dim, tokens=stream_tokens, warmup=warmup, threads=threads,
+            device=device, options=options, progress=stream_progress, rounds=rounds,
+        )
+    except ValueError as error:
+        raise fail(error) from None
+    rows = stream_rows(streamed)
+    write_table(f"streaming step, one new token after each context, B={batch}, H={heads}, "
+                f"D={head_dim}, no grad (median ms per token / state MiB)",
+                list(rows[0]), [list(r.values()) for r in rows], fmt, right=True)
+
+
+@bench_app.command("ops")
+def bench_ops(
+    size: int = typer.Option(4096, "--size", min=1, help="Sequence length N."),
+    mechanisms: list[str] = typer.Option(None, "--mechanism", help="Mechanisms to run (repeat; default all): retention, simple_gla, gla, deltanet, gated_deltanet, mamba2."),
+    batch: int = typer.Option(1, min=1),
+    heads: int = typer.Option(4, min=1),
+    head_dim: int = typer.Option(64, min=1, help="K = V, the per-head size."),
+    warmup: int = typer.Option(1, min=0),
+    rounds: int = typer.Option(3, min=1, help="Interleaved timing rounds (time = minimum, ratios = median of the paired per-round ratios)."),
+    threads: str = threads_option(),
+    memory_sizes: list[int] = typer.Option(None, "--memory-size", help="N at which the saved-for-backward bytes are measured (repeat; default N/4 and N)."),
+    recurrent: bool = typer.Option(True, "--recurrent/--no-recurrent", help="Also time the token-by-token recurrence (slow)."),
+    device: str = typer.Option("cpu"),
+    fmt: Format = format_option(),
+    markdown: bool = markdown_option(),
+) -> None:
+    """Our chunked linear-recurrence ops vs fla's naive chunked references and vs our
+    token-by-token recurrence: forward + backward time, the ratios per thread count, the
+    agreement of the forms on the benchmark's inputs, and the bytes saved for backward."""
+    import torch
+
+    from formerlab.bench import ops as bench
+
+    fmt = resolve_format(fmt, markdown)
+    counts = parse_threads(threads)
+    try:
+        results = bench.run_benchmark(
+            n=size, mechanisms=tuple(mechanisms or bench.MECHANISMS), batch=batch,
+            heads=heads, head_dim=head_dim, threads=counts, rounds=rounds, warmup=warmup,
+            memory_sizes=None if not memory_sizes else tuple(memory_sizes),
+            recurrent_form=recurrent, device=device, progress=progress_line,
+        )
+    except ValueError as error:
+        raise fail(error) from None
+    rows = bench.time_rows(results)
+    write_table(f"chunked ops, forward + backward, N={size}, B={batch}, H={heads}, "
+                f"K=V={head_dim}, {device}, torch {torch.__version__}; ms = minimum of {rounds} "
+                "interleaved rounds, ratios = median (range) of the per-round ratios",
+                list(rows[0]), [list(r.values()) for r in rows], fmt,
+                notes=[f"max |diff|: outputs and input gradients against ours, flagged above "
+                       f"{bench.TOLERANCE:g} of the largest value"])  # fmt: skip
+    rows = bench.memory_rows(results)
+    if rows:
+        write_table("bytes saved for backward (saved_tensors_hooks; inputs not counted); "
+                    "one state = one [K, V] state of every head",
+                    list(rows[0]), [list(r.values()) for r in rows], fmt, right=True)
 
 
 @bench_app.command("deq")
