@@ -21,7 +21,9 @@ CORE_MIXERS = ["metric"]
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
+    # counters (graph breaks, ...) are process-wide: earlier tests' compiles must not count
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     yield
     torch._dynamo.reset()
 

@@ -379,6 +379,8 @@ class SwapRecord:
     layers: list[int] = field(default_factory=list)
     causal: bool = False
     generation_hook: bool = False
+    #: every self-attention module of the model, in layer order (swapped or not)
+    attention: list[nn.Module] = field(default_factory=list)
 
 
 def attention_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -499,6 +501,7 @@ def swap_attention(
             # models are untouched (a bound method, so copy.deepcopy rebinds it)
             model._prepare_cache_for_generation = types.MethodType(_prepare_formerlab_cache, model)
             record.generation_hook = True
+    record.attention = [module for _, _, module in found]
     model._formerlab_swap = record
     return model
 

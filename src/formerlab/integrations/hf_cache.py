@@ -282,19 +282,18 @@ class FormerlabCache(Cache):
     """
 
     def __init__(self, model: nn.Module) -> None:
-        from formerlab.integrations.hf import attention_modules, is_swapped
-
-        if not is_swapped(model):
+        record = getattr(model, "_formerlab_swap", None)  # set by swap_attention
+        if record is None:
             raise ValueError(
                 f"FormerlabCache needs a model swapped by swap_attention; "
                 f"{type(model).__name__} is not"
             )
-        if not model._formerlab_swap.causal:
+        if not record.causal:
             raise ValueError(
                 f"{type(model).__name__} attends bidirectionally (an encoder): it has no "
                 "cache to decode with"
             )
-        found = [module for _, _, module in attention_modules(model)]
+        found = record.attention
         layers: list[FormerlabLayer] = []
         for position, module in enumerate(found):
             layer_idx = getattr(module, "layer_idx", position)
