@@ -264,9 +264,11 @@ def _chunk_scan(x, dt, A, B, C, h0, chunk_size: int) -> tuple[Tensor, Tensor]:
     chunk_decay = torch.exp(from_start[..., -1])  # [b, c, G, R]
     h = h0.reshape(b, G, R, P, N)
     incoming = []
-    for c in range(nc):
+    # unbind, not [:, c]: each indexed read's backward would write a full-size gradient
+    # (an O(N^2 / C) backward); unbind's backward stacks the pieces once
+    for decay, state in zip(chunk_decay.unbind(1), chunk_states.unbind(1)):
         incoming.append(h)
-        h = chunk_decay[:, c, :, :, None, None] * h + chunk_states[:, c]
+        h = decay[:, :, :, None, None] * h + state
     h_in = torch.stack(incoming, dim=1)  # [b, c, G, R, P, N]
 
     # 4. the incoming state read out at every token: C_l S^T, decayed from the chunk start
