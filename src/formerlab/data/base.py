@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from formerlab.errors import check_choice
+from formerlab.errors import check_choice, check_positive_int
 
 IGNORE_INDEX = -100
 SPLITS = ("train", "val")
@@ -100,3 +100,40 @@ class Task:
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.vocab[i] for i in ids)
+
+
+class PooledSplits:
+    """Mixin for tasks whose splits are fixed pools of examples (generated once): training
+    batches sample a pool with the caller's generator; evaluation walks the val (or test)
+    pool in order, at most ``max_batches`` batches, so no example is scored twice.
+
+    A task provides ``pool_size(split)`` and ``_batch_of(split, index)``; list the mixin
+    before the task base class (``class ListOps(PooledSplits, Task)``).
+    """
+
+    splits: tuple[str, ...]
+
+    def pool_size(self, split: str) -> int:
+        raise NotImplementedError
+
+    def _batch_of(self, split: str, index: Tensor) -> Batch:
+        raise NotImplementedError
+
+    def batch(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:
+        check_choice("split", split, self.splits)
+        check_positive_int("batch_size", batch_size)
+        index = torch.randint(0, self.pool_size(split), (batch_size,), generator=generator)
+        return self._batch_of(split, index)
+
+    def eval_batches(
+        self, split: str, batch_size: int, max_batches: int, seed: int = 0
+    ) -> Iterator[Batch]:
+        """The val (or test) pool in order; the train split as in ``Task``."""
+        if split == "train":
+            yield from super().eval_batches(split, batch_size, max_batches, seed)
+            return
+        check_choice("split", split, self.splits)
+        check_positive_int("batch_size", batch_size)
+        size = self.pool_size(split)
+        for start in range(0, min(size, batch_size * max_batches), batch_size):
+            yield self._batch_of(split, torch.arange(start, min(start + batch_size, size)))

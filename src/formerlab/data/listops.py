@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from formerlab.data._common import Ragged
-from formerlab.data.base import Batch, Task
+from formerlab.data.base import Batch, PooledSplits, Task
 from formerlab.data.registry import register
 from formerlab.errors import check_choice, check_positive_float, check_positive_int
 
@@ -242,7 +242,7 @@ def _ragged(sequences: list[bytes]) -> Ragged:
 
 
 @register("listops", description="LRA ListOps: nested MAX/MIN/MED/SM expressions (encoder, 10 classes)")
-class ListOps(Task):
+class ListOps(PooledSplits, Task):
     """LRA ListOps as an encoder task: 10 classes, inputs padded per batch with a mask.
 
     Fixed pools of ``train_size`` / ``val_size`` (/ ``test_size``) distinct expressions are
@@ -351,25 +351,8 @@ class ListOps(Task):
         inputs, mask = ragged.pad(index, PAD_ID)
         return Batch(inputs, labels[index].long(), mask)
 
-    def batch(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:
-        check_choice("split", split, self.splits)
-        check_positive_int("batch_size", batch_size)
-        size = len(self._pools()[split][1])
-        return self._batch_of(split, torch.randint(0, size, (batch_size,), generator=generator))
-
-    def eval_batches(
-        self, split: str, batch_size: int, max_batches: int, seed: int = 0
-    ) -> Iterator[Batch]:
-        """The val (or test) pool in order, at most ``max_batches`` batches (so no example
-        twice); the train split as in ``Task``."""
-        if split == "train":
-            yield from super().eval_batches(split, batch_size, max_batches, seed)
-            return
-        check_choice("split", split, self.splits)
-        check_positive_int("batch_size", batch_size)
-        size = len(self._pools()[split][1])
-        for start in range(0, min(size, batch_size * max_batches), batch_size):
-            yield self._batch_of(split, torch.arange(start, min(start + batch_size, size)))
+    def pool_size(self, split: str) -> int:
+        return len(self._pools()[split][1])
 
     def baseline(self) -> dict[str, float]:
         train = torch.bincount(self._pools()["train"][1], minlength=10).double()

@@ -49,14 +49,14 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from formerlab.data.base import Batch, Task
+from formerlab.data.base import Batch, PooledSplits, Task
 from formerlab.data.registry import register
 from formerlab.errors import check_choice, check_positive_int
 
@@ -731,7 +731,7 @@ _POOLS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per-process cache
     description="LRA Pathfinder-32: are the two markers on one dashed curve? "
     "(encoder, 2 classes, 1024 pixel tokens)",
 )
-class Pathfinder(Task):
+class Pathfinder(PooledSplits, Task):
     """LRA Pathfinder as an encoder task: 2 classes, ``image_size ** 2`` pixel tokens.
 
     Tokens are pixel intensities (vocabulary ``"0"``..``"255"``) in row-major order; all
@@ -827,25 +827,8 @@ class Pathfinder(Task):
         images, labels = self.images(split)
         return Batch(images[index].reshape(len(index), -1).long(), labels[index])
 
-    def batch(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:
-        check_choice("split", split, self.splits)
-        check_positive_int("batch_size", batch_size)
-        size = self.sizes[split]
-        return self._batch_of(split, torch.randint(0, size, (batch_size,), generator=generator))
-
-    def eval_batches(
-        self, split: str, batch_size: int, max_batches: int, seed: int = 0
-    ) -> Iterator[Batch]:
-        """The val (or test) pool in order, at most ``max_batches`` batches (so no image
-        twice); the train split as in ``Task``."""
-        if split == "train":
-            yield from super().eval_batches(split, batch_size, max_batches, seed)
-            return
-        check_choice("split", split, self.splits)
-        check_positive_int("batch_size", batch_size)
-        size = self.sizes[split]
-        for start in range(0, min(size, batch_size * max_batches), batch_size):
-            yield self._batch_of(split, torch.arange(start, min(start + batch_size, size)))
+    def pool_size(self, split: str) -> int:
+        return self.sizes[split]
 
     def decode(self, ids: list[int]) -> str:
         return " ".join(VOCAB[i] for i in ids)
