@@ -27,11 +27,15 @@ def cases():
     for name in mixers.available(causal=True):
         if not takes_kernel(name):
             out.append((name, name, {}))
+            if name in ("retention", "gla"):  # with their optional short convolution
+                out.append((f"{name}-conv", name, {"conv": 3}))
             continue
         for kernel in attention.available(causal=True):
             for rope in (False, True):
                 options = {"kernel": kernel, "rope": rope, **SMALL.get(kernel, {})}
                 out.append((f"{name}-{kernel}{'-rope' if rope else ''}", name, options))
+                if name == "attention" and rope:  # with the short convolution over q, k, v
+                    out.append((f"{name}-{kernel}-rope-conv", name, {**options, "conv": 3}))
     return out
 
 

@@ -39,11 +39,15 @@ def cases():
     for name in mixers.available(causal=True):
         if not takes_kernel(name):
             out.append((f"{name}-causal", name, {}, True))
+            if name in ("retention", "gla"):  # their optional short convolution resets too
+                out.append((f"{name}-conv-causal", name, {"conv": 3}, True))
             continue
         for kernel in attention.available(causal=True):
             for rope in (False, True):
                 options = {"kernel": kernel, "rope": rope, **SMALL.get(kernel, {})}
                 out.append((f"{name}-{kernel}{'-rope' if rope else ''}", name, options, True))
+        if name == "attention":  # the short convolution over q, k, v resets at boundaries
+            out.append(("attention-softmax-conv", name, {"rope": True, "conv": 3}, True))
     for name in mixers.available():
         if not takes_kernel(name):
             if build(name, {}).packs(False):

@@ -98,13 +98,18 @@ def heads(x, h):
     return x.reshape(*x.shape[:2], h, -1)
 
 
+def projected_qkv(m, x):
+    """q, k, v per head, through the optional short convolution (one over q, k, v)."""
+    parts = [linear(x, m.q), linear(x, m.k), linear(x, m.v)]
+    if m.conv is not None:
+        sizes = [p.shape[-1] for p in parts]
+        parts = short_conv(torch.cat(parts, dim=-1), m.conv.weight).split(sizes, dim=-1)
+    return tuple(heads(p, m.heads) for p in parts)
+
+
 def retention_reference(m, x):
     b, t, _ = x.shape
-    q, k, v = (
-        heads(linear(x, m.q), m.heads),
-        heads(linear(x, m.k), m.heads),
-        heads(linear(x, m.v), m.heads),
-    )
+    q, k, v = projected_qkv(m, x)
     if m.rope:
         pos = torch.arange(t, dtype=F64)
         q, k = rotate(q, pos), rotate(k, pos)
@@ -117,11 +122,7 @@ def retention_reference(m, x):
 
 def gla_reference(m, x):
     b, t, _ = x.shape
-    q, k, v = (
-        heads(linear(x, m.q), m.heads),
-        heads(linear(x, m.k), m.heads),
-        heads(linear(x, m.v), m.heads),
-    )
+    q, k, v = projected_qkv(m, x)
     gk = heads(F.logsigmoid(linear(linear(x, m.decay_down), m.decay_up)) / 16.0, m.heads)
 
     def op(q, k, v, gk, **kw):
@@ -205,8 +206,10 @@ REFERENCES = {
 REFERENCE_CASES = [
     ("retention", {"chunk_size": 16}),
     ("retention", {"rope": False, "expand_v": 1.0}),
+    ("retention", {"conv": 4}),
     ("gla", {}),
     ("gla", {"expand_k": 1.0, "gate_rank": 4}),
+    ("gla", {"conv": 3}),
     ("deltanet", {"chunk_size": 16}),
     ("deltanet", {"conv": 2, "expand_v": 2.0}),
     ("gated_deltanet", {"chunk_size": 16}),
@@ -302,6 +305,8 @@ BAD_OPTIONS = [
     ("gla", {"gate_rank": 0}, r"gate_rank=0"),
     ("gla", {"gate_norm": -1.0}, r"gate_norm=-1.0"),
     ("gla", {"expand_k": "half"}, r"expand_k='half'"),
+    ("gla", {"conv": 1}, r"conv=1 .* integer >= 2"),
+    ("retention", {"conv": -4}, r"conv=-4"),
     ("deltanet", {"conv": 0}, r"conv=0"),
     ("deltanet", {"chunk_size": 0}, r"chunk_size=0"),
     ("gated_deltanet", {"expand_v": 3.3}, r"expand_v=3.3"),
@@ -362,11 +367,13 @@ def hand_count(name, dim, heads, **o):
         )  # A_log, dt_bias, D; norm; out
     dk = int(dim * o.get("expand_k", {"gla": 0.5}.get(name, 1.0)))
     dv = int(dim * o.get("expand_v", {"retention": 2.0, "gated_deltanet": 2.0}.get(name, 1.0)))
+    taps = (2 * dk + dv) * o.get("conv", 0)  # the optional convolution over q, k, v
     if name == "retention":
-        return 2 * dim * dk + 2 * dim * dv + 2 * dv + dv * dim  # q, k; v, gate; group norm; out
+        # q, k; v, gate; group norm; out
+        return 2 * dim * dk + 2 * dim * dv + 2 * dv + dv * dim + taps
     if name == "gla":
         r = o.get("gate_rank", 16)
-        return 2 * dim * dk + 2 * dim * dv + dim * r + r * dk + dk + dv // heads + dv * dim
+        return 2 * dim * dk + 2 * dim * dv + dim * r + r * dk + dk + dv // heads + dv * dim + taps
     conv = o.get("conv", 4)
     count = dim * (2 * dk + dv) + (2 * dk + dv) * conv + dim * heads + dv // heads + dv * dim
     if name == "gated_deltanet":
@@ -381,6 +388,8 @@ SIZE_CASES = [
     ("gated_deltanet", 16, 2, {}),
     ("mamba2", 16, 2, {}),
     ("gla", 24, 3, {"gate_rank": 5, "expand_v": 2.0}),
+    ("gla", 16, 2, {"conv": 4}),
+    ("retention", 16, 2, {"conv": 3}),
     ("gated_deltanet", 12, 3, {"expand_k": 0.5, "conv": 2}),
     ("mamba2", 16, 4, {"ngroups": 2, "d_state": 8, "head_dim": 3, "conv": 2}),
 ]
@@ -427,7 +436,8 @@ def state_bytes(name, dim, heads, **o):
         return 4 * (inner * o.get("d_state", 16) + (o.get("conv", 4) - 1) * (inner + 2 * 16))
     dk = int(dim * o.get("expand_k", {"gla": 0.5}.get(name, 1.0)))
     dv = int(dim * o.get("expand_v", {"retention": 2.0, "gated_deltanet": 2.0}.get(name, 1.0)))
-    window = (o.get("conv", 4) - 1) * (2 * dk + dv) if "deltanet" in name else 0
+    conv = o.get("conv", 4 if "deltanet" in name else 0)
+    window = max(conv - 1, 0) * (2 * dk + dv)
     return 4 * (dk * dv // heads + window)
 
 

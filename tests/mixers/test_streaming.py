@@ -21,8 +21,13 @@ def cases(rope=False):
             for kernel in attention.available(causal=True):
                 extra = {"rope": True} if rope else {}
                 out.append((f"{name}-{kernel}", name, {"kernel": kernel, **extra}))
+                if name == "attention":  # with the short convolution over q, k, v
+                    options = {"kernel": kernel, "conv": 3, **extra}
+                    out.append((f"{name}-{kernel}-conv", name, options))
         elif not rope:
             out.append((name, name, {}))
+            if name in ("retention", "gla"):  # with their optional short convolution
+                out.append((f"{name}-conv", name, {"conv": 3}))
     return out
 
 

@@ -63,6 +63,14 @@ def check_batch(batch: Any) -> int:
     return batch
 
 
+def zero_padded(t: Tensor, real: Tensor | None) -> Tensor:
+    """``t`` (B, T, ...) with the positions where ``real`` (bool (B, T)) is False set to 0
+    (``where``, not a product: junk in a padded slot cannot turn into NaN)."""
+    if real is None:
+        return t
+    return torch.where(real.view(*real.shape, *([1] * (t.dim() - 2))), t, 0.0)
+
+
 class TokenMixer(nn.Module):
     """Base class for mixers; subclasses implement ``mix`` and set ``supports_causal``."""
 

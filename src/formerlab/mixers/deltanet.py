@@ -35,6 +35,7 @@ from formerlab.attention.functional import (
 )
 from formerlab.errors import check_positive_int
 from formerlab.linalg.numerics import autocast_off, compute_dtype
+from formerlab.mixers.base import zero_padded
 from formerlab.mixers.recurrent import (
     RecurrentMixer,
     RecurrentState,
@@ -44,7 +45,6 @@ from formerlab.mixers.recurrent import (
     init_dt_bias,
     rms_norm,
     silu_gate,
-    zero_padded,
 )
 from formerlab.mixers.registry import register
 from formerlab.mixers.short_conv import ShortConv

@@ -27,15 +27,16 @@ from torch import Tensor, nn
 from formerlab.attention.functional import chunk_gla, fused_recurrent_gla
 from formerlab.errors import check_positive_float, check_positive_int
 from formerlab.linalg.numerics import autocast_off, compute_dtype
+from formerlab.mixers.base import zero_padded
 from formerlab.mixers.recurrent import (
     RecurrentMixer,
     RecurrentState,
     check_expand,
     rms_norm,
     silu_gate,
-    zero_padded,
 )
 from formerlab.mixers.registry import register
+from formerlab.mixers.short_conv import optional_short_conv
 
 
 class GLA(RecurrentMixer):
@@ -56,6 +57,9 @@ class GLA(RecurrentMixer):
         gate_rank: rank of the decay gate's projection (GLA: 16).
         gate_norm: the normaliser ``τ`` of the log decay, ``g = logsigmoid(·) / τ``
             (GLA: 16).
+        conv: taps of a short causal convolution over q, k, v (SiLU) after their
+            projections; 0 (GLA) for none. An option of fla's GLA layer
+            (``use_short_conv``); the state then also keeps the last ``conv - 1`` inputs.
     """
 
     name = "gla"
@@ -68,6 +72,7 @@ class GLA(RecurrentMixer):
         expand_v: float = 1.0,
         gate_rank: int = 16,
         gate_norm: float = 16.0,
+        conv: int = 0,
     ) -> None:
         super().__init__(check_positive_int("dim", dim))
         self.heads = check_positive_int("heads", heads)
@@ -83,6 +88,7 @@ class GLA(RecurrentMixer):
         self.gate = nn.Linear(dim, self.value_dim, bias=False)
         self.norm_weight = nn.Parameter(torch.ones(self.head_v))
         self.out = nn.Linear(self.value_dim, dim, bias=False)
+        self.conv = optional_short_conv(conv, 2 * self.key_dim + self.value_dim)
 
     def memory_shape(self) -> tuple[int, ...]:
         return (self.heads, self.head_k, self.head_v)
@@ -93,11 +99,13 @@ class GLA(RecurrentMixer):
         b, t, _ = x.shape
         work = compute_dtype(x.dtype)
         heads_k = (b, t, self.heads, self.head_k)
-        q, k = (p(x).to(work).view(heads_k) for p in (self.q, self.k))
-        v = self.v(x).to(work).view(b, t, self.heads, self.head_v)
+        q, k, v = (p(x).to(work) for p in (self.q, self.k, self.v))
         logits = self.decay_up(self.decay_down(x)).to(work).view(heads_k)
         gate = self.gate(x).to(work)
         with autocast_off(x.device):
+            (q, k, v), window = self.convolve((q, k, v), real, state)
+            q, k = q.reshape(heads_k), k.reshape(heads_k)
+            v = v.reshape(b, t, self.heads, self.head_v)
             # a padded token: no key/value, log decay 0 (the state passes unchanged)
             g = zero_padded(F.logsigmoid(logits) / self.gate_norm, real)
             k, v = zero_padded(k, real), zero_padded(v, real)
@@ -112,12 +120,13 @@ class GLA(RecurrentMixer):
                 )
             o = silu_gate(rms_norm(o, self.norm_weight).reshape(b, t, self.value_dim), gate)
         out = zero_padded(self.out(o.to(x.dtype)), real)
-        return out, None if state is None else RecurrentState(memory)
+        return out, None if state is None else RecurrentState(memory, window)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, heads={self.heads}, key_dim={self.key_dim}, "
             f"value_dim={self.value_dim}, gate_rank={self.gate_rank}, gate_norm={self.gate_norm:g}"
+            + (f", conv={self.conv.size}" if self.conv is not None else "")
         )
 
 

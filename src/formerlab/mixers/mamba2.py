@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from formerlab.attention.functional import ssd, ssd_recurrent
 from formerlab.errors import check_positive_int
 from formerlab.linalg.numerics import autocast_off, compute_dtype
+from formerlab.mixers.base import zero_padded
 from formerlab.mixers.recurrent import (
     RecurrentMixer,
     RecurrentState,
@@ -35,7 +36,6 @@ from formerlab.mixers.recurrent import (
     init_a_log,
     init_dt_bias,
     rms_norm,
-    zero_padded,
 )
 from formerlab.mixers.registry import register
 from formerlab.mixers.short_conv import ShortConv

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from formerlab.errors import check_positive_float
 from formerlab.linalg.numerics import compute_dtype
-from formerlab.mixers.base import TokenMixer
+from formerlab.mixers.base import TokenMixer, zero_padded
 from formerlab.mixers.short_conv import ShortConv
 
 #: A streaming step of at most this many tokens runs the token-by-token op (cheaper than
@@ -92,14 +92,6 @@ def check_chunk_size(chunk_size: Any) -> int:
     if not ok or chunk_size < 1 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size={chunk_size!r} is not allowed; expected a power of two >= 1")
     return chunk_size
-
-
-def zero_padded(t: Tensor, real: Tensor | None) -> Tensor:
-    """``t`` (B, T, ...) with the positions where ``real`` (bool (B, T)) is False set to 0
-    (``where``, not a product: junk in a padded slot cannot turn into NaN)."""
-    if real is None:
-        return t
-    return torch.where(real.view(*real.shape, *([1] * (t.dim() - 2))), t, 0.0)
 
 
 def rms_norm(x: Tensor, weight: Tensor, group: int | None = None) -> Tensor:
@@ -193,6 +185,18 @@ class RecurrentMixer(TokenMixer):
                 f"batch of {batch}: its memory has shape {tuple(state.memory.shape)}, expected "
                 f"{want}; build it with init_state({batch})"
             )
+
+    def convolve(
+        self, parts: tuple[Tensor, ...], real: Tensor | None, state: RecurrentState | None
+    ) -> tuple[tuple[Tensor, ...], Tensor | None]:
+        """``parts`` (B, T, C_i) through the short convolution, if the mixer has one (one
+        depthwise convolution over their channels side by side equals one per part), and
+        its new window (None without one). Padded tokens enter it as zeros."""
+        if self.conv is None:
+            return parts, None
+        window = None if state is None else state.window
+        out, window = self.conv(zero_padded(torch.cat(parts, dim=-1), real), window)
+        return out.split([p.shape[-1] for p in parts], dim=-1), window
 
     @staticmethod
     def use_recurrent_op(x: Tensor, state: RecurrentState | None) -> bool:

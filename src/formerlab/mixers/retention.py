@@ -31,6 +31,7 @@ from formerlab.attention.functional import (
 from formerlab.attention.rope import apply_rope
 from formerlab.errors import check_positive_int
 from formerlab.linalg.numerics import autocast_off, compute_dtype
+from formerlab.mixers.base import zero_padded
 from formerlab.mixers.recurrent import (
     NORM_EPS,
     RecurrentMixer,
@@ -38,9 +39,9 @@ from formerlab.mixers.recurrent import (
     check_chunk_size,
     check_expand,
     silu_gate,
-    zero_padded,
 )
 from formerlab.mixers.registry import register
+from formerlab.mixers.short_conv import optional_short_conv
 from formerlab.mixers.streaming import advance_positions, check_rope, row_positions
 
 
@@ -62,6 +63,9 @@ class Retention(RecurrentMixer):
             factor ``e^{i(n-m)θ}``); positions count from each row's first real token.
         chunk_size: chunk length of the chunked-parallel op (a power of two); changes
             only speed and rounding.
+        conv: taps of a short causal convolution over q, k, v (SiLU) after their
+            projections; 0 (RetNet) for none. An option of fla's retention layer
+            (``use_short_conv``); the state then also keeps the last ``conv - 1`` inputs.
     """
 
     name = "retention"
@@ -74,6 +78,7 @@ class Retention(RecurrentMixer):
         expand_v: float = 2.0,
         rope: bool = True,
         chunk_size: int = 64,
+        conv: int = 0,
     ) -> None:
         super().__init__(check_positive_int("dim", dim))
         self.heads = check_positive_int("heads", heads)
@@ -87,6 +92,7 @@ class Retention(RecurrentMixer):
         self.gate = nn.Linear(dim, self.value_dim, bias=False)
         self.norm = nn.GroupNorm(heads, self.value_dim, eps=NORM_EPS)
         self.out = nn.Linear(self.value_dim, dim, bias=False)
+        self.conv = optional_short_conv(conv, 2 * self.key_dim + self.value_dim)
 
     def memory_shape(self) -> tuple[int, ...]:
         return (self.heads, self.head_k, self.head_v)
@@ -96,10 +102,12 @@ class Retention(RecurrentMixer):
     ) -> tuple[Tensor, RecurrentState | None]:
         b, t, _ = x.shape
         work = compute_dtype(x.dtype)
-        q, k = (p(x).to(work).view(b, t, self.heads, self.head_k) for p in (self.q, self.k))
-        v = self.v(x).to(work).view(b, t, self.heads, self.head_v)
+        q, k, v = (p(x).to(work) for p in (self.q, self.k, self.v))
         gate = self.gate(x).to(work)
         with autocast_off(x.device):
+            (q, k, v), window = self.convolve((q, k, v), real, state)
+            q, k = (p.view(b, t, self.heads, self.head_k) for p in (q, k))
+            v = v.view(b, t, self.heads, self.head_v)
             positions, lead = self._positions(real, state, b, t, x.device)
             if self.rope:
                 q, k = (apply_rope(p.transpose(1, 2), positions).transpose(1, 2) for p in (q, k))
@@ -109,7 +117,7 @@ class Retention(RecurrentMixer):
         out = zero_padded(self.out(o.to(x.dtype)), real)
         if state is None:
             return out, None
-        return out, RecurrentState(memory, None, state.position + t, lead)
+        return out, RecurrentState(memory, window, state.position + t, lead)
 
     def _positions(self, real, state, b, t, device):
         """Rotary positions of the new tokens (counted from each row's first real token
@@ -148,6 +156,7 @@ class Retention(RecurrentMixer):
         return (
             f"dim={self.dim}, heads={self.heads}, key_dim={self.key_dim}, "
             f"value_dim={self.value_dim}, rope={self.rope}"
+            + (f", conv={self.conv.size}" if self.conv is not None else "")
         )
 
 

@@ -1,7 +1,19 @@
-"""Multi-head self-attention with a pluggable attention kernel."""
+"""Multi-head self-attention with a pluggable attention kernel.
+
+``conv=c`` (c >= 2) puts a short causal depthwise convolution (``c`` taps, SiLU; the one
+of the DeltaNet and Mamba-2 layers, :mod:`formerlab.mixers.short_conv`) between the q, k,
+v projection and the kernel, so each query, key and value also sees the ``c - 1`` tokens
+before it. The recurrent mixers have it by design; given to attention it makes token
+mixers with and without it comparable, and it lets two-layer models learn recall tasks
+in far fewer steps (an induction head no longer has to be learned across two layers:
+the key of the previous token is already in each value). Streaming keeps the last
+``c - 1`` projected inputs in the state; padded tokens enter the convolution as zeros, so
+padding and packing stay exact.
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -10,9 +22,11 @@ from torch import Tensor, nn
 from formerlab import attention
 from formerlab.attention.packed_qkv import packed_buffer
 from formerlab.errors import check_positive_int
-from formerlab.mixers.base import TokenMixer
+from formerlab.mixers.base import TokenMixer, zero_padded
 from formerlab.mixers.registry import register
+from formerlab.mixers.short_conv import optional_short_conv
 from formerlab.mixers.streaming import (
+    AttentionMixerState,
     attend,
     attend_step,
     check_rope,
@@ -88,8 +102,9 @@ class SelfAttention(TokenMixer):
     ``kernel`` is a registered attention-kernel name; ``kernel_options`` go to it
     (e.g. ``SelfAttention(128, 4, kernel="nystrom", num_landmarks=32)``).
     ``rope=True`` rotates q and k by their positions (rotary embeddings, see
-    ``formerlab.mixers.streaming``); ``init_state`` / ``step`` stream through the kernel's
-    state when the kernel has one.
+    ``formerlab.mixers.streaming``); ``conv=c`` convolves the projected q, k, v over the
+    last ``c`` tokens first (module docstring); ``init_state`` / ``step`` stream through
+    the kernel's state when the kernel has one.
     """
 
     name = "attention"
@@ -102,6 +117,7 @@ class SelfAttention(TokenMixer):
         head_dim: int | None = None,
         qkv_bias: bool = False,
         rope: bool = False,
+        conv: int = 0,
         **kernel_options: Any,
     ) -> None:
         super().__init__(dim)
@@ -115,6 +131,7 @@ class SelfAttention(TokenMixer):
         self.rope = check_rope(rope, head_dim)
         self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=qkv_bias)
         self.out = nn.Linear(heads * head_dim, dim)
+        self.conv = optional_short_conv(conv, 3 * heads * head_dim)
         self.kernel = attention.build(kernel, **kernel_options)
 
     @property
@@ -129,18 +146,31 @@ class SelfAttention(TokenMixer):
     def supports_streaming(self) -> bool:
         return self.supports_causal and kernel_streams(self.kernel)
 
-    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, N, C) -> per-head q, k, v (B, H, N, D)."""
+    def qkv_heads(
+        self, x: Tensor, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, N, C) -> per-head q, k, v (B, H, N, D) (a new sequence: the convolution,
+        if any, starts from zeros; padded tokens enter it as zeros)."""
+        return self._project(x, attention_mask, None)[0]
+
+    def _project(
+        self, x: Tensor, attention_mask: Tensor | None, window: Tensor | None
+    ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor | None]:
+        """:meth:`qkv_heads` after the convolution window ``window`` (the projected inputs
+        before ``x``; None: zeros), and the new window (None without a convolution)."""
         qkv = self.qkv(x)
+        if self.conv is not None:
+            qkv, window = self.conv(zero_padded(qkv, attention_mask), window)
         if torch.compiler.is_compiling():  # the traced graph fuses the copies itself
-            return tuple(split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
-        return _SplitQKV.apply(qkv, self.heads)
+            return tuple(split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1)), window
+        return _SplitQKV.apply(qkv, self.heads), window
 
     def mix(self, x: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
         if attention_mask is None and not causal and self._projection_fusable(x):
             out = self.kernel.attend_projected(x, self.qkv.weight, self.qkv.bias, self.heads)
         else:
-            out = attend(self.kernel, *self.qkv_heads(x), attention_mask, causal, self.rope)
+            heads = self.qkv_heads(x, attention_mask)
+            out = attend(self.kernel, *heads, attention_mask, causal, self.rope)
         return self.out(merge_heads(out))
 
     def _projection_fusable(self, x: Tensor) -> bool:
@@ -150,21 +180,40 @@ class SelfAttention(TokenMixer):
         forward must run (as must a hooked kernel's)."""
         qkv = self.qkv
         plain = type(qkv) is nn.Linear and not (_hooked(qkv) or _hooked(self.kernel))
-        return plain and not self.rope and self.kernel.fuses_projection(x, qkv.weight, self.heads)
+        plain = plain and self.conv is None and not self.rope
+        return plain and self.kernel.fuses_projection(x, qkv.weight, self.heads)
 
     def new_state(self, batch: int, dtype: torch.dtype, device: Any):
         d = self.head_dim
-        return new_attention_state(self.kernel, batch, self.heads, d, d, dtype, device)
+        state = new_attention_state(self.kernel, batch, self.heads, d, d, dtype, device)
+        if self.conv is None:
+            return state
+        return replace(state, window=self.conv.empty_window(batch, dtype, device))
 
     def step_mix(self, x: Tensor, state, attention_mask: Tensor | None = None):
-        out, state = attend_step(
-            self.kernel, *self.qkv_heads(x), state, self.rope, attention_mask
-        )
-        return self.out(merge_heads(out)), state
+        heads, window = self._project(x, attention_mask, self._window(state))
+        out, state = attend_step(self.kernel, *heads, state, self.rope, attention_mask)
+        return self.out(merge_heads(out)), replace(state, window=window)
+
+    def _window(self, state: AttentionMixerState) -> Tensor | None:
+        """The convolution's window from ``state`` (checked: a state built without the
+        convolution, or for another one, is refused)."""
+        window = getattr(state, "window", None)
+        want = None if self.conv is None else self.conv.size - 1
+        have = None if window is None else window.shape[1]
+        if want != have:
+            raise ValueError(
+                f"state does not fit this attention mixer ({self.extra_repr()}): its "
+                f"convolution window holds {have} inputs, expected {want}; build it with "
+                "this mixer's init_state(...)"
+            )
+        return window
 
     def extra_repr(self) -> str:
         rope = ", rope=True" if self.rope else ""
-        return f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}{rope}"
+        conv = f", conv={self.conv.size}" if self.conv is not None else ""
+        return f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}{rope}{conv}"
+
 
 
 register(

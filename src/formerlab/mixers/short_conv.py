@@ -19,6 +19,7 @@ left-padded row sees exactly the zeros a row alone sees before its first token).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,3 +87,14 @@ class ShortConv(nn.Module):
     def extra_repr(self) -> str:
         act = ", SiLU" if self.activation else ""
         return f"channels={self.channels}, size={self.size}, bias={self.bias is not None}{act}"
+
+
+def optional_short_conv(conv: Any, channels: int) -> ShortConv | None:
+    """A :class:`ShortConv` of ``conv`` taps over ``channels`` channels, or None for
+    ``conv=0`` (an option of mixers whose published design leaves the convolution out)."""
+    if isinstance(conv, bool) or not isinstance(conv, int) or conv < 0 or conv == 1:
+        raise ValueError(
+            f"conv={conv!r} is not allowed; expected 0 (no convolution) or the number of "
+            "taps of the short causal convolution, an integer >= 2 (4 is usual)"
+        )
+    return ShortConv(channels, conv) if conv else None

@@ -33,11 +33,15 @@ class AttentionMixerState:
 
     ``lead`` (B,), once a step has had an ``attention_mask``: each row's first real
     position (``position`` for a row without one yet); the row's rotary positions count
-    from it. None: every row started at 0."""
+    from it. None: every row started at 0.
+
+    ``window`` (B, c - 1, 3·H·D): the last projected q, k, v inputs of a mixer with a
+    short convolution (``conv=c``); None without one."""
 
     kernel: Any
     position: int = 0
     lead: Tensor | None = None
+    window: Tensor | None = None
 
 
 def row_positions(attention_mask: Tensor) -> Tensor:
