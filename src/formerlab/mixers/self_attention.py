@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from formerlab import attention
+from formerlab.attention.packed import Packing
 from formerlab.attention.packed_qkv import packed_buffer
 from formerlab.errors import check_positive_int
 from formerlab.mixers.base import TokenMixer, zero_padded
@@ -172,6 +173,18 @@ class SelfAttention(TokenMixer):
             heads = self.qkv_heads(x, attention_mask)
             out = attend(self.kernel, *heads, attention_mask, causal, self.rope)
         return self.out(merge_heads(out))
+
+    def mix_packed(self, x: Tensor, packing: Packing, causal: bool) -> Tensor:
+        """Packed sequences: the projections run on the N real tokens only; q, k, v are
+        padded per sequence for the kernel (and the convolution, which must not reach
+        across a boundary) and its output is packed again before the output projection."""
+        qkv = packing.pad(self.qkv(x), 1)  # (S, L, 3·H·D)
+        mask = packing.mask()
+        if self.conv is not None:
+            qkv, _ = self.conv(zero_padded(qkv, mask), None)
+        heads = tuple(split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
+        out = attend(self.kernel, *heads, mask, causal, self.rope)
+        return self.out(packing.unpad(merge_heads(out), 1))
 
     def _projection_fusable(self, x: Tensor) -> bool:
         """Whether the kernel may take x and the qkv weights instead of q, k, v (e.g.

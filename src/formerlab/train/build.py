@@ -13,6 +13,7 @@ from torch import nn
 from formerlab import attention, data, mixers
 from formerlab.data import Task
 from formerlab.models import DecoderLM, EncoderClassifier, TokenTagger, position_options
+from formerlab.models.block import BlockStack
 from formerlab.train.config import ModelConfig, RunConfig
 
 
@@ -110,3 +111,41 @@ def _build_model(cfg: RunConfig, task: Task) -> nn.Module:
     return EncoderClassifier(
         task.vocab_size, task.num_classes, head=m.head, causal=m.causal, **common
     )
+
+
+def check_packing(cfg: RunConfig, task: Task, model: nn.Module) -> None:
+    """``train.packing: true`` needs a formerlab model whose token mixers take ``cu_seqlens``
+    with the model's causal flag, and eager execution: fail before training, naming why."""
+    t = cfg.train
+    if not t.packing:
+        return
+    if t.compile:
+        raise ValueError("train.packing=true cannot be combined with train.compile=true: every "
+                         "packed batch has its own offsets and length, which torch.compile would "
+                         "recompile for; set one of them to false")
+    causal = task.kind == "decoder" or cfg.model.causal
+    if cfg.model.hf is not None:  # the swapped kernel takes the offsets (integrations.hf)
+        hf = cfg.model.hf
+        causal = task.kind == "decoder"
+        if not attention.build(hf.kernel, **hf.kernel_options).packs(causal):
+            raise ValueError(
+                f"train.packing=true: model.hf.kernel={hf.kernel!r} cannot take cu_seqlens with "
+                f"causal={causal}; kernels that can: "
+                f"{attention.available(causal=causal, packed=True)}; or set "
+                "train.packing: false"
+            )
+        return
+    body = getattr(model, "body", None)
+    if not isinstance(body, BlockStack):  # other bodies run packed batches padded, exactly
+        return
+    for mixer in model.mixers():
+        if not mixer.packs(causal):
+            kernel = getattr(mixer, "kernel", None)
+            what = f"token mixer {cfg.model.mixer!r}"
+            if kernel is not None:
+                what += f" with kernel {getattr(kernel, 'name', type(kernel).__name__)!r}"
+            raise ValueError(
+                f"train.packing=true: {what} cannot take cu_seqlens with causal={causal}; set "
+                "train.packing: false or pick a mixer / kernel that packs (see "
+                "formerlab.attention.available(packed=True))"
+            )

@@ -207,7 +207,8 @@ class TrainConfig(StrictModel):
     ``schedule: one_cycle`` is torch's linear OneCycleLR (``min_lr`` and ``beta1`` unused).
     ``grad_clip: null`` turns clipping off. ``test_at_best`` keeps the weights of the best
     validation evaluation (the task's main metric) and scores the task's test split once
-    with them at the end of the run (``RUN_DIR/test.json``).
+    with them at the end of the run (``RUN_DIR/test.json``). ``packing: true`` runs every
+    batch packed (the same examples, the same loss; see ``formerlab.data.packing``).
     """
 
     steps: int = Field(1000, ge=1)
@@ -231,6 +232,11 @@ class TrainConfig(StrictModel):
     threads: int | None = Field(None, ge=1)
     compile: bool = Field(False, description="torch.compile the model (inductor)")
     time_budget_s: float | None = Field(None, gt=0)
+    packing: bool = Field(
+        False, strict=True,
+        description="train (and evaluate) on packed batches: each batch's examples laid end to "
+        "end in one row with cu_seqlens, no padding (formerlab.data.packing)",
+    )
 
     @model_validator(mode="after")
     def _one_cycle_warmup(self) -> TrainConfig:

@@ -155,14 +155,15 @@ class Distributed:
     @torch.no_grad()
     def evaluate(
         self, model: nn.Module, task: Task, split: str, batch_size: int, batches: int,
-        device: str, bf16: bool,
+        device: str, bf16: bool, packing: bool = False,
     ) -> dict[str, float]:
         """``evaluate`` with the fixed evaluation batches dealt round-robin over the ranks
         and their metric sums added up: the same numbers as one process."""
         if not self.enabled:
-            return evaluate_one(model, task, split, batch_size, batches, device, bf16)
+            return evaluate_one(model, task, split, batch_size, batches, device, bf16,
+                                packing=packing)
         totals = metric_totals(model, task, split, batch_size, batches, device, bf16,
-                               shard=(self.rank, self.world))
+                               shard=(self.rank, self.world), packing=packing)
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, totals)
         summed: dict[str, float] = {}

@@ -1,6 +1,7 @@
 """The training loop: read it top to bottom.
 
-``train(cfg)`` builds the task and model, then repeats: draw a batch, forward, loss
+``train(cfg)`` builds the task and model, then repeats: draw a batch (with
+``train.packing``, its examples packed into one row: ``formerlab.data.packing``), forward, loss
 (+ any auxiliary losses the model registers), backward, clip, AdamW step with warm-up +
 cosine learning rate, then each submodule's ``on_optimizer_step(step)`` hook (e.g.
 performer's feature redraws); every ``eval_every`` steps it evaluates and writes a
@@ -23,9 +24,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from formerlab.data import Task
+from formerlab.data.packing import pack_batch, real_tokens
 from formerlab.train import best as best_eval
 from formerlab.train import distributed
-from formerlab.train.build import build_model, build_task
+from formerlab.train.build import build_model, build_task, check_packing
 from formerlab.train.checkpoint import (
     TrainerState,
     checkpoint_folder,
@@ -35,7 +37,7 @@ from formerlab.train.checkpoint import (
 )
 from formerlab.train.compile import compile_model
 from formerlab.train.config import RunConfig, config_hash
-from formerlab.train.evaluate import autocast, task_loss
+from formerlab.train.evaluate import autocast, model_logits, task_loss
 from formerlab.train.memory import WorkMemory
 from formerlab.train.resume import flatten, resume_config
 from formerlab.train.schedule import beta1, learning_rate
@@ -204,6 +206,7 @@ def train(
         best_eval.check_test_split(task)
     memory = WorkMemory(t.device)  # the work's memory: from here (model, optimizer, steps)
     model = ddp.prepare(build_model(cfg, task).to(t.device))
+    check_packing(cfg, task, model)
     optimizer = make_optimizer(model, cfg)
     run_dir = ddp.from_main(lambda: Path(run_dir) if run_dir is not None else new_run_dir(cfg))
     data_rng = torch.Generator().manual_seed(cfg.seed + 1)
@@ -260,9 +263,11 @@ def train(
                 with torch.device("cpu"):  # the task's draws, like its data, on the CPU
                     batch = task.batch("train", t.batch_size, data_rng)
                 part, weight = ddp.shard(batch, task)  # this rank's rows (all of them alone)
+                if t.packing:  # the same examples end to end in one row, no padding
+                    part = pack_batch(part, task.kind)
                 part = part.to(t.device)
                 with autocast(t.device, t.bf16):
-                    logits = net(part.inputs, attention_mask=part.attention_mask)
+                    logits = model_logits(net, part)
                 loss = task_loss(logits, part, task) * weight
                 extra = auxiliary_loss(model)
                 total = loss if extra is None else loss + extra
@@ -279,7 +284,7 @@ def train(
                 optimizer.step()
                 step += 1
                 on_optimizer_step(model, step)  # e.g. performer's feature redraws
-                tokens += batch.inputs.numel()
+                tokens += real_tokens(batch) if t.packing else batch.inputs.numel()
                 history.append({"step": step, "loss": ddp.mean(loss).item(), "lr": lr})
 
                 elapsed = time.perf_counter() - started
@@ -296,7 +301,8 @@ def train(
                         f"loss {metrics['train/loss']:.3f}  lr {lr:.2e}  "
                         f"{metrics['train/tokens_per_s']:,.0f} tok/s"))
                 if step % t.eval_every == 0 or step == t.steps:
-                    scores = ddp.evaluate(model, task, "val", t.batch_size, t.eval_batches, t.device, t.bf16)
+                    scores = ddp.evaluate(model, task, "val", t.batch_size, t.eval_batches,
+                                          t.device, t.bf16, t.packing)
                     evals.append({"step": step, "eval": scores,
                                   "elapsed_s": earlier + time.perf_counter() - started})
                     tracker.log_metrics({f"val/{k}": v for k, v in scores.items()}, step)
@@ -353,7 +359,8 @@ def score_test_at_best(
     (``train.eval_batches`` batches, as validation); write ``RUN_DIR/test.json``."""
     t = cfg.train
     load_weights(model, best_eval.best_weights(run_dir), cfg, device=t.device)
-    scores = ddp.evaluate(model, task, "test", t.batch_size, t.eval_batches, t.device, t.bf16)
+    scores = ddp.evaluate(model, task, "test", t.batch_size, t.eval_batches, t.device, t.bf16,
+                          t.packing)
     return best_eval.write_test(run_dir, best, scores)
 
 
