@@ -102,3 +102,28 @@ def test_bad_hf_configs_fail_before_training(saved, tmp_path):
     with pytest.raises(ValueError, match="bidirectionally"):
         train(load_config(None, overrides(tmp_path, bert, "sort", "linear", "{}", 2)),
               run_dir=tmp_path / "d", progress=False)
+
+
+@pytest.mark.parametrize(("family", "task", "kernel", "options"), [
+    ("bert", "listops", "nystrom", "{num_landmarks: 4}"),  # expressions of 8-24 tokens
+    ("llama", "sort", "linear", "{}"),
+])
+def test_packed_fine_tune_follows_the_padded_one(saved, tmp_path, family, task, kernel, options):
+    """train.packing with model.hf: the same examples packed into one row give the padded
+    run's losses (no dropout in the tiny models), step by step."""
+    folder = saved(family, vocab=16 if task == "sort" else 32)
+    sets = overrides(tmp_path, folder, task, kernel, options, 6) + ["train.threads=1"]
+    padded = train(load_config(None, sets), run_dir=tmp_path / "padded", progress=False)
+    packed = train(load_config(None, [*sets, "train.packing=true"]), run_dir=tmp_path / "packed",
+                   progress=False)
+    assert losses(packed) == pytest.approx(losses(padded), rel=1e-4, abs=1e-5)
+    assert losses(packed)[0] != losses(packed)[-1]  # it trained
+    assert packed.metrics == pytest.approx(padded.metrics, rel=1e-4, abs=1e-5)
+
+
+def test_packing_with_a_kernel_that_cannot_pack_is_refused(saved, tmp_path):
+    folder = saved("bert", vocab=32)
+    sets = overrides(tmp_path, folder, "listops", "double_softmax", "{}", 2)
+    with pytest.raises(ValueError, match=r"model.hf.kernel='double_softmax' cannot take cu_seqlens"):
+        train(load_config(None, [*sets, "train.packing=true"]), progress=False)
+    assert not (tmp_path / "runs").exists()

@@ -311,14 +311,23 @@ def bench_generate(
     clock: str = typer.Option("wall", help="wall, or cpu (thread CPU time; needs --threads 1) on a shared machine."),
     fmt: Format = format_option(),
     markdown: bool = markdown_option(),
+    hf: bool = typer.Option(False, "--hf", help="A Llama-shaped Hugging Face decoder (random weights, offline): per-token decode time at each --at context (default 1024 4096) and cache KiB per layer, the original model with its DynamicCache beside formerlab kernels (--kernel; default softmax, linear, performer) decoding with a FormerlabCache. --threads may list counts (1,2)."),
+    kv_heads: int = typer.Option(2, "--kv-heads", min=1, help="--hf: key/value heads (grouped-query attention)."),
+    vocab: int = typer.Option(512, min=2, help="--hf: vocabulary size."),
+    steps: int = typer.Option(32, min=1, help="--hf: timed decoding steps per context (median)."),
 ) -> None:
     """Generation speed, cached vs recomputed, per causal kernel: tokens/s, ms per token at
-    1k / 2k / 4k, decoder-state memory (quick run: --tokens 1024 --at 256 --at 1024)."""
+    1k / 2k / 4k, decoder-state memory (quick run: --tokens 1024 --at 256 --at 1024).
+    With --hf: a Hugging Face decoder, its own KV cache vs swapped formerlab kernels."""
     import torch
 
     from formerlab.bench import generate as bench
 
     fmt = resolve_format(fmt, markdown)
+    if hf:
+        _bench_generate_hf(kernels, dim, depth, heads, kv_heads, vocab, steps, rounds,
+                           positions, parse_threads(threads), device, clock, fmt)
+        return
     threads = one_thread_count(parse_threads(threads), "bench generate")
 
     try:
@@ -334,6 +343,29 @@ def bench_generate(
     rows = bench.summary_rows(results)
     title = (f"generation, {depth} layers, width {dim}, {tokens} tokens after {prompt}, "
              f"{device}, {torch.get_num_threads()} thread(s), {clock} clock")
+    write_table(title, list(rows[0]), [list(r.values()) for r in rows], fmt)
+
+
+def _bench_generate_hf(kernels, dim, depth, heads, kv_heads, vocab, steps, rounds, positions,
+                       threads, device, clock, fmt) -> None:
+    """``bench generate --hf``: see :func:`formerlab.bench.generate.run_hf_benchmark`."""
+    import torch
+
+    from formerlab.bench import generate as bench
+
+    try:
+        results = bench.run_hf_benchmark(
+            kernels=tuple(kernels or ()) or None, contexts=tuple(positions or bench.HF_CONTEXTS),
+            dim=dim, depth=depth, heads=heads, kv_heads=kv_heads, vocab=vocab, steps=steps,
+            rounds=rounds, threads=threads or (torch.get_num_threads(),), device=device,
+            clock=clock, progress=progress_line,
+        )
+    except (ValueError, ImportError) as error:
+        raise fail(error) from None
+    rows = bench.hf_summary_rows(results)
+    title = (f"HF decoding, Llama-shaped, {depth} layers, width {dim}, {heads} heads "
+             f"({kv_heads} kv), vocabulary {vocab}, median of {steps} steps, {device}, "
+             f"{clock} clock")
     write_table(title, list(rows[0]), [list(r.values()) for r in rows], fmt)
 
 
@@ -434,3 +466,43 @@ def bench_nystrom(
     )
 
 
+
+
+@bench_app.command("packing")
+def bench_packing(
+    tasks: list[str] = typer.Option(["sst2", "listops"], "--task", help="sst2 and/or listops (repeat the option)."),
+    steps: int = typer.Option(40, min=2, help="Training steps of each copy (the same batches)."),
+    batch_size: int = typer.Option(32, min=1),
+    dim: int = typer.Option(128, min=1),
+    depth: int = typer.Option(4, min=1),
+    heads: int = typer.Option(4, min=1),
+    lr: float = typer.Option(1e-3, min=0.0),
+    seed: int = typer.Option(0),
+    warmup: int = typer.Option(2, min=0, help="First steps trained but not timed."),
+    listops_size: int = typer.Option(400, min=1, help="ListOps training pool size."),
+    listops_max_len: int = typer.Option(128, min=16, help="ListOps longest expression."),
+    curve_points: int = typer.Option(8, min=2, help="Steps shown of each loss curve."),
+    threads: str = threads_option("1,2", what="to run the whole comparison at each count"),
+    clock: str = typer.Option("wall", help="wall, or cpu (the process's CPU time, all threads: leaves out waits for a core on a shared machine)."),
+    fmt: Format = format_option(None, "; markdown when unset."),
+) -> None:
+    """Packed vs padded training (train.packing): the same model, steps and examples,
+    interleaved; real tokens/s, padding fraction, speed-up and both loss curves."""
+    from formerlab.bench import packing as bench
+
+    fmt = resolve_format(fmt, default=Format.markdown)
+    options = {"listops": {"train_size": listops_size, "max_len": listops_max_len}}
+    try:
+        results = bench.run_benchmark(
+            tasks=tuple(tasks), threads=parse_threads(threads) or (1,), steps=steps,
+            batch_size=batch_size, dim=dim, depth=depth, heads=heads, lr=lr, seed=seed,
+            warmup=warmup, options=options, progress=progress_line, clock=clock,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise fail(error) from None
+    write_markdown(f"packed vs padded training, {steps} steps, batch {batch_size}, width {dim}, "
+                   f"depth {depth}, {clock} clock; tok/s = real tokens per second (step: pack, "
+                   "forward, backward, optimiser)", bench.summary_table(results), fmt)
+    for result in results:
+        write_markdown(f"loss curves, {result.task}, {result.threads} thread(s)",
+                       bench.curve_table(result, curve_points), fmt)

@@ -15,12 +15,21 @@ How it plugs in (transformers >= 5, checked against 5.24's source):
   *no mask at all* for an implementation missing from the mask interface. So
   :func:`formerlab_mask` is registered in ``AttentionMaskInterface`` too: it hands the 2-d
   padding mask (True = real token) through, which becomes the kernel's ``attention_mask``.
-  Masks that are not plain causal / bidirectional + padding (sliding windows shorter than
-  the sequence, packed sequences) raise ``ValueError`` instead of being ignored.
+  Packed sequences (B = 1, ``position_ids`` restarting at each boundary, no
+  ``attention_mask``: HF builds a block-diagonal mask) become the kernel's ``cu_seqlens``:
+  the mask interface hands their offsets on as a 1-d int64 tensor. Masks that are neither
+  (sliding windows shorter than a sequence, packing with padding) raise ``ValueError``
+  instead of being ignored.
 * The swapped model gets its own copy of its config (a config object shared with another
   model is left alone), with ``_attn_implementation = "formerlab"``.
 * HF's ``NystromformerModel`` computes attention inside its module: its self-attention
   modules are replaced (:class:`NystromformerSwap`), reusing q/k/v projections and conv skip.
+
+Packed input reaches the kernels as for HF's own varlen attention (``flash_attention_2``):
+``position_ids`` that restart at each sequence (B = 1, no ``attention_mask``), or the
+``cu_seq_lens_q`` / ``cu_seq_lens_k`` keyword arguments of ``DataCollatorWithFlattening(
+return_flash_attn_kwargs=True)`` (with ``position_ids`` restarting at the same offsets).
+Each packed sequence then gets exactly what it gets alone (:func:`packed_offsets`).
 
 Encoders (bidirectional attention) take any kernel; decoders (causal attention modules)
 take causal kernels only. Attention-probability dropout is not applied by formerlab
@@ -57,7 +66,9 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from formerlab import attention
+from formerlab.attention.functional._common import check_cu_seqlens
 from formerlab.attention.nystrom import DepthwiseConvSkip
+from formerlab.attention.packed import Packing
 from formerlab.integrations.hf_cache import PENDING, FormerlabCache, FormerlabLayer
 
 IMPLEMENTATION = "formerlab"
@@ -92,10 +103,20 @@ class LayerAttention(nn.Module):
         self.kernel = attention.build(kernel, **options)
         self.recorder = None
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attention_mask: Tensor | None,
+        cu_seqlens: Tensor | Packing | None = None,
+    ) -> Tensor:
+        """The kernel on per-head q, k, v (B, H, N, D); ``cu_seqlens``: packed sequences
+        (B = 1, :mod:`formerlab.attention.packed`), with ``attention_mask`` None."""
         if self.recorder is not None:
             self.recorder(q, k, v, attention_mask, self.causal)
-        return self.kernel(q, k, v, attention_mask=attention_mask, causal=self.causal)
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        return self.kernel(q, k, v, attention_mask=attention_mask, causal=self.causal, **packed)
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel_name!r}, causal={self.causal}"
@@ -112,11 +133,13 @@ def _check_positional(
     q_offset: int,
     kv_offset: int,
     device,
-) -> None:
-    """Accept plain causal / bidirectional masks; evaluate anything else on the index grid
-    (sliding windows, packing) and accept it only if it is one of the two there."""
+) -> tuple[int, ...] | None:
+    """None for a plain causal / bidirectional mask; the offsets ``(0, n_1, …, N)`` for
+    packed sequences (block-diagonal causal or bidirectional, B = 1); ``ValueError``
+    otherwise. Anything but HF's two plain functions is evaluated on the index grid
+    (sliding windows, packing), so a pattern is accepted only for what it is there."""
     if mask_function in (causal_mask_function, bidirectional_mask_function):
-        return
+        return None
     b = torch.arange(batch_size, device=device)[:, None, None]
     qi = torch.arange(q_length, device=device)[None, :, None] + q_offset
     ki = torch.arange(kv_length, device=device)[None, None, :] + kv_offset
@@ -124,12 +147,34 @@ def _check_positional(
         batch_size, q_length, kv_length
     )
     if bool(grid.all()) or torch.equal(grid, (ki <= qi).expand_as(grid)):
-        return
+        return None
+    offsets = _block_diagonal(grid) if batch_size == 1 and q_offset == kv_offset == 0 else None
+    if offsets is not None:
+        return offsets
     raise ValueError(
-        "formerlab attention supports plain causal or bidirectional masks with padding; this "
-        "call builds another pattern (a sliding window shorter than the sequence, or packed "
-        "sequences): shorten the input, raise config.sliding_window, or pass an attention_mask"
+        "formerlab attention supports plain causal or bidirectional masks with padding, and "
+        "packed sequences (B = 1) without padding; this call builds another pattern (a sliding "
+        "window shorter than the sequence or than a packed sequence, packed sequences in more "
+        "than one row, or a custom mask): shorten the input, raise config.sliding_window, or "
+        "pack into one row"
     )
+
+
+def _block_diagonal(grid: Tensor) -> tuple[int, ...] | None:
+    """The offsets of the sequences of a (1, N, N) mask grid that is block diagonal with
+    causal or full blocks along the diagonal (packed sequences), else None."""
+    n = grid.shape[-1]
+    if grid.shape[-2] != n or n < 2:
+        return None
+    # a sequence starts where a query may not see the key just before it
+    starts = torch.ones(n, dtype=torch.bool, device=grid.device)
+    starts[1:] = ~grid[0].diagonal(-1)
+    segment = starts.cumsum(0)
+    same = segment[:, None] == segment[None, :]
+    causal = same & torch.ones(n, n, dtype=torch.bool, device=grid.device).tril()
+    if not (torch.equal(grid[0], causal) or torch.equal(grid[0], same)):
+        return None
+    return (*starts.nonzero().flatten().tolist(), n)
 
 
 def formerlab_mask(
@@ -142,21 +187,35 @@ def formerlab_mask(
     attention_mask: Tensor | None = None,
     **kwargs: Any,
 ) -> Tensor | None:
-    """Mask interface of ``"formerlab"``: the 2-d bool padding mask (True = real), or None.
+    """Mask interface of ``"formerlab"``: the 2-d bool padding mask (True = real), None,
+    or for packed sequences (HF's block-diagonal pattern, B = 1) their offsets
+    ``cu_seqlens`` as a 1-d int64 tensor ``[0, n_1, …, N]``.
 
     Causality is not encoded here: each attention module knows it (``is_causal``)."""
     device = kwargs.get("device") or (
         attention_mask.device if attention_mask is not None else "cpu"
     )
-    _check_positional(
+    offsets = _check_positional(
         mask_function, batch_size, q_length, kv_length, int(q_offset), int(kv_offset), device
     )
-    if attention_mask is None:
-        return None
-    mask = attention_mask.to(torch.bool)
-    if mask.shape[-1] != kv_length:
-        mask = mask[:, int(kv_offset) : int(kv_offset) + kv_length]
-    return None if bool(mask.all()) else mask
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.to(torch.bool)
+        if mask.shape[-1] != kv_length:
+            mask = mask[:, int(kv_offset) : int(kv_offset) + kv_length]
+        mask = None if bool(mask.all()) else mask
+    if offsets is None:
+        return mask
+    if mask is not None:
+        raise ValueError(_PACKED_WITH_PADDING)
+    return torch.tensor(offsets, dtype=torch.int64, device=device)
+
+
+_PACKED_WITH_PADDING = (
+    "packed sequences cannot be combined with a padding attention_mask: packed sequences "
+    "hold real tokens only; leave the padding out of the packing and pass "
+    "attention_mask=None (or a mask of ones)"
+)
 
 
 def hf_real_tokens(attention_mask: Tensor | None, b: int, n: int, causal: bool) -> Tensor | None:
@@ -191,6 +250,125 @@ def hf_real_tokens(attention_mask: Tensor | None, b: int, n: int, causal: bool) 
             "key padding mask only"
         )
     return None if bool(kpm.all()) else kpm
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def _flat_positions(position_ids: Any, batch: int, length: int) -> Tensor | None:
+    """``position_ids`` as (B, N) when they are one per token (else None)."""
+    if not isinstance(position_ids, Tensor) or position_ids.shape[-1] != length:
+        return None
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch):
+        return None
+    return position_ids.expand(batch, length)
+
+
+def _runs(positions: Tensor) -> tuple[int, ...]:
+    """Offsets of the runs of consecutive positions of one row (N,): a new sequence starts
+    wherever a position is not its predecessor + 1 (HF's ``find_packed_sequence_indices``)."""
+    starts = (positions[1:] - positions[:-1] != 1).nonzero().flatten() + 1
+    return (0, *starts.tolist(), positions.shape[0])
+
+
+def _restart_among_real(mask: Tensor, position_ids: Any, batch: int, length: int) -> bool:
+    """Whether the positions of some row's real tokens (2-d ``mask``, True = real) fall back
+    somewhere: sequences packed with padding. (Left padding's positions, HF's
+    ``cumsum - 1``, and holes in ``arange`` positions only increase over real tokens.)"""
+    positions = _flat_positions(position_ids, batch, length)
+    if positions is None or mask.dim() != 2 or tuple(mask.shape) != (batch, length):
+        return False
+    real = mask.to(torch.bool)
+    rows = real.nonzero()[:, 0]
+    values = positions[real]
+    return bool(((values[1:] <= values[:-1]) & (rows[1:] == rows[:-1])).any())
+
+
+def _check_restarts(positions: Tensor, offsets: tuple[int, ...]) -> None:
+    """``ValueError`` unless the (N,) positions count 0, 1, … from every offset (shifted
+    by the first position), as each packed sequence's own positions."""
+    packing = Packing(offsets, positions.device)
+    expected = packing.positions[0] + positions[0]
+    if not torch.equal(positions, expected):
+        raise ValueError(
+            f"position_ids {positions.tolist()} do not restart at the packed sequences' offsets "
+            f"{list(offsets)}: each packed sequence needs its own positions 0, 1, … (as "
+            "DataCollatorWithFlattening gives them), otherwise it does not get what it gets "
+            "alone"
+        )
+
+
+def packed_offsets(
+    attention_mask: Tensor | None,
+    batch: int,
+    length: int,
+    cu_seq_lens_q: Tensor | None = None,
+    cu_seq_lens_k: Tensor | None = None,
+    position_ids: Tensor | None = None,
+) -> tuple[int, ...] | None:
+    """The offsets ``(0, n_1, …, N)`` of packed sequences in a self-attention call of
+    ``batch`` rows and ``length`` tokens, or None when the call is not packed.
+
+    Packing is read where transformers puts it for its varlen attention: a 1-d
+    ``attention_mask`` (what :func:`formerlab_mask` makes of HF's block-diagonal mask), the
+    ``cu_seq_lens_q`` / ``cu_seq_lens_k`` keyword arguments, and ``position_ids`` that
+    restart inside the row (B = 1, no padding mask; HF's ``find_packed_sequence_indices``).
+    All that are given must agree, and ``position_ids`` must count 0, 1, … from every
+    offset (learned positions such as GPT-2's then restart too).
+
+    Raises:
+        ValueError: packing with B > 1, with a padding mask, offsets that are not valid
+            ``cu_seqlens``, sources that disagree, or positions that do not restart.
+    """
+    found: dict[str, tuple[int, ...]] = {}
+    padded = attention_mask is not None and attention_mask.dim() != 1
+    if attention_mask is not None and attention_mask.dim() == 1:
+        found["the packed mask"] = tuple(int(o) for o in attention_mask.tolist())
+    for name, value in (("cu_seq_lens_q", cu_seq_lens_q), ("cu_seq_lens_k", cu_seq_lens_k)):
+        if value is not None:
+            try:
+                found[name] = check_cu_seqlens(value, batch, length)
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
+    if padded and (found or _restart_among_real(attention_mask, position_ids, batch, length)):
+        raise ValueError(_PACKED_WITH_PADDING)
+    positions = None if padded else _flat_positions(position_ids, batch, length)
+    if positions is not None and not found and length > 1:
+        restarts = bool((positions[:, 1:] - positions[:, :-1] != 1).any())
+        if restarts and batch != 1:
+            raise ValueError(
+                f"position_ids restart inside rows of a batch of {batch}: packed sequences "
+                "take a batch of one row (B = 1), as HF's varlen attention does; pack every "
+                "sequence into one row"
+            )
+        if restarts:
+            found["position_ids"] = _runs(positions[0])
+    if not found:
+        return None
+    if len(set(found.values())) > 1:
+        described = "; ".join(f"{name}: {list(value)}" for name, value in found.items())
+        raise ValueError(f"the packed sequences of this call disagree ({described})")
+    offsets = next(iter(found.values()))
+    if positions is not None:
+        _check_restarts(positions[0], offsets)
+    return offsets
+
+
+def _refuse_packed_stream(attention_mask: Tensor | None, kwargs: dict, length: int) -> None:
+    """A FormerlabCache streams rows of a batch, not packed sequences."""
+    packed = attention_mask is not None and attention_mask.dim() == 1
+    packed |= any(kwargs.get(n) is not None for n in ("cu_seq_lens_q", "cu_seq_lens_k"))
+    if attention_mask is None and length > 1:
+        positions = _flat_positions(kwargs.get("position_ids"), 1, length)
+        packed |= positions is not None and bool((positions[0, 1:] - positions[0, :-1] != 1).any())
+    if packed:
+        raise ValueError(
+            "packed sequences cannot be decoded with a FormerlabCache (it streams one "
+            "sequence per row): run packed input with use_cache=False, or prefill the prompts "
+            "as a left-padded batch with an attention_mask"
+        )
 
 
 # --------------------------------------------------------------------------- the function
@@ -234,7 +412,8 @@ def formerlab_attention(
 
     Called after a :class:`~formerlab.integrations.hf_cache.FormerlabCache` update, it runs
     the kernel's streaming step on the new tokens (:func:`stream_attention`); otherwise the
-    kernel's parallel call on the whole sequence."""
+    kernel's parallel call on the whole sequence, or on packed sequences
+    (``cu_seqlens``, see :func:`packed_offsets`) when the call is packed."""
     pending = module.__dict__.pop(PENDING, None)
     if pending is not None:
         layer, updated = pending
@@ -244,6 +423,7 @@ def formerlab_attention(
                 "was just updated with; this model's attention modules do not call the cache "
                 "as HF's Llama / GPT-2 modules do"
             )
+        _refuse_packed_stream(attention_mask, kwargs, query.shape[-2])
         return stream_attention(
             module, layer, query, key, value, attention_mask, scaling, kwargs.get("sliding_window")
         )
@@ -255,17 +435,27 @@ def formerlab_attention(
             "generate (it builds a FormerlabCache), pass cache=FormerlabCache(model), or call "
             "the model on whole sequences with use_cache=False"
         )
-    _check_window(kwargs.get("sliding_window"), n)
+    offsets = packed_offsets(
+        attention_mask,
+        b,
+        n,
+        kwargs.get("cu_seq_lens_q"),
+        kwargs.get("cu_seq_lens_k"),
+        kwargs.get("position_ids"),
+    )
+    packing = None if offsets is None else Packing(offsets, query.device)
+    _check_window(kwargs.get("sliding_window"), n if packing is None else packing.max_len)
     key, value = _expand_kv(key, value, h)
     causal = bool(getattr(module, "is_causal", False))
-    kpm = hf_real_tokens(attention_mask, b, n, causal)
+    kpm = None if packing is not None else hf_real_tokens(attention_mask, b, n, causal)
     q = _scaled_query(query, scaling)
     layer = getattr(module, "formerlab_attention", None)
     if layer is None:
         # a layer left out of ``layers``: exact softmax (a fresh, stateless kernel)
-        out = attention.build("softmax")(q, key, value, attention_mask=kpm, causal=causal)
+        packed = {} if packing is None else {"cu_seqlens": packing}
+        out = attention.build("softmax")(q, key, value, attention_mask=kpm, causal=causal, **packed)
     else:
-        out = layer(q, key, value, kpm)
+        out = layer(q, key, value, kpm, packing)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -562,6 +752,7 @@ __all__ = [
     "is_swapped",
     "hf_real_tokens",
     "nystromformer_options",
+    "packed_offsets",
     "restore_attention",
     "stream_attention",
     "swap_attention",
