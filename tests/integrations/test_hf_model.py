@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from formerlab import attention  # noqa: E402
 from formerlab.integrations.hf_model import HFSequenceModel  # noqa: E402
 
 from .conftest import VOCAB, tiny_model  # noqa: E402
@@ -214,3 +215,21 @@ def test_a_kernel_that_cannot_stream_recomputes_with_a_warning(saved):
         out = model.generate(ids, 3, top_k=1, attention_mask=mask)
     assert lengths == [9, 10, 11]  # the whole context every token
     assert torch.equal(out, model.generate(ids, 3, top_k=1, attention_mask=mask, use_cache=False))
+
+
+def test_saving_keeps_the_swapped_layers_own_kernels(saved, tmp_path):
+    # a kernel that differs from what a fresh swap would build (other random features):
+    # save_pretrained restores HF's attention to save, and must put these very kernels back
+    model = build(saved, "llama", "decoder", "performer", {"num_features": 8})
+    for i, module in enumerate(model.hf._formerlab_swap.swapped):
+        module.formerlab_attention.kernel = attention.build(
+            "performer", num_features=8, seed=100 + i).double()
+    ids = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    before = [m.formerlab_attention.kernel for m in model.hf._formerlab_swap.swapped]
+    with torch.no_grad():
+        want = model(ids)
+        model.save_pretrained(tmp_path / "saved")
+        got = model(ids)
+    assert torch.equal(got, want)
+    after = [m.formerlab_attention.kernel for m in model.hf._formerlab_swap.swapped]
+    assert all(a is b for a, b in zip(after, before)) and len(after) == len(before) > 0

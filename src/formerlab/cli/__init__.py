@@ -8,14 +8,15 @@ One module per command group; this one builds ``app`` from them:
 * :mod:`~formerlab.cli.registries`: ``attention|mixers|solvers|tasks list|describe``;
 * :mod:`~formerlab.cli.bench`: ``bench ...``;
 * :mod:`~formerlab.cli.studies`: ``params``, ``pinv-study``, ``approx``, ``viz attention``;
-* :mod:`~formerlab.cli.sweeps`: ``ablate``, ``report``, ``runs``.
+* :mod:`~formerlab.cli.sweeps`: ``ablate``, ``report``, ``runs``;
+* :mod:`~formerlab.cli.linearize`: ``linearize``, ``linearize-base``.
 """
 
 from __future__ import annotations
 
 import typer
 
-from formerlab.cli import bench, registries, studies, sweeps, train
+from formerlab.cli import bench, linearize, registries, studies, sweeps, train
 from formerlab.cli.common import (  # noqa: F401 - re-exported: formerlab.cli.EXIT_* and fail
     EXIT_INTERRUPTED,
     EXIT_TRIALS_FAILED,
@@ -38,6 +39,8 @@ app.command()(sweeps.report)
 app.command()(sweeps.runs)
 app.command("pinv-study")(studies.pinv_study)
 app.command("approx")(studies.approx)
+app.command()(linearize.linearize)
+app.command("linearize-base")(linearize.linearize_base)
 app.add_typer(registries.attention_app, name="attention")
 app.add_typer(bench.bench_app, name="bench")
 app.add_typer(registries.mixers_app, name="mixers")

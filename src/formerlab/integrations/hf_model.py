@@ -176,11 +176,16 @@ class HFSequenceModel(nn.Module):
         from formerlab.integrations.hf import restore_attention
 
         record = self.hf._formerlab_swap
+        # the swapped layers' own kernels (learned feature maps, drawn features) go back in
+        # after the save: swapping again would build fresh ones
+        kept = [m.formerlab_attention for m in record.swapped]
         restore_attention(self.hf)
         try:
             self.hf.save_pretrained(str(folder))
         finally:
             swap_attention(self.hf, record.kernel, layers=record.layers, **record.options)
+            for module, layer in zip(self.hf._formerlab_swap.swapped, kept):
+                module.formerlab_attention = layer
         return Path(folder)
 
     @property
