@@ -58,6 +58,11 @@ def ablate(
 
 def report(
     sweep_dir: str = typer.Argument(..., help="A sweep folder made by `formerlab ablate`."),
+    recall: bool = typer.Option(
+        False, "--recall",
+        help="Also write recall.md and recall-vs-state.png: accuracy against the bytes of "
+             "each mechanism's streaming state (a recall sweep such as configs/mqar-study.yaml).",
+    ),
     fmt: Format = format_option(),
 ) -> None:
     """Write report.md and plots for a sweep; print its tables."""
@@ -85,6 +90,22 @@ def report(
     console.print(f"report: {written.path}", soft_wrap=True)
     for path in written.plots:
         console.print(f"plot:   {path}", soft_wrap=True)
+    if recall:
+        _recall_report(sweep_dir, fmt)
+
+
+def _recall_report(sweep_dir: str, fmt: Format) -> None:
+    from formerlab.experiments.recall import recall_table, write_recall_report
+
+    try:
+        path, plot, rows = write_recall_report(sweep_dir)
+    except (FileNotFoundError, ValueError) as error:
+        raise fail(error) from None
+    header, cells = recall_table(rows)
+    write_table("recall: validation accuracy (%) and state per layer", header, cells, fmt,
+                right=lambda i, column: i > 0)
+    console.print(f"report: {path}", soft_wrap=True)
+    console.print(f"plot:   {plot}", soft_wrap=True)
 
 
 
