@@ -34,7 +34,7 @@ def cases():
             for rope in (False, True):
                 options = {"kernel": kernel, "rope": rope, **SMALL.get(kernel, {})}
                 out.append((f"{name}-{kernel}{'-rope' if rope else ''}", name, options))
-                if name == "attention" and rope:  # with the short convolution over q, k, v
+                if name in ("attention", "metric", "quadratic") and rope:  # with the short convolution
                     out.append((f"{name}-{kernel}-rope-conv", name, {**options, "conv": 3}))
     return out
 

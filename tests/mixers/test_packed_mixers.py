@@ -46,8 +46,8 @@ def cases():
             for rope in (False, True):
                 options = {"kernel": kernel, "rope": rope, **SMALL.get(kernel, {})}
                 out.append((f"{name}-{kernel}{'-rope' if rope else ''}", name, options, True))
-        if name == "attention":  # the short convolution over q, k, v resets at boundaries
-            out.append(("attention-softmax-conv", name, {"rope": True, "conv": 3}, True))
+        if name in ("attention", "metric", "quadratic"):  # the short convolution resets
+            out.append((f"{name}-softmax-conv", name, {"rope": True, "conv": 3}, True))
     for name in mixers.available():
         if not takes_kernel(name):
             if build(name, {}).packs(False):

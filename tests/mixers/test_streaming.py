@@ -21,7 +21,7 @@ def cases(rope=False):
             for kernel in attention.available(causal=True):
                 extra = {"rope": True} if rope else {}
                 out.append((f"{name}-{kernel}", name, {"kernel": kernel, **extra}))
-                if name == "attention":  # with the short convolution over q, k, v
+                if name in ("attention", "metric", "quadratic"):  # with the short convolution
                     options = {"kernel": kernel, "conv": 3, **extra}
                     out.append((f"{name}-{kernel}-conv", name, options))
         elif not rope:

@@ -22,6 +22,7 @@ scale 1/√k is the kernel's default 1/√D since the kernel sees D = k features
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from formerlab.errors import check_choice, check_positive_int
 from formerlab.mixers.base import TokenMixer
 from formerlab.mixers.registry import register
 from formerlab.mixers.self_attention import merge_heads, split_heads
+from formerlab.mixers.short_conv import checked_window, convolve_padded, optional_short_conv
 from formerlab.mixers.streaming import (
     attend,
     attend_step,
@@ -39,6 +41,7 @@ from formerlab.mixers.streaming import (
     kernel_packs,
     kernel_streams,
     new_attention_state,
+    with_window,
 )
 
 METRICS = ("symmetric", "psd", "diagonal")
@@ -112,6 +115,8 @@ class MetricAttention(TokenMixer):
         proj_bias: bias on the shared projection P (the output projection E always has one).
         rope: rotate the kernel's queries pM and keys p by position (rotary embeddings;
             the values p stay unrotated).
+        conv: taps of a short causal convolution over p (SiLU) before the scores; 0 for
+            none (as the ``attention`` mixer's ``conv``).
 
     ``init_state`` / ``step`` stream through the kernel's state when it has one.
     """
@@ -127,17 +132,20 @@ class MetricAttention(TokenMixer):
         metric: str = "symmetric",
         proj_bias: bool = False,
         rope: bool = False,
+        conv: int = 0,
         **kernel_options: Any,
     ) -> None:
         super().__init__(dim)
         self.head_dim = k = resolve_head_dim(dim, heads, head_dim)
         self.heads = heads
         self.rope = check_rope(rope, k)
+        self.conv = optional_short_conv(conv, heads * k)
         self.metric = check_choice("metric", metric, METRICS)
         self.proj = nn.Linear(dim, heads * k, bias=proj_bias)
         self.out = nn.Linear(heads * k, dim)
         self.kernel = build_kernel(
-            "metric", ["head_dim", "kernel", "metric", "proj_bias", "rope"], kernel, kernel_options
+            "metric", ["head_dim", "kernel", "metric", "proj_bias", "rope", "conv"], kernel,
+            kernel_options,
         )
         sym, low = triangle_index(k)
         # Index buffers are derived from k; not persistent so checkpoints hold parameters only.
@@ -185,21 +193,31 @@ class MetricAttention(TokenMixer):
     def supports_streaming(self) -> bool:
         return self.supports_causal and kernel_streams(self.kernel)
 
+    def projected(
+        self, x: Tensor, attention_mask: Tensor | None = None, window: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """p per head (B, H, N, k), through the convolution (after ``window``) if any, and
+        the convolution's new window."""
+        p, window = convolve_padded(self.conv, self.proj(x), attention_mask, window)
+        return split_heads(p, self.heads), window
+
     def mix(self, x: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
-        p = split_heads(self.proj(x), self.heads)
+        p, _ = self.projected(x, attention_mask)
         out = attend(self.kernel, self.queries(p), p, p, attention_mask, causal, self.rope)
         return self.out(merge_heads(out))
 
     def new_state(self, batch: int, dtype: torch.dtype, device: Any):
         k = self.head_dim
-        return new_attention_state(self.kernel, batch, self.heads, k, k, dtype, device)
+        state = new_attention_state(self.kernel, batch, self.heads, k, k, dtype, device)
+        return with_window(state, self.conv, batch, dtype, device)
 
     def step_mix(self, x: Tensor, state, attention_mask: Tensor | None = None):
-        p = split_heads(self.proj(x), self.heads)
+        window = checked_window(state, self.conv, f"token mixer 'metric' ({self.extra_repr()})")
+        p, window = self.projected(x, attention_mask, window)
         out, state = attend_step(
             self.kernel, self.queries(p), p, p, state, self.rope, attention_mask
         )
-        return self.out(merge_heads(out)), state
+        return self.out(merge_heads(out)), replace(state, window=window)
 
     def extra_repr(self) -> str:
         return (

@@ -18,6 +18,7 @@ softmax kernel, with D = k for the full core and D = r for the factored one).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from formerlab.mixers.base import TokenMixer
 from formerlab.mixers.metric import build_kernel, resolve_head_dim
 from formerlab.mixers.registry import register
 from formerlab.mixers.self_attention import merge_heads, split_heads
+from formerlab.mixers.short_conv import checked_window, convolve_padded, optional_short_conv
 from formerlab.mixers.streaming import (
     attend,
     attend_step,
@@ -35,6 +37,7 @@ from formerlab.mixers.streaming import (
     kernel_packs,
     kernel_streams,
     new_attention_state,
+    with_window,
 )
 
 
@@ -49,6 +52,8 @@ class QuadraticAttention(TokenMixer):
         kernel: registered attention-kernel name; ``kernel_options`` go to it.
         proj_bias: bias on the projections P and V.
         rope: rotate the kernel's queries and keys by position (rotary embeddings).
+        conv: taps of a short causal convolution over p and the values (SiLU) before the
+            scores; 0 for none (as the ``attention`` mixer's ``conv``).
 
     The core starts at the identity (full) or at the rank-r truncated identity
     Aₙ = Bₙ = I[:, :r] (factored), i.e. at tied query/key attention; training is free
@@ -66,6 +71,7 @@ class QuadraticAttention(TokenMixer):
         kernel: str = "softmax",
         proj_bias: bool = False,
         rope: bool = False,
+        conv: int = 0,
         **kernel_options: Any,
     ) -> None:
         super().__init__(dim)
@@ -82,8 +88,9 @@ class QuadraticAttention(TokenMixer):
         self.proj = nn.Linear(dim, heads * k, bias=proj_bias)
         self.value = nn.Linear(dim, heads * k, bias=proj_bias)
         self.out = nn.Linear(heads * k, dim)
+        self.conv = optional_short_conv(conv, 2 * heads * k)
         self.kernel = build_kernel(
-            "quadratic", ["head_dim", "rank", "kernel", "proj_bias", "rope"], kernel,
+            "quadratic", ["head_dim", "rank", "kernel", "proj_bias", "rope", "conv"], kernel,
             kernel_options,
         )
         if rank is None:
@@ -111,30 +118,43 @@ class QuadraticAttention(TokenMixer):
     def supports_streaming(self) -> bool:
         return self.supports_causal and kernel_streams(self.kernel)
 
-    def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv_heads(
+        self, x: Tensor, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, N, C) -> the kernel's per-head queries, keys and values."""
-        p = split_heads(self.proj(x), self.heads)
-        v = split_heads(self.value(x), self.heads)
+        return self._project(x, attention_mask, None)[0]
+
+    def _project(
+        self, x: Tensor, attention_mask: Tensor | None, window: Tensor | None
+    ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor | None]:
+        """:meth:`qkv_heads` after the convolution window ``window`` (None: zeros), and
+        the convolution's new window (None without one)."""
+        pv = torch.cat([self.proj(x), self.value(x)], dim=-1)
+        pv, window = convolve_padded(self.conv, pv, attention_mask, window)
+        p, v = pv.chunk(2, dim=-1)
+        p, v = split_heads(p, self.heads), split_heads(v, self.heads)
         if self.rank is None:
-            return p @ self.core.to(p.dtype), p, v
+            return (p @ self.core.to(p.dtype), p, v), window
         # never form the k × k core: the kernel works in the rank-r space
-        return p @ self.left.to(p.dtype), p @ self.right.to(p.dtype), v
+        return (p @ self.left.to(p.dtype), p @ self.right.to(p.dtype), v), window
 
     def mix(self, x: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
-        out = attend(self.kernel, *self.qkv_heads(x), attention_mask, causal, self.rope)
+        heads = self.qkv_heads(x, attention_mask)
+        out = attend(self.kernel, *heads, attention_mask, causal, self.rope)
         return self.out(merge_heads(out))
 
     def new_state(self, batch: int, dtype: torch.dtype, device: Any):
         qk = self.head_dim if self.rank is None else self.rank
-        return new_attention_state(
+        state = new_attention_state(
             self.kernel, batch, self.heads, qk, self.head_dim, dtype, device
         )
+        return with_window(state, self.conv, batch, dtype, device)
 
     def step_mix(self, x: Tensor, state, attention_mask: Tensor | None = None):
-        out, state = attend_step(
-            self.kernel, *self.qkv_heads(x), state, self.rope, attention_mask
-        )
-        return self.out(merge_heads(out)), state
+        window = checked_window(state, self.conv, f"token mixer 'quadratic' ({self.extra_repr()})")
+        heads, window = self._project(x, attention_mask, window)
+        out, state = attend_step(self.kernel, *heads, state, self.rope, attention_mask)
+        return self.out(merge_heads(out)), replace(state, window=window)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, rank={self.rank}"

@@ -23,17 +23,17 @@ from formerlab import attention
 from formerlab.attention.packed import Packing
 from formerlab.attention.packed_qkv import packed_buffer
 from formerlab.errors import check_positive_int
-from formerlab.mixers.base import TokenMixer, zero_padded
+from formerlab.mixers.base import TokenMixer
 from formerlab.mixers.registry import register
-from formerlab.mixers.short_conv import optional_short_conv
+from formerlab.mixers.short_conv import checked_window, convolve_padded, optional_short_conv
 from formerlab.mixers.streaming import (
-    AttentionMixerState,
     attend,
     attend_step,
     check_rope,
     kernel_packs,
     kernel_streams,
     new_attention_state,
+    with_window,
 )
 
 
@@ -159,9 +159,7 @@ class SelfAttention(TokenMixer):
     ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor | None]:
         """:meth:`qkv_heads` after the convolution window ``window`` (the projected inputs
         before ``x``; None: zeros), and the new window (None without a convolution)."""
-        qkv = self.qkv(x)
-        if self.conv is not None:
-            qkv, window = self.conv(zero_padded(qkv, attention_mask), window)
+        qkv, window = convolve_padded(self.conv, self.qkv(x), attention_mask, window)
         if torch.compiler.is_compiling():  # the traced graph fuses the copies itself
             return tuple(split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1)), window
         return _SplitQKV.apply(qkv, self.heads), window
@@ -178,10 +176,8 @@ class SelfAttention(TokenMixer):
         """Packed sequences: the projections run on the N real tokens only; q, k, v are
         padded per sequence for the kernel (and the convolution, which must not reach
         across a boundary) and its output is packed again before the output projection."""
-        qkv = packing.pad(self.qkv(x), 1)  # (S, L, 3·H·D)
         mask = packing.mask()
-        if self.conv is not None:
-            qkv, _ = self.conv(zero_padded(qkv, mask), None)
+        qkv, _ = convolve_padded(self.conv, packing.pad(self.qkv(x), 1), mask, None)  # (S, L, 3·H·D)
         heads = tuple(split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
         out = attend(self.kernel, *heads, mask, causal, self.rope)
         return self.out(packing.unpad(merge_heads(out), 1))
@@ -199,28 +195,13 @@ class SelfAttention(TokenMixer):
     def new_state(self, batch: int, dtype: torch.dtype, device: Any):
         d = self.head_dim
         state = new_attention_state(self.kernel, batch, self.heads, d, d, dtype, device)
-        if self.conv is None:
-            return state
-        return replace(state, window=self.conv.empty_window(batch, dtype, device))
+        return with_window(state, self.conv, batch, dtype, device)
 
     def step_mix(self, x: Tensor, state, attention_mask: Tensor | None = None):
-        heads, window = self._project(x, attention_mask, self._window(state))
+        window = checked_window(state, self.conv, f"this attention mixer ({self.extra_repr()})")
+        heads, window = self._project(x, attention_mask, window)
         out, state = attend_step(self.kernel, *heads, state, self.rope, attention_mask)
         return self.out(merge_heads(out)), replace(state, window=window)
-
-    def _window(self, state: AttentionMixerState) -> Tensor | None:
-        """The convolution's window from ``state`` (checked: a state built without the
-        convolution, or for another one, is refused)."""
-        window = getattr(state, "window", None)
-        want = None if self.conv is None else self.conv.size - 1
-        have = None if window is None else window.shape[1]
-        if want != have:
-            raise ValueError(
-                f"state does not fit this attention mixer ({self.extra_repr()}): its "
-                f"convolution window holds {have} inputs, expected {want}; build it with "
-                "this mixer's init_state(...)"
-            )
-        return window
 
     def extra_repr(self) -> str:
         rope = ", rope=True" if self.rope else ""

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from formerlab.errors import check_positive_int
+from formerlab.mixers.base import zero_padded
 
 
 class ShortConv(nn.Module):
@@ -98,3 +99,27 @@ def optional_short_conv(conv: Any, channels: int) -> ShortConv | None:
             "taps of the short causal convolution, an integer >= 2 (4 is usual)"
         )
     return ShortConv(channels, conv) if conv else None
+
+
+def convolve_padded(
+    conv: ShortConv | None, x: Tensor, attention_mask: Tensor | None, window: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """``x`` (B, T, C) through ``conv`` after ``window`` (None: zeros), padded tokens
+    (``attention_mask`` False) entering as zeros; ``(x, None)`` without a convolution."""
+    if conv is None:
+        return x, None
+    return conv(zero_padded(x, attention_mask), window)
+
+
+def checked_window(state: Any, conv: ShortConv | None, owner: str) -> Tensor | None:
+    """The convolution window a streaming state carries (its ``window``), refused with a
+    ``ValueError`` when it does not fit ``conv`` (a state built for another mixer)."""
+    window = getattr(state, "window", None)
+    want = None if conv is None else conv.size - 1
+    have = None if window is None else window.shape[1]
+    if want != have:
+        raise ValueError(
+            f"state does not fit {owner}: its convolution window holds {have} inputs, "
+            f"expected {want}; build it with this mixer's init_state(...)"
+        )
+    return window

@@ -17,7 +17,7 @@ parallel call with the same mask (:mod:`formerlab.attention.streaming`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -136,6 +136,16 @@ def attend_step(
     else:
         out, kernel_state = kernel.step(q, k, v, state.kernel, attention_mask=attention_mask)
     return out, AttentionMixerState(kernel_state, state.position + t, lead)
+
+
+def with_window(
+    state: AttentionMixerState, conv: Any, batch: int, dtype: torch.dtype, device: Any
+) -> AttentionMixerState:
+    """``state`` with the empty window of a mixer's short convolution ``conv`` (a
+    :class:`~formerlab.mixers.short_conv.ShortConv`; None: ``state`` as it is)."""
+    if conv is None:
+        return state
+    return replace(state, window=conv.empty_window(batch, dtype, device))
 
 
 def new_attention_state(
