@@ -158,6 +158,8 @@ def recall_table(rows: list[RecallRow]) -> tuple[list[str], list[list[str]]]:
 def plot_recall(rows: list[RecallRow], path: str | Path) -> Path:
     """Accuracy against state bytes per layer (log x), one panel per setting, one marker
     per mechanism, the widths joined by a line."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     from formerlab.experiments.plots import new_figure, save
 
     settings = sorted({(r.seq_len, r.pairs) for r in rows})
@@ -172,9 +174,11 @@ def plot_recall(rows: list[RecallRow], path: str | Path) -> Path:
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker=markers[i % len(markers)], label=m, linewidth=1)
-        ax.set_xscale("log")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _size(x).replace(".0 ", " ")))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"length {n}, {p} pairs")
-        ax.set_xlabel("state per layer (bytes, log)")
+        ax.set_xlabel("state per layer (log scale)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("MQAR accuracy (%)")
     axes[-1].legend(fontsize=7, loc="lower right")
