@@ -31,7 +31,6 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +73,7 @@ from formerlab.train.config import (
     read_yaml_file,
 )
 from formerlab.train.evaluate import evaluate, task_loss
-from formerlab.train.loop import TrainingInterrupted
+from formerlab.train.loop import TrainingInterrupted, unique_run_dir
 from formerlab.train.resume import flatten
 from formerlab.train.schedule import learning_rate
 
@@ -460,18 +459,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path, meta: dict[st
 
 
 def _new_run_dir(cfg: LinearizeConfig) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
-    base = Path(cfg.runs_dir) / f"{cfg.name}-{stamp}-{digest.hexdigest()[:6]}"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(10_000):
-        run_dir = base if n == 0 else Path(f"{base}-{n}")
-        try:
-            run_dir.mkdir()
-        except FileExistsError:
-            continue
-        return run_dir
-    raise RuntimeError(f"could not create a new run folder next to {base}")
+    return unique_run_dir(cfg.runs_dir, cfg.name, digest.hexdigest())
 
 
 def make_linearize_tracker(cfg: LinearizeConfig) -> Tracker:

@@ -124,8 +124,14 @@ def new_run_dir(cfg: RunConfig) -> Path:
     ``mkdir`` without ``exist_ok`` is atomic: of processes racing for one name exactly one
     creates it, the others move on to the next suffix, so two runs never share a folder.
     """
+    return unique_run_dir(cfg.runs_dir, cfg.name, config_hash(cfg))
+
+
+def unique_run_dir(runs_dir: str | Path, name: str, digest: str) -> Path:
+    """Create and return ``runs_dir/<name>-<time>-<digest[:6]>`` (``-1``, ``-2``, ... on a
+    collision; see :func:`new_run_dir`)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.runs_dir) / f"{cfg.name}-{stamp}-{config_hash(cfg)[:6]}"
+    base = Path(runs_dir) / f"{name}-{stamp}-{digest[:6]}"
     base.parent.mkdir(parents=True, exist_ok=True)
     for n in range(10_000):
         run_dir = base if n == 0 else Path(f"{base}-{n}")
