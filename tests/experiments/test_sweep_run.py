@@ -147,6 +147,26 @@ def test_interrupt_then_resume_reruns_nothing_that_finished(two_by_two, tmp_path
     assert calls == [] and len(again.skipped) == 4
 
 
+def test_trials_found_under_other_labels_are_listed_where_they_are(two_by_two, tmp_path, reference):
+    # a study reorganised into other axes keeps its finished trials: they are recognised
+    # by hash whatever their folder's label part, and sweep.json must point at those
+    # folders, or the report and the recall rows lose them
+    import shutil
+
+    from formerlab.experiments.report import load_results
+
+    out = tmp_path / "moved"
+    for trial in reference.trials:
+        shutil.copytree(reference.sweep_dir / "trials" / trial.dirname,
+                        out / "trials" / f"old_label-{trial.key}")
+    outcome = run_sweep(two_by_two(), out=out, resume=True, progress=False)
+    assert len(outcome.skipped) == 4 and outcome.ran == []
+    meta = json.loads((out / "sweep.json").read_text())
+    assert {t["dir"] for t in meta["trials"]} == {f"trials/old_label-{t.key}" for t in reference.trials}
+    _, results = load_results(out)
+    assert [r["status"] for r in results] == [COMPLETED] * 4
+
+
 def test_resume_without_out_continues_the_newest_sweep(two_by_two, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = sweep_module.load_sweep(two_by_two())

@@ -231,10 +231,12 @@ class Trial:
         slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", "_".join(self.labels.values()) or "base")
         return f"{slug[:80]}-{self.key}"
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, folder: Path | None = None) -> dict[str, Any]:
+        """The trial's entry in ``sweep.json``; ``folder`` is where it already is on disk,
+        if anywhere (a folder found by hash keeps the label it was made with)."""
         return {
             "index": self.index, "label": self.label, "labels": self.labels, "hash": self.key,
-            "dir": f"{TRIALS_DIR}/{self.dirname}", "mechanism": self.mechanism,
+            "dir": f"{TRIALS_DIR}/{folder.name if folder else self.dirname}", "mechanism": self.mechanism,
             "overrides": self.overrides, "config": self.config.model_dump(mode="json"),
         }
 
@@ -525,6 +527,7 @@ def run_sweep(
         check_same_settings(previous, trials, sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    found = {t.key: find_trial_dir(sweep_dir, t.key) for t in trials}
     meta = {
         "name": spec.name, "description": spec.description, "spec": spec.raw,
         "axes": [{"name": a.name, "labels": [v.label for v in a.values],
@@ -532,7 +535,7 @@ def run_sweep(
                   "task": a.touches("task"), "seed": a.touches("seed")} for a in spec.axes],
         "created": previous.get("created", datetime.now().isoformat(timespec="seconds")),
         "backend": backend, "workers": workers, "overrides": list(overrides or []),
-        "trials": [t.summary() for t in trials],
+        "trials": [t.summary(found[t.key]) for t in trials],
         "runs": previous.get("runs", []),
     }
     write_json(sweep_dir / SWEEP_FILE, meta)
@@ -540,7 +543,7 @@ def run_sweep(
     results: dict[str, dict[str, Any]] = {}
     jobs: list[TrialJob] = []
     for trial in trials:
-        trial_dir = find_trial_dir(sweep_dir, trial.key)
+        trial_dir = found[trial.key]
         result = read_result(trial_dir) if trial_dir else None
         if result is not None and result.get("status") == COMPLETED:
             results[trial.key] = result
