@@ -158,22 +158,25 @@ def recall_table(rows: list[RecallRow]) -> tuple[list[str], list[list[str]]]:
 def plot_recall(rows: list[RecallRow], path: str | Path) -> Path:
     """Accuracy against state bytes per layer (log x), one panel per setting, one marker
     per mechanism, the widths joined by a line."""
+    import matplotlib
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     from formerlab.experiments.plots import new_figure, save
 
     settings = sorted({(r.seq_len, r.pairs) for r in rows})
     mechanisms = list(dict.fromkeys(r.mechanism for r in rows))
-    fig = new_figure(4.0 * len(settings), 4.2)
+    fig = new_figure(4.0 * len(settings) + 1.6, 4.2)
     axes = fig.subplots(1, len(settings), sharey=True, squeeze=False)[0]
     markers = "o^sDv<>pPX*h"
+    colours = matplotlib.colormaps["tab20"].colors  # 10 colours would repeat at 12 mechanisms
     for ax, (n, p) in zip(axes, settings):
         for i, m in enumerate(mechanisms):
             points = sorted((r.state_bytes, 100 * r.accuracy) for r in rows
                             if r.mechanism == m and (r.seq_len, r.pairs) == (n, p))
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker=markers[i % len(markers)], label=m, linewidth=1)
+                ax.plot(xs, ys, marker=markers[i % len(markers)], color=colours[(2 * i) % 20 + (2 * i) // 20],
+                        label=m, linewidth=1)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _size(x).replace(".0 ", " ")))
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -181,7 +184,7 @@ def plot_recall(rows: list[RecallRow], path: str | Path) -> Path:
         ax.set_xlabel("state per layer (log scale)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("MQAR accuracy (%)")
-    axes[-1].legend(fontsize=7, loc="lower right")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # off the points
     return save(fig, path)
 
 
