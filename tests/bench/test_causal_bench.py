@@ -300,6 +300,7 @@ def test_cli_bench_causal_prints_the_training_and_streaming_tables(fmt):
         (["--method", "gla", "--option", "gla.chunk_size=32"], "gla takes no options"),
         (["--stream-at", "0"], "--stream-at"),
         (["--option", "gla"], "expected METHOD.KEY=VALUE"),
+        (["--threads", "1,2", "--rounds", "3"], "--rounds=3 is not allowed with --threads '1,2'"),
     ],
 )
 def test_cli_bench_causal_bad_options_are_usage_errors(args, message):
@@ -311,3 +312,17 @@ def test_cli_bench_causal_bad_options_are_usage_errors(args, message):
                              env={"COLUMNS": "250"})  # fmt: skip
     assert res.exit_code == 2, res.output
     assert message in " ".join(res.output.split())
+
+
+def test_cli_bench_causal_thread_list_labels_options():
+    # a --threads list prints the scaling table; --option must reach it (it was dropped)
+    from typer.testing import CliRunner
+
+    from formerlab.cli import app
+
+    res = CliRunner().invoke(app, [
+        "bench", "causal", "--size", "64", "--method", "linear", "--method", "causal_nystrom",
+        "--option", "causal_nystrom.segment_size=8", "--heads", "2", "--head-dim", "8",
+        "--warmup", "0", "--repeats", "1", "--threads", "1,2"], env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    assert "| causal_nystrom[segment_size=8] |" in res.output and "/ linear @1" in res.output

@@ -88,7 +88,7 @@ def bench_causal(
     max_exact_n: int = typer.Option(16384, min=1, help="Skip exact softmax above this N (it grows as N²)."),
     fmt: Format = format_option(None, SCALING_NOTE),
     markdown: bool = markdown_option(),
-    rounds: int = typer.Option(1, min=1, help="Interleaved rounds (median kept)."),
+    rounds: int = typer.Option(1, min=1, help="Interleaved rounds (median kept); with a --threads list, the scaling table takes --repeats instead."),
     option: list[str] = typer.Option([], "--option", help="A non-default kernel option METHOD.KEY=VALUE (repeat); labels the method, e.g. causal_nystrom[segment_size=128]."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Also time the streaming step (one new token from a state: a KV-cache step for softmax) after each --stream-at context (not with a --threads list, which prints the scaling tables only)."),
     stream_at: list[int] = typer.Option([1024, 8192], "--stream-at", min=1, help="Context lengths of the streaming step (repeat the option)."),
@@ -116,16 +116,24 @@ def bench_causal(
     methods = with_sdpa_backends(methods, device)
     counts = parse_threads(threads)
     if counts is not None and len(counts) > 1:
+        if rounds > 1:  # the scaling table's interleaved rounds are its --repeats
+            raise fail(ValueError(
+                f"--rounds={rounds} is not allowed with --threads {threads!r}: the thread-scaling "
+                "table interleaves --repeats rounds; pass --repeats, or one thread count per run"))
+        try:
+            options = parse_options(option)
+        except ValueError as error:
+            raise fail(error) from None
         for n in sizes:
             try:
                 times = thread_scaling(n, counts, tuple(methods), batch, heads, head_dim,
-                                       warmup, repeats, device)
+                                       warmup, repeats, device, options)
             except ValueError as error:
                 raise fail(error) from None
             write_markdown(f"causal, forward + backward, N={n}, B={batch}, H={heads}, "
                            f"D={head_dim}, {device}; min of {repeats} interleaved rounds; paired: "
                            "the median of the per-round ratios",
-                           scaling_table(times, reference=methods[0]), scaling_fmt)
+                           scaling_table(times, reference=next(iter(times))), scaling_fmt)
         return
     threads = None if counts is None else counts[0]
 
