@@ -11,7 +11,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUICK_MECHANISMS = {"softmax", "nystrom", "landmark", "linear", "performer", "metric", "pooling"}
 
 
-@pytest.mark.parametrize("name", ["quick-ablation", "lra/listops-sweep", "shakespeare-ablation"])
+@pytest.mark.parametrize("name", ["quick-ablation", "lra/listops-sweep", "shakespeare-ablation", "mqar-budget-checks"])
 def test_sweep_configs_validate(name, tmp_path):
     trials = expand(load_sweep(CONFIGS / f"{name}.yaml"), tmp_path)
     assert trials and all(t.config.tracking.backend == "mlflow" for t in trials)
