@@ -168,14 +168,14 @@ def plot_recall(rows: list[RecallRow], path: str | Path) -> Path:
     fig = new_figure(4.0 * len(settings) + 1.6, 4.2)
     axes = fig.subplots(1, len(settings), sharey=True, squeeze=False)[0]
     markers = "o^sDv<>pPX*h"
-    colours = matplotlib.colormaps["tab20"].colors  # 10 colours would repeat at 12 mechanisms
+    colours = matplotlib.colormaps["tab20"].colors  # dark shades first, then the light ones
     for ax, (n, p) in zip(axes, settings):
         for i, m in enumerate(mechanisms):
             points = sorted((r.state_bytes, 100 * r.accuracy) for r in rows
                             if r.mechanism == m and (r.seq_len, r.pairs) == (n, p))
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker=markers[i % len(markers)], color=colours[(2 * i) % 20 + (2 * i) // 20],
+                ax.plot(xs, ys, marker=markers[i % len(markers)], color=colours[(2 * i + i // 10) % 20],
                         label=m, linewidth=1)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _size(x).replace(".0 ", " ")))
