@@ -115,15 +115,15 @@ def bench_causal(
     fmt = resolve_format(fmt, markdown)
     methods = with_sdpa_backends(methods, device)
     counts = parse_threads(threads)
+    try:
+        options = parse_options(option)
+    except ValueError as error:
+        raise fail(error) from None
     if counts is not None and len(counts) > 1:
         if rounds > 1:  # the scaling table's interleaved rounds are its --repeats
             raise fail(ValueError(
                 f"--rounds={rounds} is not allowed with --threads {threads!r}: the thread-scaling "
                 "table interleaves --repeats rounds; pass --repeats, or one thread count per run"))
-        try:
-            options = parse_options(option)
-        except ValueError as error:
-            raise fail(error) from None
         for n in sizes:
             try:
                 times = thread_scaling(n, counts, tuple(methods), batch, heads, head_dim,
@@ -142,7 +142,6 @@ def bench_causal(
         progress_line(f"N={result.n:<6} {result.method:<15} {status}")
 
     try:
-        options = parse_options(option)
         results = run_benchmark(
             sizes=tuple(sizes), methods=tuple(methods), batch=batch, heads=heads,
             head_dim=head_dim, warmup=warmup, repeats=repeats, threads=threads, device=device,
